@@ -1,0 +1,266 @@
+"""Configuration: YAML at the edges, frozen dataclasses inside.
+
+The JSON schema `config.schema.yaml` beside this file is the single source of defaults. `load_config` reads one
+or more YAML files (later files override earlier ones, deeply), validates the result against the schema, fills
+in defaults and returns a `Config` of frozen dataclasses. Unknown or mistyped keys are errors that name them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration that does not satisfy the schema."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data"
+    download: bool = False
+    val_images: int = 5000
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    source: str = "train"
+    arch: str = "rpg_cifar_cnn"
+    feature_dim: int = 128
+    img_size: int = 32
+    epochs: int = 8
+    batch_size: int = 256
+    lr: float = 0.2
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    flip_average: bool = True
+    pretrained_file: str | None = None
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    ids: str | tuple[int, ...] = "all"
+    unseen: tuple[int, ...] = ()
+    table11: tuple[str, ...] = ()
+    flip_pair: tuple[str, ...] = ()
+    n_val: int = 20
+    n_seen_eval: int = 50
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    mode: str = "batched_heads"
+    steps: int = 300
+    batch_size: int = 500
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    n_checkpoints: int = 3
+    save_every: int = 10
+    task_chunk: int = 1022
+    epochs: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Generator architecture. Resolved from a preset in `rpg.model.RPG_MODELS` plus explicit overrides."""
+
+    token_size: int = 256
+    recurrent: str = "mamba"  # mamba | lstm | transformer | none
+    d_model: int = 256
+    n_layers: int = 2
+    d_state: int = 32
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    denoiser_channels: tuple[int, ...] = (1, 16, 32, 64, 32, 16, 1)
+    kernel_size: int = 7
+    position: str = "2d"  # 2d | 1d | learnable
+    permutation_state: bool = False
+    condition: str = "task"  # none | task
+    condition_dim: int = 10
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    eta: float = 0.0
+    clip_x0: float | None = 4.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 16
+    diffusion_batch: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 1e-5
+    grad_clip: float | None = 1.0
+    ema: float | None = None
+    bf16: bool = True
+    eval_every: int = 500
+    save_every: int = 500
+    val_samples: int = 3
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    samples: int = 10
+    mode: str = "partial"
+    tokens_per_call: int = 256
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"
+    project: str = "rpg"
+    entity: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: str = "cifar10_binary"
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 2
+    results_dir: str = "results"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    rpg: dict = field(default_factory=dict)  # raw section: resolve with rpg.model.resolve_model_config
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def model(self) -> ModelConfig:
+        from rpg.model import resolve_model_config
+
+        return resolve_model_config(self.rpg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def deep_update(base: dict, override: Mapping) -> dict:
+    """Recursively merge `override` into a copy of `base` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _fill_defaults(schema: Mapping, instance: Any) -> Any:
+    if not isinstance(instance, dict) or schema.get("type") != "object":
+        return instance
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            instance[key] = _fill_defaults(sub, instance[key])
+    return instance
+
+
+def validate_config(raw: Mapping) -> dict:
+    """Validate a config dict against the schema, fill in defaults, and return the completed dict.
+
+    Raises:
+        ConfigError: naming the offending key (e.g. ``rpg: Additional properties are not allowed ('tokn' ...)``).
+    """
+    schema = load_schema()
+    instance = _fill_defaults(schema, copy.deepcopy(dict(raw)))
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+            lines.append(f"config error at {where}: {err.message}")
+        raise ConfigError("\n".join(lines))
+    return instance
+
+
+def _to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _section(cls: type, values: Mapping) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: _to_tuple(v) for k, v in values.items() if k in names})
+
+
+def config_from_dict(raw: Mapping) -> Config:
+    """Build a validated `Config` from a (possibly partial) dict."""
+    full = validate_config(raw)
+    return Config(
+        experiment=full["experiment"],
+        seed=full["seed"],
+        device=full["device"],
+        threads=full["threads"],
+        results_dir=full["results_dir"],
+        data=_section(DataConfig, full["data"]),
+        backbone=_section(BackboneConfig, full["backbone"]),
+        tasks=_section(TasksConfig, full["tasks"]),
+        zoo=_section(ZooConfig, full["zoo"]),
+        rpg=dict(full["rpg"]),
+        diffusion=_section(DiffusionConfig, full["diffusion"]),
+        train=_section(TrainConfig, full["train"]),
+        generate=_section(GenerateConfig, full["generate"]),
+        logging=_section(LoggingConfig, full["logging"]),
+        raw=full,
+    )
+
+
+def load_config(paths: str | Path | Iterable[str | Path], overrides: Mapping | None = None) -> Config:
+    """Read YAML file(s) (later ones override earlier ones), apply `overrides`, validate, return a Config."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    merged: dict = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        merged = deep_update(merged, loaded)
+    if overrides:
+        merged = deep_update(merged, overrides)
+    return config_from_dict(merged)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The fully resolved config (defaults filled in) as YAML, saved beside every result."""
+    return yaml.safe_dump(cfg.raw, sort_keys=False)

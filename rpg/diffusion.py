@@ -1,0 +1,126 @@
+"""DDPM parameter diffusion: the training loss and the DDPM / DDIM samplers.
+
+Following DiT's split, the denoiser knows nothing about noise schedules: `GaussianDiffusion` owns them and is
+handed a `denoiser(x_t, t, cond) -> eps` callable. Tokens live in the normalised parameter space, so the sampler
+may clamp its x0 estimate to a few standard deviations (`clip_x0`): a calibration prototype showed that this
+roughly halves the accuracy gap of generated classifiers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rpg.config import DiffusionConfig
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GaussianDiffusion:
+    """Linear-beta DDPM with eps-prediction.
+
+    Args:
+        timesteps: T (1000 in the paper).
+        beta_start, beta_end: linear schedule ends (1e-4 -> 0.02).
+    """
+
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        betas = torch.linspace(self.beta_start, self.beta_end, self.timesteps, dtype=torch.float64)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (T,)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Diffuse x0 to step t. Shapes: x0, noise (M, L); t (M,)."""
+        abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)[:, None]
+        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+
+    def training_loss(self, denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor,
+                      mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """MSE between true and predicted noise on the unmasked positions.
+
+        Shapes: x0 (M, L), cond (M, D), mask (M, L) bool -> scalar.
+        """
+        m = x0.shape[0]
+        t = torch.randint(0, self.timesteps, (m,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        eps = denoiser(self.q_sample(x0, t, noise), t, cond)
+        err = (eps.float() - noise.float()) ** 2
+        if mask is None:
+            return err.mean()
+        mask = mask.to(err.dtype)
+        return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _timesteps(self, steps: int) -> list[int]:
+        """Descending, evenly spaced timesteps ending at 0 (all T of them when steps == T)."""
+        steps = min(steps, self.timesteps)
+        seq = torch.linspace(0, self.timesteps - 1, steps).round().long().unique().tolist()
+        return sorted(seq, reverse=True)
+
+    @torch.no_grad()
+    def sample(self, denoiser: Denoiser, cond: torch.Tensor, length: int, *, sampler: str = "ddim",
+               steps: int = 50, eta: float = 0.0, clip_x0: float | None = None,
+               noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate tokens for each conditioning row.
+
+        Args:
+            cond: (M, D) prototypes.
+            length: token size L.
+            sampler: "ddpm" (ancestral, all T steps, posterior variance) or "ddim" (`steps` steps, `eta`).
+            clip_x0: clamp the x0 estimate to +-clip_x0 (None: no clamp).
+            noise: optional x_T (M, L); drawn from `generator` otherwise.
+        Returns:
+            x0 (M, L).
+        Notes:
+            DDIM with steps == T and eta == 1 reproduces DDPM exactly (same noise draws), a property the tests check.
+        """
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler '{sampler}' (expected ddpm or ddim)")
+        device = cond.device
+        m = cond.shape[0]
+        if noise is None:
+            noise = _randn((m, length), generator, device)
+        x = noise.to(device=device, dtype=torch.float32)
+        abar = self.alphas_cumprod.to(device)
+        seq = list(range(self.timesteps - 1, -1, -1)) if sampler == "ddpm" else self._timesteps(steps)
+        for i, t in enumerate(seq):
+            t_prev = seq[i + 1] if i + 1 < len(seq) else -1
+            a_t = abar[t]
+            a_prev = abar[t_prev] if t_prev >= 0 else torch.ones((), dtype=abar.dtype, device=device)
+            t_batch = torch.full((m,), t, device=device, dtype=torch.long)
+            eps = denoiser(x, t_batch, cond).float()
+            x0 = (x - (1 - a_t).sqrt().float() * eps) / a_t.sqrt().float()
+            if clip_x0 is not None:
+                x0 = x0.clamp(-clip_x0, clip_x0)
+            if sampler == "ddpm":
+                # Posterior q(x_{t-1} | x_t, x0): mean c0 * x0 + ct * x_t, variance beta_tilde.
+                beta_t = 1 - a_t / a_prev
+                c0 = (a_prev.sqrt() * beta_t / (1 - a_t)).float()
+                ct = ((1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)).float()
+                x = c0 * x0 + ct * x
+                sigma = ((1 - a_prev) / (1 - a_t) * beta_t).sqrt()
+            else:
+                eps = (x - a_t.sqrt().float() * x0) / (1 - a_t).sqrt().float()  # consistent with a clamped x0
+                sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+                x = a_prev.sqrt().float() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt().float() * eps
+            if t_prev >= 0 and sigma > 0:
+                x = x + sigma.float() * _randn(x.shape, generator, device)
+        return x
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Draw on the generator's own device (a CPU generator keeps samples identical across devices)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def create_diffusion(cfg: DiffusionConfig) -> GaussianDiffusion:
+    return GaussianDiffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)

@@ -1,0 +1,71 @@
+"""Sampling parameters from a trained RPG: tokens -> state dicts, in three generation modes.
+
+The recurrent model is not auto-regressive, so the prototypes of all tokens are computed in one pass; the modes
+differ only in how many tokens go through the denoiser per call (memory vs. speed):
+sequential = 1 token per call, partial = `tokens_per_call` (default 256), full = all tokens of all samples.
+With a deterministic sampler (DDIM, eta = 0) the three modes give identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from rpg.diffusion import GaussianDiffusion
+from rpg.model import RPG
+from rpg.tokenize import Tokenizer
+
+GENERATION_MODES = ("sequential", "partial", "full")
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *, perm: torch.Tensor | None = None,
+                    cond: torch.Tensor | None = None, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+                    clip_x0: float | None = 4.0, mode: str = "partial", tokens_per_call: int = 256,
+                    generator: torch.Generator | None = None, bf16: bool = False) -> torch.Tensor:
+    """Generate `n_samples` token sequences.
+
+    Args:
+        perm: (n_samples,) permutation-state rows, for models with permutation states (random rows if None).
+        cond: (n_samples, condition_dim) task bits, for task-conditioned models.
+        generator: CPU generator; all noise is drawn from it, so results do not depend on the device.
+    Returns:
+        tokens (n_samples, N, token_size), float32 on CPU.
+    """
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"unknown generation mode '{mode}' (expected one of {', '.join(GENERATION_MODES)})")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n_tok, length = model.n_tokens, model.cfg.token_size
+    if model.n_permutation_states and perm is None:
+        perm = torch.randint(0, model.n_permutation_states, (n_samples,), generator=generator)
+    perm = perm.to(device) if perm is not None else None
+    cond = cond.to(device) if cond is not None else None
+    with _autocast(device, bf16):
+        proto = model.prototypes(n_samples, perm, cond).float().reshape(n_samples * n_tok, -1)  # (S*N, D)
+    noise = torch.randn((n_samples * n_tok, length), generator=generator)  # (S*N, L)
+    chunk = {"sequential": 1, "partial": tokens_per_call, "full": n_samples * n_tok}[mode]
+    out = torch.empty(n_samples * n_tok, length)
+    for start in range(0, n_samples * n_tok, chunk):
+        rows = slice(start, start + chunk)
+        with _autocast(device, bf16):
+            x0 = diffusion.sample(model.denoiser, proto[rows], length, sampler=sampler, steps=steps, eta=eta,
+                                  clip_x0=clip_x0, noise=noise[rows], generator=generator)
+        out[rows] = x0.float().cpu()
+    model.train(was_training)
+    return out.view(n_samples, n_tok, length)
+
+
+def generate_state_dicts(model: RPG, tokenizer: Tokenizer, diffusion: GaussianDiffusion, n_samples: int,
+                         **kwargs) -> list[dict[str, torch.Tensor]]:
+    """Generate `n_samples` complete state dicts (see `generate_tokens` for the keyword arguments)."""
+    tokens = generate_tokens(model, diffusion, n_samples, **kwargs)
+    return [tokenizer.detokenize(t) for t in tokens]

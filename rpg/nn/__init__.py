@@ -1,0 +1,1 @@
+"""Neural-network building blocks: Mamba2 (with a pure-PyTorch fallback) and the SSD scan."""

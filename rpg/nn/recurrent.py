@@ -1,0 +1,88 @@
+"""Sequence models that turn the token inputs into one prototype per token.
+
+All map (B, N, D) -> (B, N, D) and are causal along the token sequence (except "none", which sees each token
+alone). None of them is auto-regressive over generated values: noise enters only in the diffusion part.
+
+- mamba: stacked Mamba2 layers (mamba_ssm kernels on CUDA when importable, pure PyTorch otherwise), pre-norm
+  residual blocks as in mamba_ssm's `Block`.
+- lstm: a stacked LSTM.
+- transformer: a causal Transformer (decoder-only, masked self-attention).
+- none: a per-token MLP; the paper's ablation shows this fails because tokens cannot share information.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rpg.nn.mamba import Mamba2
+
+RECURRENT_KINDS = ("mamba", "lstm", "transformer", "none")
+
+
+class MambaStack(nn.Module):
+    def __init__(self, d_model: int, n_layers: int, d_state: int, d_conv: int, expand: int, headdim: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            Mamba2(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, layer_idx=i)
+            for i in range(n_layers)
+        )
+        self.final_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, layer in zip(self.norms, self.layers):
+            x = x + layer(norm(x))  # (B, N, D)
+        return self.final_norm(x)
+
+
+class LSTMStack(nn.Module):
+    def __init__(self, d_model: int, n_layers: int):
+        super().__init__()
+        self.lstm = nn.LSTM(d_model, d_model, num_layers=n_layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0]  # (B, N, D)
+
+
+class CausalTransformer(nn.Module):
+    def __init__(self, d_model: int, n_layers: int, n_heads: int = 4):
+        super().__init__()
+        n_heads = n_heads if d_model % n_heads == 0 else 1
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(n, device=x.device, dtype=x.dtype)
+        return self.final_norm(self.encoder(x, mask=mask, is_causal=True))
+
+
+class PerTokenMLP(nn.Module):
+    """The "no recurrence" ablation: every token is processed on its own."""
+
+    def __init__(self, d_model: int, n_layers: int):
+        super().__init__()
+        blocks = []
+        for _ in range(n_layers):
+            blocks += [nn.Linear(d_model, d_model), nn.SiLU()]
+        self.mlp = nn.Sequential(*blocks[:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def build_recurrent(kind: str, d_model: int, n_layers: int, d_state: int = 32, d_conv: int = 4, expand: int = 2,
+                    headdim: int = 64) -> nn.Module:
+    """Build the sequence model named `kind` (one of RECURRENT_KINDS)."""
+    if kind == "mamba":
+        return MambaStack(d_model, n_layers, d_state, d_conv, expand, headdim)
+    if kind == "lstm":
+        return LSTMStack(d_model, n_layers)
+    if kind == "transformer":
+        return CausalTransformer(d_model, n_layers)
+    if kind == "none":
+        return PerTokenMLP(d_model, n_layers)
+    raise ValueError(f"unknown recurrent model '{kind}' (expected one of {', '.join(RECURRENT_KINDS)})")

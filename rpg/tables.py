@@ -1,0 +1,91 @@
+"""Paper tables from the evaluated samples (`samples.csv` of the generate stage). Accuracies are in percent.
+
+- table11: the paper's 10 unseen embeddings, in its order; table16: all unseen tasks.
+  Columns: original (mean over the task's own checkpoints) and RPG best / mean / min / std over the samples, for
+  plain and balanced accuracy, plus the gaps.
+- table12: the flip pair (a seen embedding and its bitwise flip): per-class accuracy of originals and generated.
+- seen_summary: generated vs. original accuracy over the sampled training (seen) tasks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from rpg.config import Config, config_to_yaml
+from rpg.tasks import CIFAR10_CLASSES, embedding_to_id, positive_classes
+from rpg.utils import write_csv_atomic, write_text_atomic
+
+
+def _task_rows(samples: pd.DataFrame, task_ids: Sequence[int]) -> pd.DataFrame:
+    rows = []
+    for t in task_ids:
+        orig = samples[(samples.task_id == t) & (samples.kind == "original")]
+        gen = samples[(samples.task_id == t) & (samples.kind == "rpg")]
+        if orig.empty or gen.empty:
+            raise ValueError(f"task {t} has no {'original' if orig.empty else 'generated'} models in samples.csv")
+        emb = orig.embedding.iloc[0]
+        row = {"embedding": emb, "task_id": t, "positive_classes": ", ".join(positive_classes(emb))}
+        for metric, short in (("accuracy", "acc"), ("balanced_accuracy", "bal_acc")):
+            g = 100 * gen[metric]
+            row[f"original_{short}"] = 100 * orig[metric].mean()
+            row[f"rpg_best_{short}"] = g.max()
+            row[f"rpg_mean_{short}"] = g.mean()
+            row[f"rpg_min_{short}"] = g.min()
+            row[f"rpg_std_{short}"] = g.std(ddof=0)
+        row["gap_best"] = row["original_acc"] - row["rpg_best_acc"]
+        row["gap_mean"] = row["original_acc"] - row["rpg_mean_acc"]
+        row["n_samples"] = len(gen)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    mean = frame.drop(columns=["embedding", "task_id", "positive_classes"]).mean()
+    summary = {"embedding": "mean", "task_id": "", "positive_classes": "", **mean.to_dict()}
+    summary["n_samples"] = int(frame.n_samples.min())
+    return pd.concat([frame, pd.DataFrame([summary])], ignore_index=True).round(3)
+
+
+def unseen_table(samples: pd.DataFrame, embeddings: Sequence[str] | None = None,
+                 task_ids: Sequence[int] | None = None) -> pd.DataFrame:
+    ids = [embedding_to_id(e) for e in embeddings] if embeddings is not None else list(task_ids or [])
+    return _task_rows(samples[samples.group == "unseen"], ids)
+
+
+def flip_table(samples: pd.DataFrame, pair: Sequence[str]) -> pd.DataFrame:
+    rows = []
+    for emb in pair:
+        t = embedding_to_id(emb)
+        sub = samples[(samples.task_id == t) & (samples.group == "flip")]
+        for kind in ("original", "rpg"):
+            part = sub[sub.kind == kind]
+            if part.empty:
+                raise ValueError(f"no {kind} models for flip-pair embedding {emb}")
+            row = {"embedding": emb, "task_id": t, "model": kind, "n_models": len(part),
+                   "accuracy": 100 * part.accuracy.mean(), "balanced_accuracy": 100 * part.balanced_accuracy.mean()}
+            row.update({name: 100 * part[f"class_{c}"].mean() for c, name in enumerate(CIFAR10_CLASSES)})
+            rows.append(row)
+    return pd.DataFrame(rows).round(3)
+
+
+def seen_summary(samples: pd.DataFrame) -> pd.DataFrame:
+    seen = samples[samples.group == "seen"]
+    per_task = _task_rows(seen, sorted(seen.task_id.unique()))
+    return per_task
+
+
+def write_tables(cfg: Config, samples_csv: str | Path, out: dict[str, str | Path]) -> dict[str, pd.DataFrame]:
+    """Build every table, write each atomically with the resolved config beside it (`<name>.config.yaml`)."""
+    samples = pd.read_csv(samples_csv, dtype={"embedding": str})
+    unseen_ids = sorted(samples[samples.group == "unseen"].task_id.unique())
+    tables = {
+        "table11": unseen_table(samples, embeddings=cfg.tasks.table11),
+        "table16": unseen_table(samples, task_ids=unseen_ids),
+        "table12": flip_table(samples, cfg.tasks.flip_pair),
+        "seen_summary": seen_summary(samples),
+    }
+    for name, frame in tables.items():
+        if name in out:
+            write_csv_atomic(out[name], frame)
+            write_text_atomic(Path(out[name]).with_suffix(".config.yaml"), config_to_yaml(cfg))
+    return tables

@@ -1,0 +1,211 @@
+"""The classifier zoo: one binary head per task, all trained at once from one shared initial head.
+
+The head is the paper's `Linear(d, d) -> SiLU -> Linear(d, 2, bias=False)` on frozen backbone features. Every task
+starts from the *same* initial head (identical initialisation is what makes heads of similar tasks land close
+together). All tasks see the same feature rows at each step (only their labels differ), so the whole zoo is one
+vectorised computation over stacked parameters (T, ...). AdamW is element-wise, hence this is exactly T independent
+trainings; `train_head_single` is the one-task-at-a-time reference used by the tests and the benchmark.
+
+On disk the zoo is a dataset of safetensors state dicts, `heads/<task id:04d>_<k>.safetensors`, with the task
+embedding, positive classes and test accuracy as metadata, plus `index.csv`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from rpg.tasks import binary_labels, id_to_embedding, positive_classes
+from rpg.utils import CheckpointError, load_safetensors, save_safetensors_atomic, write_csv_atomic
+
+HEAD_KEYS = ("0.weight", "0.bias", "2.weight")
+
+
+def make_head(d: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2, bias=False))
+
+
+def initial_head(d: int, seed: int) -> dict[str, torch.Tensor]:
+    """The shared initial head (PyTorch's default Linear init under `seed`)."""
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in make_head(d).state_dict().items()}
+
+
+def head_logits(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Stacked heads on shared inputs.
+
+    Shapes: params '0.weight' (T, d, d), '0.bias' (T, d), '2.weight' (T, 2, d); x (B, d) -> logits (T, B, 2).
+    """
+    h = torch.einsum("bd,tkd->tbk", x, params["0.weight"]) + params["0.bias"][:, None, :]  # (T, B, d)
+    return torch.einsum("tbk,tck->tbc", F.silu(h), params["2.weight"])  # (T, B, 2)
+
+
+def _save_steps(steps: int, n_checkpoints: int, save_every: int) -> list[int]:
+    first = steps - (n_checkpoints - 1) * save_every
+    if first < 1:
+        raise ValueError(f"{n_checkpoints} checkpoints every {save_every} steps need more than {steps} steps")
+    return [first + i * save_every for i in range(n_checkpoints)]
+
+
+def train_heads(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Sequence[int], *, steps: int,
+                batch_size: int, lr: float, weight_decay: float, n_checkpoints: int, save_every: int, seed: int,
+                task_chunk: int = 1022, progress: bool = True,
+                on_step: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
+    """Train one head per task, vectorised over tasks.
+
+    Args:
+        features: (N, d) cached training features; class_labels: (N,) CIFAR-10 classes.
+    Returns:
+        stacked checkpoints {key: (T, K, ...)} for K = n_checkpoints, saved at the last steps.
+    """
+    d = features.shape[1]
+    init = initial_head(d, seed)
+    save_at = _save_steps(steps, n_checkpoints, save_every)
+    labels = binary_labels(class_labels, task_ids)  # (T, N)
+    # One shared sequence of minibatches for every task (and every chunk of tasks).
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.randint(0, features.shape[0], (batch_size,), generator=gen) for _ in range(steps)]
+    chunks = [list(range(i, min(i + task_chunk, len(task_ids)))) for i in range(0, len(task_ids), task_chunk)]
+    out = {k: torch.empty(len(task_ids), n_checkpoints, *v.shape) for k, v in init.items()}
+    bar = tqdm(total=steps * len(chunks), desc=f"zoo: {len(task_ids)} heads", disable=not progress,
+               dynamic_ncols=True)
+    for rows in chunks:
+        params = {k: v[None].repeat(len(rows), *[1] * v.ndim).requires_grad_(True) for k, v in init.items()}
+        opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+        y = labels[rows]  # (t, N)
+        for step in range(1, steps + 1):
+            idx = batches[step - 1]
+            logits = head_logits(params, features[idx])  # (t, B, 2)
+            # Sum over tasks of each task's mean loss: gradients stay per task.
+            loss = F.cross_entropy(logits.reshape(-1, 2), y[:, idx].reshape(-1), reduction="sum") / len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step in save_at:
+                j = save_at.index(step)
+                for k, v in params.items():
+                    out[k][rows[0] : rows[-1] + 1, j] = v.detach()
+            if on_step is not None and (step % 10 == 0 or step == steps) and len(chunks) == 1:
+                on_step(step, loss.item() / len(rows))
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def train_head_single(features: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+                      weight_decay: float, seed: int) -> dict[str, torch.Tensor]:
+    """One task at a time with an nn.Module (the reference for `train_heads`; same init, batches and maths)."""
+    d = features.shape[1]
+    head = make_head(d)
+    head.load_state_dict(initial_head(d, seed))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        idx = torch.randint(0, features.shape[0], (batch_size,), generator=gen)
+        loss = F.cross_entropy(head(features[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(params: dict[str, torch.Tensor], features: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Predicted binary labels of stacked heads. Shapes: params (T, ...), features (N, d) -> (T, N) long."""
+    n_heads = params["0.weight"].shape[0]
+    preds = []
+    for i in range(0, n_heads, chunk):
+        sub = {k: v[i : i + chunk].float() for k, v in params.items()}
+        preds.append(head_logits(sub, features).argmax(-1))
+    return torch.cat(preds)
+
+
+def binary_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Accuracy and balanced accuracy (mean of the two class recalls). Shapes: (T, N) each -> (T,) each."""
+    correct = (pred == target).float()
+    pos = target == 1
+    recall_pos = (correct * pos).sum(1) / pos.sum(1).clamp_min(1)
+    recall_neg = (correct * ~pos).sum(1) / (~pos).sum(1).clamp_min(1)
+    return {"accuracy": correct.mean(1), "balanced_accuracy": 0.5 * (recall_pos + recall_neg)}
+
+
+def evaluate_heads(params: dict[str, torch.Tensor], task_ids: Sequence[int], features: torch.Tensor,
+                   class_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Metrics of head i on task task_ids[i]. Returns {"accuracy": (T,), "balanced_accuracy": (T,)}."""
+    return binary_metrics(predict(params, features), binary_labels(class_labels, task_ids))
+
+
+def per_class_accuracy(params: dict[str, torch.Tensor], task_ids: Sequence[int], features: torch.Tensor,
+                       class_labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy on the test images of each CIFAR-10 class. Shapes: -> (T, 10)."""
+    correct = (predict(params, features) == binary_labels(class_labels, task_ids)).float()  # (T, N)
+    return torch.stack([correct[:, class_labels == c].mean(1) for c in range(10)], dim=1)
+
+
+def stack_state_dicts(state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([sd[k] for sd in state_dicts]) for k in HEAD_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The zoo on disk
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(zoo_dir: str | Path, task_id: int, k: int) -> Path:
+    return Path(zoo_dir) / "heads" / f"{int(task_id):04d}_{k}.safetensors"
+
+
+def save_zoo(zoo_dir: str | Path, stacked: dict[str, torch.Tensor], task_ids: Sequence[int],
+             metrics: dict[str, torch.Tensor], *, steps: Sequence[int], feature_dim: int, backbone: str) -> pd.DataFrame:
+    """Write every checkpoint as a safetensors state dict with metadata, and the index CSV.
+
+    Args:
+        stacked: {key: (T, K, ...)}; metrics: {"accuracy": (T, K), "balanced_accuracy": (T, K)} on the test set.
+    """
+    rows = []
+    n_ckpt = stacked[HEAD_KEYS[0]].shape[1]
+    for i, task_id in enumerate(task_ids):
+        emb = id_to_embedding(task_id)
+        for k in range(n_ckpt):
+            meta = {
+                "arch": "binary_head", "feature_dim": feature_dim, "backbone": backbone, "task_id": int(task_id),
+                "embedding": emb, "positive_classes": positive_classes(emb), "checkpoint": k, "step": int(steps[k]),
+                "test_accuracy": float(metrics["accuracy"][i, k]),
+                "test_balanced_accuracy": float(metrics["balanced_accuracy"][i, k]),
+            }
+            path = checkpoint_path(zoo_dir, task_id, k)
+            save_safetensors_atomic({key: stacked[key][i, k] for key in HEAD_KEYS}, path, meta)
+            rows.append({**{k2: v for k2, v in meta.items() if k2 != "positive_classes"},
+                         "positive_classes": ",".join(meta["positive_classes"]), "path": str(path.name)})
+    index = pd.DataFrame(rows)
+    write_csv_atomic(Path(zoo_dir) / "index.csv", index)
+    return index
+
+
+def load_task_checkpoints(zoo_dir: str | Path, task_ids: Sequence[int], n_checkpoints: int
+                          ) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    """Read the checkpoints of exactly these tasks (and no other file of the zoo).
+
+    Returns state dicts and their metadata, task-major (task 0 ckpt 0..K-1, task 1 ...).
+    """
+    state_dicts, metas = [], []
+    for task_id in task_ids:
+        for k in range(n_checkpoints):
+            path = checkpoint_path(zoo_dir, task_id, k)
+            tensors, meta = load_safetensors(path)
+            if meta.get("task_id") != int(task_id):
+                raise CheckpointError(f"{path}: metadata says task {meta.get('task_id')}, expected {task_id}")
+            state_dicts.append(tensors)
+            metas.append(meta)
+    return state_dicts, metas

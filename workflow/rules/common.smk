@@ -1,0 +1,56 @@
+# Config validation (schema in rpg/config.schema.yaml fills defaults and names bad keys), paths and input functions.
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from rpg.config import ConfigError, config_from_dict, validate_config
+
+try:
+    config.update(validate_config(config))
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration:\n{err}")
+
+CFG = config_from_dict(config)
+EXP = CFG.experiment
+RES = CFG.results_dir
+GPU = 1 if CFG.device == "cuda" else 0
+
+
+wildcard_constraints:
+    experiment=r"[A-Za-z0-9_.-]+",
+
+
+def out(stage, name):
+    """results/<stage>/<experiment>/<name>"""
+    return f"{RES}/{stage}/{EXP}/{name}"
+
+
+def logfile(name):
+    return f"{RES}/logs/{EXP}/{name}.log"
+
+
+def benchfile(name):
+    return f"{RES}/benchmarks/rules/{EXP}/{name}.tsv"
+
+
+def cifar10_input(wildcards):
+    """The CIFAR-10 archive (or extracted folder); a clear error when it is missing and downloads are off."""
+    root = Path(CFG.data.root)
+    for candidate in (root / "cifar-10-python.tar.gz", root / "cifar-10-batches-py"):
+        if candidate.exists():
+            return str(candidate)
+    if CFG.data.download:
+        return []
+    raise WorkflowError(
+        f"CIFAR-10 not found under '{root}/'. Copy cifar-10-python.tar.gz there "
+        f"(on the project machines: cp ../shared/data/cifar-10-python.tar.gz {root}/), "
+        "or set data.download: true where the internet is reachable."
+    )
+
+
+all_targets = [
+    f"{RES}/table11.csv",
+    f"{RES}/table16.csv",
+    f"{RES}/table12.csv",
+    f"{RES}/seen_summary.csv",
+]

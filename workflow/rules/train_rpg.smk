@@ -1,0 +1,21 @@
+# Train the task-conditioned RPG on the training split of the zoo (unseen tasks are never read).
+
+
+rule train_rpg:
+    input:
+        index=rules.zoo.output.index,
+        split=rules.split.output.split,
+        features=rules.features.output.features,
+    output:
+        best=out("rpg", "best.safetensors"),
+        summary=out("rpg", "summary.json"),
+    log:
+        logfile("train_rpg"),
+    benchmark:
+        benchfile("train_rpg")
+    threads: CFG.threads
+    resources:
+        mem_mb=8000,
+        gpu=GPU,
+    script:
+        "../scripts/train_rpg.py"
