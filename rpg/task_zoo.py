@@ -25,8 +25,8 @@ from rpg.tokenize import Tokenizer
 from rpg.tracking import start_tracking
 from rpg.train import train_rpg
 from rpg.utils import resolve_device, save_safetensors_atomic, write_csv_atomic, write_json_atomic
-from rpg.zoo import (HEAD_KEYS, evaluate_heads, load_task_checkpoints, per_class_accuracy, save_zoo,
-                     stack_state_dicts, train_heads, _save_steps)
+from rpg.zoo import (HeadEvaluator, evaluate_heads, load_task_checkpoints, save_zoo, save_steps, task_metrics,
+                     train_heads)
 
 
 def configured_task_ids(cfg: Config) -> list[int]:
@@ -59,7 +59,7 @@ def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> di
         m = evaluate_heads({key: v[:, k] for key, v in stacked.items()}, task_ids, feats["test_x"], feats["test_y"])
         for key in metrics:
             metrics[key][:, k] = m[key]
-    index = save_zoo(zoo_dir, stacked, task_ids, metrics, steps=_save_steps(z.steps, z.n_checkpoints, z.save_every),
+    index = save_zoo(zoo_dir, stacked, task_ids, metrics, steps=save_steps(z.steps, z.n_checkpoints, z.save_every),
                      feature_dim=int(feats["train_x"].shape[1]), backbone=cfg.backbone.arch)
     summary = {"n_tasks": len(task_ids), "n_checkpoints": len(index), "train_seconds": train_seconds,
                "mean_test_accuracy": float(metrics["accuracy"].mean()),
@@ -85,13 +85,28 @@ def read_split(path: str | Path) -> TaskSplit:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generation helpers
+# Evaluation and generation helpers
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def generate_heads(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequence[int], n_samples: int,
-                   seed: int) -> dict[str, torch.Tensor]:
-    """`n_samples` generated heads per task, stacked task-major: {key: (len(task_ids) * n_samples, ...)}."""
+def make_evaluator(cfg: Config, features_path: str | Path | None, split: str):
+    """Scores state dicts on `split` ("val" or "test"): heads on cached features, or full models on images."""
+    if cfg.zoo.mode == "finetune":
+        from rpg.finetune import ModelEvaluator
+
+        return ModelEvaluator(cfg, split)
+    feats = load_features(features_path)
+    return HeadEvaluator(feats[f"{split}_x"], feats[f"{split}_y"])
+
+
+def evaluate(evaluator, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids: Sequence[int]) -> dict:
+    """{"accuracy": (T,), "balanced_accuracy": (T,), "per_class": (T, 10)} of model i on task task_ids[i]."""
+    return task_metrics(evaluator.predict(state_dicts), evaluator.classes, task_ids)
+
+
+def generate_models(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequence[int], n_samples: int,
+                    seed: int) -> list[dict[str, torch.Tensor]]:
+    """`n_samples` generated state dicts per task, task-major."""
     diffusion = create_diffusion(cfg.diffusion)
     bits = embedding_bits(task_ids).repeat_interleave(n_samples, dim=0)  # (T*S, 10)
     tokens = generate_tokens(
@@ -100,20 +115,19 @@ def generate_heads(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequ
         tokens_per_call=cfg.generate.tokens_per_call, generator=torch.Generator().manual_seed(seed),
         bf16=cfg.train.bf16,
     )
-    return stack_state_dicts([tokenizer.detokenize(t) for t in tokens])
+    return [tokenizer.detokenize(t) for t in tokens]
 
 
-def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], val_x: torch.Tensor,
-                   val_y: torch.Tensor, original_val_acc: torch.Tensor):
-    """Score = mean accuracy, on held-out training images, of heads generated for the validation tasks."""
+def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], evaluator,
+                   original_val_acc: torch.Tensor):
+    """Score = mean accuracy, on held-out training images, of models generated for the validation tasks."""
     n = cfg.train.val_samples
 
     def validate(model: RPG) -> dict[str, float]:
         start = time.time()
-        heads = generate_heads(model, tokenizer, cfg, val_ids, n, seed=cfg.seed + 17)
-        acc = evaluate_heads(heads, [t for t in val_ids for _ in range(n)], val_x, val_y)["accuracy"]
-        acc = acc.view(len(val_ids), n)
-        norm = torch.cat([heads[k].flatten(1) for k in HEAD_KEYS], 1).norm(dim=1)
+        sds = generate_models(model, tokenizer, cfg, val_ids, n, seed=cfg.seed + 17)
+        acc = evaluate(evaluator, sds, [t for t in val_ids for _ in range(n)])["accuracy"].view(len(val_ids), n)
+        norm = torch.stack([torch.cat([v.float().flatten() for v in sd.values()]).norm() for sd in sds])
         return {"score": float(acc.mean()), "gap_mean": float((original_val_acc - acc.mean(1)).mean()),
                 "gap_best": float((original_val_acc - acc.max(1).values).mean()),
                 "generated_param_norm": float(norm.mean()), "seconds": time.time() - start}
@@ -126,8 +140,8 @@ def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], va
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Path, features_path: str | Path,
-                          out_dir: str | Path) -> dict:
+def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Path,
+                          features_path: str | Path | None, out_dir: str | Path) -> dict:
     """Train the task-conditioned RPG on the training split's checkpoints; keep the best by validation score."""
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -138,18 +152,19 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
     tokenizer = Tokenizer.fit(state_dicts, model_cfg.token_size)
     tokens = torch.stack([tokenizer.tokenize(sd) for sd in state_dicts])  # (K, N, L)
     cond = embedding_bits([m["task_id"] for m in metas])  # (K, 10)
+    del state_dicts
 
-    feats = load_features(features_path)
-    val_sds, _ = load_task_checkpoints(zoo_dir, split.val, k)  # seen tasks held out of training
-    val_stack = stack_state_dicts(val_sds)
-    val_ids_rep = [t for t in split.val for _ in range(k)]
-    orig = evaluate_heads(val_stack, val_ids_rep, feats["val_x"], feats["val_y"])["accuracy"].view(-1, k).mean(1)
-    validate = make_validator(cfg, tokenizer, split.val, feats["val_x"], feats["val_y"], orig) if split.val else None
+    validate, orig = None, torch.empty(0)
+    if split.val:
+        evaluator = make_evaluator(cfg, features_path, "val")
+        val_sds, _ = load_task_checkpoints(zoo_dir, split.val, k)  # seen tasks held out of training
+        val_ids_rep = [t for t in split.val for _ in range(k)]
+        orig = evaluate(evaluator, val_sds, val_ids_rep)["accuracy"].view(-1, k).mean(1)
+        validate = make_validator(cfg, tokenizer, split.val, evaluator, orig)
 
     tracker = start_tracking(cfg.logging, name=f"{cfg.experiment}-rpg", group=cfg.experiment, job_type="train_rpg",
                              config=cfg.raw, directory=Path(cfg.results_dir) / "wandb")
     out_dir = Path(out_dir)
-    (out_dir / "layout.json").parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "layout.json", tokenizer.layout())
     summary = train_rpg(model_cfg, cfg.diffusion, cfg.train, tokenizer, tokens, out_dir, cond=cond, seed=cfg.seed,
                         device=device, validate=validate, tracker=tracker, progress=cfg.logging.progress)
@@ -168,64 +183,79 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
 def generation_plan(cfg: Config, split: TaskSplit) -> dict[str, list[int]]:
     """Which tasks get generated: all unseen, a seeded sample of training tasks, and the flip pair."""
     n_seen = min(cfg.tasks.n_seen_eval, len(split.train))
-    seen = sorted(torch.randperm(len(split.train), generator=torch.Generator().manual_seed(cfg.seed + 5))[:n_seen]
-                  .tolist())
+    pick = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(cfg.seed + 5))[:n_seen]
     flip = [embedding_to_id(e) for e in cfg.tasks.flip_pair]
-    return {"unseen": list(split.unseen), "seen": [split.train[i] for i in seen], "flip": flip}
+    return {"unseen": list(split.unseen), "seen": sorted(split.train[i] for i in pick.tolist()), "flip": flip}
 
 
-def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | Path, features_path: str | Path,
-                          zoo_dir: str | Path, out_dir: str | Path) -> pd.DataFrame:
-    """Generate `generate.samples` heads per planned task, save them, and evaluate originals and samples.
+def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | Path,
+                          features_path: str | Path | None, zoo_dir: str | Path, out_dir: str | Path) -> pd.DataFrame:
+    """Generate `generate.samples` models per planned task, save them, and evaluate originals and samples.
 
-    Writes `samples.csv` (one row per generated or original model: task, group, kind, accuracy, balanced accuracy,
-    per-class accuracies) and the generated heads as safetensors under `heads/`.
+    Writes `samples.csv` (one row per generated or original model: group, kind, task, accuracy, balanced accuracy,
+    per-class accuracies), `timing.json`, and the generated state dicts as safetensors under `models/`.
     """
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     split = read_split(split_path)
-    feats = load_features(features_path)
+    evaluator = make_evaluator(cfg, features_path, "test")
     model, tokenizer, _, meta = load_rpg(rpg_path, device)
-    plan = generation_plan(cfg, split)
     out_dir = Path(out_dir)
     n, k = cfg.generate.samples, cfg.zoo.n_checkpoints
-    rows = []
-    timing = {}
-    for group, task_ids in plan.items():
+    rows, timing = [], {}
+    for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
         if not task_ids:
             continue
         start = time.time()
-        heads = generate_heads(model, tokenizer, cfg, task_ids, n, seed=cfg.seed + 1000 + len(rows))
-        timing[group] = (time.time() - start) / (len(task_ids) * n)
+        sds = generate_models(model, tokenizer, cfg, task_ids, n, seed=cfg.seed + 1000 * (g + 1))
+        timing[group] = (time.time() - start) / len(sds)
         ids_rep = [t for t in task_ids for _ in range(n)]
-        rows += _evaluate_rows(heads, ids_rep, feats, group, "rpg", list(range(n)) * len(task_ids))
-        for i, t in enumerate(ids_rep):
-            save_safetensors_atomic({key: heads[key][i] for key in HEAD_KEYS},
-                                    out_dir / "heads" / f"{t:04d}_s{i % n}.safetensors",
-                                    {"arch": "binary_head", "task_id": t, "embedding": id_to_embedding(t),
-                                     "sample": i % n, "generator": str(rpg_path), "generator_step": meta["step"]})
+        rows += _rows(evaluate(evaluator, sds, ids_rep), ids_rep, group, "rpg", list(range(n)) * len(task_ids))
+        for i, (t, sd) in enumerate(zip(ids_rep, sds)):
+            save_safetensors_atomic(sd, out_dir / "models" / f"{t:04d}_s{i % n}.safetensors",
+                                    {"arch": cfg.backbone.arch if cfg.zoo.mode == "finetune" else "binary_head",
+                                     "task_id": t, "embedding": id_to_embedding(t), "sample": i % n,
+                                     "generator": str(rpg_path), "generator_step": meta["step"]})
         # Originals are read only now, after the generator has been trained and loaded.
         orig_sds, _ = load_task_checkpoints(zoo_dir, task_ids, k)
         orig_ids = [t for t in task_ids for _ in range(k)]
-        rows += _evaluate_rows(stack_state_dicts(orig_sds), orig_ids, feats, group, "original",
-                               list(range(k)) * len(task_ids))
+        rows += _rows(evaluate(evaluator, orig_sds, orig_ids), orig_ids, group, "original",
+                      list(range(k)) * len(task_ids))
     frame = pd.DataFrame(rows)
     write_csv_atomic(out_dir / "samples.csv", frame)
     write_json_atomic(out_dir / "timing.json", {"seconds_per_generated_model": timing,
                                                 "sampler": cfg.diffusion.sampler,
                                                 "steps": cfg.diffusion.sample_steps, "mode": cfg.generate.mode,
-                                                "generator_step": meta["step"]})
+                                                "generator_step": meta["step"], "device": str(device)})
     return frame
 
 
-def _evaluate_rows(heads: dict[str, torch.Tensor], task_ids: list[int], feats: dict[str, torch.Tensor], group: str,
-                   kind: str, index: list[int]) -> list[dict]:
-    m = evaluate_heads(heads, task_ids, feats["test_x"], feats["test_y"])
-    pc = per_class_accuracy(heads, task_ids, feats["test_x"], feats["test_y"])
+def _rows(m: dict, task_ids: list[int], group: str, kind: str, index: list[int]) -> list[dict]:
     rows = []
     for i, t in enumerate(task_ids):
         row = {"group": group, "kind": kind, "task_id": t, "embedding": id_to_embedding(t), "index": index[i],
                "accuracy": float(m["accuracy"][i]), "balanced_accuracy": float(m["balanced_accuracy"][i])}
-        row.update({f"class_{c}": float(pc[i, c]) for c in range(10)})
+        row.update({f"class_{c}": float(m["per_class"][i, c]) for c in range(10)})
         rows.append(row)
     return rows
+
+
+def index_zoo(cfg: Config, zoo_dir: str | Path) -> dict:
+    """Index a zoo written one task at a time (finetune mode) from the checkpoints' metadata."""
+    from rpg.utils import read_safetensors_metadata
+    from rpg.zoo import checkpoint_path
+
+    rows = []
+    for t in configured_task_ids(cfg):
+        for k in range(cfg.zoo.n_checkpoints):
+            path = checkpoint_path(zoo_dir, t, k)
+            meta = read_safetensors_metadata(path)
+            rows.append({**{key: v for key, v in meta.items() if key != "positive_classes"},
+                         "positive_classes": ",".join(meta.get("positive_classes", [])), "path": path.name})
+    index = pd.DataFrame(rows)
+    write_csv_atomic(Path(zoo_dir) / "index.csv", index)
+    summary = {"n_tasks": int(index.task_id.nunique()), "n_checkpoints": len(index),
+               "mean_test_accuracy": float(index.test_accuracy.mean()),
+               "mean_test_balanced_accuracy": float(index.test_balanced_accuracy.mean())}
+    write_json_atomic(Path(zoo_dir) / "summary.json", summary)
+    return summary

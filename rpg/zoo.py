@@ -6,7 +6,7 @@ together). All tasks see the same feature rows at each step (only their labels d
 vectorised computation over stacked parameters (T, ...). AdamW is element-wise, hence this is exactly T independent
 trainings; `train_head_single` is the one-task-at-a-time reference used by the tests and the benchmark.
 
-On disk the zoo is a dataset of safetensors state dicts, `heads/<task id:04d>_<k>.safetensors`, with the task
+On disk the zoo is a dataset of safetensors state dicts, `checkpoints/<task id:04d>_<k>.safetensors`, with the task
 embedding, positive classes and test accuracy as metadata, plus `index.csv`.
 """
 
@@ -46,7 +46,7 @@ def head_logits(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tenso
     return torch.einsum("tbk,tck->tbc", F.silu(h), params["2.weight"])  # (T, B, 2)
 
 
-def _save_steps(steps: int, n_checkpoints: int, save_every: int) -> list[int]:
+def save_steps(steps: int, n_checkpoints: int, save_every: int) -> list[int]:
     first = steps - (n_checkpoints - 1) * save_every
     if first < 1:
         raise ValueError(f"{n_checkpoints} checkpoints every {save_every} steps need more than {steps} steps")
@@ -66,7 +66,7 @@ def train_heads(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Se
     """
     d = features.shape[1]
     init = initial_head(d, seed)
-    save_at = _save_steps(steps, n_checkpoints, save_every)
+    save_at = save_steps(steps, n_checkpoints, save_every)
     labels = binary_labels(class_labels, task_ids)  # (T, N)
     # One shared sequence of minibatches for every task (and every chunk of tasks).
     gen = torch.Generator().manual_seed(seed + 1)
@@ -140,17 +140,31 @@ def binary_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.
     return {"accuracy": correct.mean(1), "balanced_accuracy": 0.5 * (recall_pos + recall_neg)}
 
 
+def task_metrics(pred: torch.Tensor, class_labels: torch.Tensor, task_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Metrics of prediction row i on task task_ids[i]: accuracy, balanced accuracy (T,), per_class (T, 10).
+
+    per_class[:, c] is the accuracy on the images of CIFAR-10 class c.
+    """
+    target = binary_labels(class_labels, task_ids)  # (T, N)
+    correct = (pred == target).float()
+    per_class = torch.stack([correct[:, class_labels == c].mean(1) for c in range(10)], dim=1)
+    return {**binary_metrics(pred, target), "per_class": per_class}
+
+
 def evaluate_heads(params: dict[str, torch.Tensor], task_ids: Sequence[int], features: torch.Tensor,
                    class_labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics of head i on task task_ids[i]. Returns {"accuracy": (T,), "balanced_accuracy": (T,)}."""
-    return binary_metrics(predict(params, features), binary_labels(class_labels, task_ids))
+    """Metrics of stacked head i on task task_ids[i] (see `task_metrics`)."""
+    return task_metrics(predict(params, features), class_labels, task_ids)
 
 
-def per_class_accuracy(params: dict[str, torch.Tensor], task_ids: Sequence[int], features: torch.Tensor,
-                       class_labels: torch.Tensor) -> torch.Tensor:
-    """Accuracy on the test images of each CIFAR-10 class. Shapes: -> (T, 10)."""
-    correct = (predict(params, features) == binary_labels(class_labels, task_ids)).float()  # (T, N)
-    return torch.stack([correct[:, class_labels == c].mean(1) for c in range(10)], dim=1)
+class HeadEvaluator:
+    """Scores head state dicts on cached features of one split (train/val/test)."""
+
+    def __init__(self, features: torch.Tensor, class_labels: torch.Tensor):
+        self.features, self.classes = features, class_labels
+
+    def predict(self, state_dicts: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+        return predict(stack_state_dicts(state_dicts), self.features)  # (T, N)
 
 
 def stack_state_dicts(state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -163,7 +177,7 @@ def stack_state_dicts(state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[st
 
 
 def checkpoint_path(zoo_dir: str | Path, task_id: int, k: int) -> Path:
-    return Path(zoo_dir) / "heads" / f"{int(task_id):04d}_{k}.safetensors"
+    return Path(zoo_dir) / "checkpoints" / f"{int(task_id):04d}_{k}.safetensors"
 
 
 def save_zoo(zoo_dir: str | Path, stacked: dict[str, torch.Tensor], task_ids: Sequence[int],

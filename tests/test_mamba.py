@@ -258,11 +258,19 @@ def test_torch_path_on_cuda_matches_cpu():
 @pytest.mark.skipif(not (HAS_CUDA and MAMBA_SSM_AVAILABLE), reason="needs CUDA and mamba_ssm")
 @pytest.mark.parametrize("backend", ["cuda", "torch"])
 @pytest.mark.parametrize("ngroups", [1, 2])
-def test_state_dict_loads_into_mamba_ssm_and_outputs_match(backend, ngroups):
+@pytest.mark.parametrize("use_mem_eff_path", [True, False])
+def test_state_dict_loads_into_mamba_ssm_and_outputs_match(backend, ngroups, use_mem_eff_path):
+    """Both directions of load_state_dict(strict=True), then equal outputs on CUDA.
+
+    The fused path (use_mem_eff_path=True) needs the causal_conv1d CUDA extension; without it only the Triton SSD
+    path (use_mem_eff_path=False, conv through nn.Conv1d inside mamba_ssm) can be compared.
+    """
     from mamba_ssm.modules.mamba2 import Mamba2 as RefMamba2
 
+    if use_mem_eff_path:
+        pytest.importorskip("causal_conv1d", reason="the fused path needs the causal_conv1d extension")
     torch.manual_seed(0)
-    kw = dict(d_state=64, headdim=32, ngroups=ngroups, chunk_size=64)
+    kw = dict(d_state=64, headdim=32, ngroups=ngroups, chunk_size=64, use_mem_eff_path=use_mem_eff_path)
     ours = _randomise(Mamba2(256, backend=backend, **kw)).cuda()
     ref = RefMamba2(256, **kw).cuda()
     ref.load_state_dict(ours.state_dict(), strict=True)

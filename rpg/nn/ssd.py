@@ -108,6 +108,7 @@ def ssd_chunked(
         state = torch.zeros(b, h, p, n, dtype=cd, device=x.device) if initial_states is None else initial_states.to(cd)
         return (x.clone(), state) if return_final_state else x.clone()
     x, dt, A, B, C = (t.to(cd) for t in (x, dt, A, B, C))
+    chunk_size = min(chunk_size, seqlen)  # a chunk longer than the sequence would only add zero padding
 
     # Zero padding to a whole number of chunks: dt = 0 there means decay exp(0) = 1 and input x*dt = 0,
     # so padded steps leave the state untouched and the final state is still the state after step L-1.

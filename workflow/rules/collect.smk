@@ -1,65 +1,114 @@
-# Collect the training data of RPG: frozen backbone -> cached features -> the zoo of binary heads -> split.
+# Collect the training data of RPG: the classifier zoo (and, in the default profile, the frozen backbone and its
+# cached features first) -> seen / unseen split.
 
 
-rule backbone:
-    input:
-        cifar10_input,
-    output:
-        model=out("backbone", "backbone.safetensors"),
-    log:
-        logfile("backbone"),
-    benchmark:
-        benchfile("backbone")
-    threads: CFG.threads
-    resources:
-        mem_mb=6000,
-        gpu=GPU,
-    script:
-        "../scripts/backbone.py"
+if CFG.zoo.mode == "batched_heads":
 
+    rule backbone:
+        input:
+            cifar10_input,
+        output:
+            model=out("backbone", "backbone.safetensors"),
+        log:
+            logfile("backbone"),
+        benchmark:
+            benchfile("backbone")
+        conda:
+            "../envs/rpg.yaml"
+        threads: CFG.threads
+        resources:
+            mem_mb=6000,
+            gpu=GPU,
+        script:
+            "../scripts/backbone.py"
 
-rule features:
-    input:
-        cifar10_input,
-        model=rules.backbone.output.model,
-    output:
-        features=out("features", "features.safetensors"),
-    log:
-        logfile("features"),
-    benchmark:
-        benchfile("features")
-    threads: CFG.threads
-    resources:
-        mem_mb=6000,
-        gpu=GPU,
-    script:
-        "../scripts/features.py"
+    rule features:
+        input:
+            cifar10_input,
+            model=rules.backbone.output.model,
+        output:
+            features=FEATURES,
+        log:
+            logfile("features"),
+        benchmark:
+            benchfile("features")
+        conda:
+            "../envs/rpg.yaml"
+        threads: CFG.threads
+        resources:
+            mem_mb=6000,
+            gpu=GPU,
+        script:
+            "../scripts/features.py"
 
+    rule zoo:
+        input:
+            features=FEATURES,
+        output:
+            checkpoints=directory(out("zoo", "checkpoints")),
+            index=ZOO_INDEX,
+            summary=out("zoo", "summary.json"),
+        log:
+            logfile("zoo"),
+        benchmark:
+            benchfile("zoo")
+        conda:
+            "../envs/rpg.yaml"
+        threads: CFG.threads
+        resources:
+            mem_mb=8000,
+            gpu=GPU,
+        script:
+            "../scripts/zoo.py"
 
-rule zoo:
-    input:
-        features=rules.features.output.features,
-    output:
-        heads=directory(out("zoo", "heads")),
-        index=out("zoo", "index.csv"),
-        summary=out("zoo", "summary.json"),
-    log:
-        logfile("zoo"),
-    benchmark:
-        benchfile("zoo")
-    threads: CFG.threads
-    resources:
-        mem_mb=8000,
-        gpu=GPU,
-    script:
-        "../scripts/zoo.py"
+else:  # finetune: one job per task, so a cluster executor spreads them
+
+    rule finetune_task:
+        input:
+            cifar10_input,
+        output:
+            expand(
+                out("zoo", "checkpoints/{{task}}_{k}.safetensors"),
+                k=range(CFG.zoo.n_checkpoints),
+            ),
+        log:
+            logfile("finetune/{task}"),
+        benchmark:
+            benchfile("finetune/{task}")
+        conda:
+            "../envs/rpg.yaml"
+        threads: CFG.threads
+        resources:
+            mem_mb=16000,
+            gpu=GPU,
+            runtime=60,
+        script:
+            "../scripts/finetune_task.py"
+
+    rule zoo:
+        input:
+            finetuned_checkpoints,
+        output:
+            index=ZOO_INDEX,
+            summary=out("zoo", "summary.json"),
+        log:
+            logfile("zoo"),
+        conda:
+            "../envs/rpg.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+        script:
+            "../scripts/zoo_index.py"
 
 
 rule split:
     output:
-        split=out("zoo", "split.json"),
+        split=SPLIT,
     log:
         logfile("split"),
+    conda:
+        "../envs/rpg.yaml"
     threads: 1
     resources:
         mem_mb=500,

@@ -48,6 +48,36 @@ def cifar10_input(wildcards):
     )
 
 
+FEATURES = out("features", "features.safetensors")
+ZOO_INDEX = out("zoo", "index.csv")
+SPLIT = out("zoo", "split.json")
+
+
+wildcard_constraints:
+    task=r"\d{4}",
+
+
+def task_ids():
+    from rpg.task_zoo import configured_task_ids
+
+    return configured_task_ids(CFG)
+
+
+def finetuned_checkpoints(wildcards):
+    return [
+        out("zoo", f"checkpoints/{t:04d}_{k}.safetensors")
+        for t in task_ids()
+        for k in range(CFG.zoo.n_checkpoints)
+    ]
+
+
+def evaluation_inputs(wildcards):
+    """What scoring generated models needs: cached features (heads) or the images (full models)."""
+    if CFG.zoo.mode == "batched_heads":
+        return {"features": FEATURES}
+    return {"images": cifar10_input(wildcards)}
+
+
 all_targets = [
     f"{RES}/table11.csv",
     f"{RES}/table16.csv",

@@ -1,20 +1,22 @@
-# Generate heads for unseen, sampled seen and flip-pair tasks; evaluate them and their originals on the test set.
+# Generate models for unseen, sampled seen and flip-pair tasks; evaluate them and their originals on the test set.
 
 
 rule generate:
     input:
+        unpack(evaluation_inputs),
         rpg=rules.train_rpg.output.best,
-        split=rules.split.output.split,
-        features=rules.features.output.features,
-        index=rules.zoo.output.index,
+        split=SPLIT,
+        index=ZOO_INDEX,
     output:
         samples=out("generated", "samples.csv"),
         timing=out("generated", "timing.json"),
-        heads=directory(out("generated", "heads")),
+        models=directory(out("generated", "models")),
     log:
         logfile("generate"),
     benchmark:
         benchfile("generate")
+    conda:
+        "../envs/rpg.yaml"
     threads: CFG.threads
     resources:
         mem_mb=6000,

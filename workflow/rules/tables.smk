@@ -11,6 +11,8 @@ rule tables:
         seen_summary=f"{RES}/seen_summary.csv",
     log:
         logfile("tables"),
+    conda:
+        "../envs/rpg.yaml"
     threads: 1
     resources:
         mem_mb=1000,

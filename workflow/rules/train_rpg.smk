@@ -3,9 +3,9 @@
 
 rule train_rpg:
     input:
-        index=rules.zoo.output.index,
-        split=rules.split.output.split,
-        features=rules.features.output.features,
+        unpack(evaluation_inputs),
+        index=ZOO_INDEX,
+        split=SPLIT,
     output:
         best=out("rpg", "best.safetensors"),
         summary=out("rpg", "summary.json"),
@@ -13,6 +13,8 @@ rule train_rpg:
         logfile("train_rpg"),
     benchmark:
         benchfile("train_rpg")
+    conda:
+        "../envs/rpg.yaml"
     threads: CFG.threads
     resources:
         mem_mb=8000,

@@ -5,5 +5,5 @@ from rpg.rules import run_rule
 from rpg.task_zoo import generate_and_evaluate
 
 smk = snakemake  # noqa: F821
-run_rule(smk, lambda cfg: generate_and_evaluate(cfg, smk.input.rpg, smk.input.split, smk.input.features,
+run_rule(smk, lambda cfg: generate_and_evaluate(cfg, smk.input.rpg, smk.input.split, smk.input.get("features"),
                                                 Path(smk.input.index).parent, Path(smk.output.samples).parent))

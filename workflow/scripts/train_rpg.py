@@ -6,4 +6,4 @@ from rpg.task_zoo import train_conditional_rpg
 
 smk = snakemake  # noqa: F821
 run_rule(smk, lambda cfg: train_conditional_rpg(cfg, Path(smk.input.index).parent, smk.input.split,
-                                                smk.input.features, Path(smk.output.best).parent))
+                                                smk.input.get("features"), Path(smk.output.best).parent))

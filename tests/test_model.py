@@ -1,0 +1,215 @@
+"""The RPG generator (rpg.model, rpg.generate, rpg.checkpoint): shapes, causality, generation modes, checkpoints.
+
+Tolerances: causality and checkpoint round trips are exact (torch.equal); the three generation modes agree within
+1e-4 absolute (tokens are O(1)): the denoiser runs on different batch sizes, which changes float32 summation order
+(measured: ~1e-6 relative per denoiser call), and DDIM's x0 estimate divides by sqrt(abar_t) (~1/160 at t = 999).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model_config
+from rpg.checkpoint import FORMAT, load_rpg, save_rpg
+from rpg.config import DiffusionConfig
+from rpg.diffusion import create_diffusion
+from rpg.generate import GENERATION_MODES, generate_state_dicts, generate_tokens
+from rpg.model import RPG, resolve_model_config
+from rpg.nn.recurrent import RECURRENT_KINDS
+from rpg.tokenize import Tokenizer
+from rpg.utils import CheckpointError, save_safetensors_atomic
+
+# 3 "layers" of 4, 1 and 3 tokens (N = 8)
+LAYER_INDEX = torch.tensor([0, 0, 0, 0, 1, 2, 2, 2])
+TOKEN_INDEX = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2])
+N = len(LAYER_INDEX)
+
+
+def _randomise(model: RPG, seed: int = 0, scale: float = 0.2) -> RPG:
+    """Move every parameter and BatchNorm statistic off its (partly zero) init, so outputs depend on everything."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("recurrent", RECURRENT_KINDS)
+@pytest.mark.parametrize("position", ["2d", "1d", "learnable"])
+def test_forward_shapes(recurrent, position):
+    """prototypes -> (B, N, d_model); denoiser (M, L) -> (M, L); with permutation states and a task condition."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(recurrent=recurrent, position=position, condition="task", permutation_state=True)
+    model = RPG(cfg, LAYER_INDEX, TOKEN_INDEX, n_permutation_states=5)
+    b = 3
+    perm = torch.tensor([0, 4, 2])
+    cond = torch.randint(0, 2, (b, 10)).float()
+    proto = model.prototypes(b, perm, cond)
+    assert proto.shape == (b, N, cfg.d_model)
+    assert torch.isfinite(proto).all()
+    m = 7
+    out = model.denoiser(torch.randn(m, cfg.token_size), torch.randint(0, 1000, (m,)), proto.reshape(-1, 32)[:m])
+    assert out.shape == (m, cfg.token_size)
+    # learnable position tables are parameters, fixed ones are not saved
+    names = dict(model.named_parameters())
+    assert ("position.table" in names) == (position == "learnable")
+    assert model.n_permutation_states == 5
+    loss = proto.square().mean() + out.square().mean()
+    loss.backward()
+    assert model.permutation.weight.grad is not None and model.task_encoder.mlp[0].weight.grad is not None
+
+
+def test_missing_perm_or_cond_raises():
+    cfg = tiny_model_config(condition="task", permutation_state=True)
+    model = RPG(cfg, LAYER_INDEX, TOKEN_INDEX, n_permutation_states=2)
+    with pytest.raises(ValueError, match="perm"):
+        model.prototypes(1, None, torch.zeros(1, 10))
+    with pytest.raises(ValueError, match="cond"):
+        model.prototypes(1, torch.zeros(1, dtype=torch.long), None)
+
+
+@pytest.mark.parametrize("recurrent", RECURRENT_KINDS)
+@pytest.mark.parametrize("j", [0, 3, 5, N - 1])
+def test_causality_of_prototypes(recurrent, j):
+    """Perturbing the (learnable) position input of token j leaves prototypes < j bit-identical and changes j.
+
+    For the recurrent kinds, later tokens change too (information flows forward); for "none" nothing but j changes.
+    """
+    torch.manual_seed(1)
+    cfg = tiny_model_config(recurrent=recurrent, position="learnable")
+    model = RPG(cfg, LAYER_INDEX, TOKEN_INDEX).eval()
+    with torch.no_grad():
+        before = model.prototypes(2)
+        model.position.table[j] += torch.randn(cfg.d_model)
+        after = model.prototypes(2)
+    assert torch.equal(before[:, :j], after[:, :j]), f"{recurrent}: prototypes before token {j} changed"
+    assert not torch.allclose(before[:, j], after[:, j])
+    if j < N - 1:
+        later_changed = not torch.allclose(before[:, j + 1:], after[:, j + 1:], atol=1e-7, rtol=0)
+        assert later_changed == (recurrent != "none"), recurrent
+
+
+def _fitted_tokenizer(token_size: int = 16) -> Tokenizer:
+    sds = []
+    for s in range(3):
+        torch.manual_seed(s)
+        net = nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 2))
+        sds.append(net.state_dict())
+    return Tokenizer.fit(sds, token_size)
+
+
+@pytest.mark.parametrize("recurrent", ["mamba", "lstm"])
+def test_generation_modes_agree_with_deterministic_ddim(recurrent):
+    """sequential / partial / full give the same tokens (DDIM, eta = 0, same seed) within 1e-4."""
+    torch.manual_seed(2)
+    tok = _fitted_tokenizer()
+    cfg = tiny_model_config(recurrent=recurrent, permutation_state=True)
+    model = _randomise(RPG(cfg, tok.layer_index, tok.token_index, n_permutation_states=3), scale=0.05)
+    diffusion = create_diffusion(DiffusionConfig())
+    outs = {}
+    for mode in GENERATION_MODES:
+        outs[mode] = generate_tokens(model, diffusion, 2, perm=torch.tensor([0, 2]), sampler="ddim", steps=8,
+                                     eta=0.0, clip_x0=4.0, mode=mode, tokens_per_call=3,
+                                     generator=torch.Generator().manual_seed(5))
+        assert outs[mode].shape == (2, tok.n_tokens, tok.token_size)
+        assert torch.isfinite(outs[mode]).all()
+    torch.testing.assert_close(outs["sequential"], outs["full"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(outs["partial"], outs["full"], atol=1e-4, rtol=0)
+    assert not torch.allclose(outs["full"][0], outs["full"][1])  # two different samples
+    with pytest.raises(ValueError, match="mode"):
+        generate_tokens(model, diffusion, 1, mode="parallel")
+
+
+def test_checkpoint_round_trip_gives_identical_generation(tmp_path):
+    """save_rpg -> load_rpg restores weights, BatchNorm statistics, layout and config; generation is identical."""
+    torch.manual_seed(3)
+    tok = _fitted_tokenizer()
+    cfg = tiny_model_config(condition="task", permutation_state=True, position="learnable")
+    model = _randomise(RPG(cfg, tok.layer_index, tok.token_index, n_permutation_states=3))
+    dcfg = DiffusionConfig(sample_steps=6)
+    path = tmp_path / "gen" / "rpg.safetensors"
+    save_rpg(path, model, tok, dcfg, step=42, extra={"note": "test"})
+    assert path.is_file() and not list(path.parent.glob(".*.tmp"))
+    loaded, tok2, dcfg2, meta = load_rpg(path)
+    assert meta["format"] == FORMAT and meta["step"] == 42 and meta["extra"] == {"note": "test"}
+    assert loaded.cfg == cfg and dcfg2 == dcfg and tok2.layout() == tok.layout()
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    kwargs = dict(perm=torch.tensor([1, 2]), cond=torch.tensor([[0, 1] * 5, [1, 0] * 5]).float(), sampler="ddim",
+                  steps=6, eta=1.0, mode="partial", tokens_per_call=4)
+    diffusion = create_diffusion(dcfg)
+    a = generate_state_dicts(model, tok, diffusion, 2, generator=torch.Generator().manual_seed(9), **kwargs)
+    b = generate_state_dicts(loaded, tok2, create_diffusion(dcfg2), 2, generator=torch.Generator().manual_seed(9),
+                             **kwargs)
+    for sa, sb in zip(a, b):
+        assert set(sa) == set(sb)
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def _assert_checkpoint_error(path):
+    with pytest.raises(CheckpointError) as info:
+        load_rpg(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_rpg_truncated_file(tmp_path):
+    tok = _fitted_tokenizer()
+    model = RPG(tiny_model_config(), tok.layer_index, tok.token_index)
+    path = tmp_path / "rpg.safetensors"
+    save_rpg(path, model, tok, DiffusionConfig(), step=1)
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 7, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        _assert_checkpoint_error(bad)
+
+
+def test_load_rpg_random_bytes(tmp_path):
+    bad = tmp_path / "random.safetensors"
+    bad.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.uint8).numpy().tobytes())
+    _assert_checkpoint_error(bad)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    _assert_checkpoint_error(empty)
+    _assert_checkpoint_error(tmp_path / "does_not_exist.safetensors")
+
+
+def test_load_rpg_foreign_safetensors(tmp_path):
+    """A valid safetensors file that is not an RPG checkpoint; and an RPG-formatted one with broken metadata."""
+    foreign = tmp_path / "head.safetensors"
+    save_safetensors_atomic({"0.weight": torch.zeros(2, 2)}, foreign, {"arch": "binary_head"})
+    _assert_checkpoint_error(foreign)
+    no_meta = tmp_path / "nometa.safetensors"
+    save_safetensors_atomic({"w": torch.zeros(3)}, no_meta, {})
+    _assert_checkpoint_error(no_meta)
+    broken = tmp_path / "broken.safetensors"
+    save_safetensors_atomic({"w": torch.zeros(3)}, broken, {"format": FORMAT, "step": 1})
+    _assert_checkpoint_error(broken)
+    # right metadata, wrong weights
+    tok = _fitted_tokenizer()
+    model = RPG(tiny_model_config(), tok.layer_index, tok.token_index)
+    good = tmp_path / "good.safetensors"
+    save_rpg(good, model, tok, DiffusionConfig(), step=1)
+    from rpg.utils import load_safetensors
+
+    tensors, meta = load_safetensors(good)
+    tensors.pop("denoiser.cond_proj.weight")  # (num_batches_tracked would be tolerated by BatchNorm itself)
+    wrong = tmp_path / "wrong_weights.safetensors"
+    save_safetensors_atomic(tensors, wrong, meta)
+    _assert_checkpoint_error(wrong)
+
+
+def test_resolve_model_config_presets():
+    cfg = resolve_model_config({"size": "tiny", "recurrent": "lstm", "token_size": None})
+    assert cfg.token_size == 256 and cfg.d_model == 256 and cfg.recurrent == "lstm"
+    assert cfg.denoiser_channels == (1, 32, 64, 128, 64, 32, 1)
+    with pytest.raises(ValueError, match="size"):
+        resolve_model_config({"size": "huge"})
