@@ -85,9 +85,9 @@ def main() -> None:
     p.add_argument("--data", default="data")
     p.add_argument("--arch", default="rpg_cifar_cnn")
     p.add_argument("--feature-dim", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=0.4)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.2)
     p.add_argument("--optimizer", default="sgd")
@@ -123,7 +123,8 @@ def main() -> None:
         max_train=args.max_train, model_kwargs=json.loads(args.model_kwargs),
     )
     print(f"10-class test accuracy {metrics['test_accuracy']:.4f}  ({metrics['train_seconds']:.1f} s, "
-          f"{metrics['n_params']} params, amp={metrics['amp']}, losses {[round(x, 3) for x in metrics['epoch_losses']]})")
+          f"{metrics['n_params']} params, amp={metrics['amp']}, "
+          f"losses {[round(x, 3) for x in metrics['epoch_losses']]})")
 
     t1 = time.perf_counter()
     feat_kw = dict(device=args.device, flip_average=not args.no_flip_average, amp=args.amp,
@@ -144,7 +145,8 @@ def main() -> None:
     pos = test_y.bool()
     bal = 0.5 * ((correct * pos).sum(1) / pos.sum(1) + (correct * ~pos).sum(1) / (~pos).sum(1))  # (T,)
 
-    print(f"features: {t_feat:.1f} s (d={train_x.shape[1]}, mean |x| {train_x.abs().mean():.3f}); heads: {t_head:.1f} s")
+    print(f"features: {t_feat:.1f} s (d={train_x.shape[1]}, mean |x| {train_x.abs().mean():.3f}); "
+          f"heads: {t_head:.1f} s")
     for e, a, b in zip(TABLE11, acc.tolist(), bal.tolist()):
         names = ",".join(c for c, bit in zip(CIFAR10_CLASSES, e) if bit == "1")
         print(f"  {e}  acc {100 * a:5.1f}  balanced {100 * b:5.1f}  ({names})")
@@ -156,7 +158,8 @@ def main() -> None:
         "table11_balanced_mean": bal.mean().item(), "train_seconds": metrics["train_seconds"],
         "feature_seconds": t_feat, "head_seconds": t_head, "load_seconds": t_load,
         "epoch_losses": metrics["epoch_losses"], "n_params": metrics["n_params"], "amp": metrics["amp"],
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,9 @@ class Cifar10:
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, 32, 32):
-                raise ValueError(f"{split}_images must be uint8 (N, 3, 32, 32), got {images.dtype} {tuple(images.shape)}")
+                raise ValueError(
+                    f"{split}_images must be uint8 (N, 3, 32, 32), got {images.dtype} {tuple(images.shape)}"
+                )
             if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
                 raise ValueError(f"{split}_labels must be int64 (N,), got {labels.dtype} {tuple(labels.shape)}")
 

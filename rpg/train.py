@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
+import json
 import math
 import os
 import time
@@ -123,10 +125,21 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     history: list[dict[str, float]] = []
 
     last_path, state_path = out_dir / "last.safetensors", out_dir / "last.opt.pt"
-    if last_path.exists() and state_path.exists():
+    fingerprint = _fingerprint(model_cfg, diffusion_cfg, cfg, tokens, cond, seed, world)
+    state = load_training_state(state_path) if last_path.exists() and state_path.exists() else None
+    if state is not None and not (state.get("fingerprint") == fingerprint and
+                                  (int(state["best_step"]) < 0 or (out_dir / "best.safetensors").exists())):
+        # A leftover of a run on other data / settings (e.g. Snakemake re-running the rule after its inputs
+        # changed), or a finished run whose best checkpoint was deleted: resuming would silently reuse stale weights.
+        if rank == 0:
+            print(f"not resuming from {last_path}: other data or settings, or best.safetensors is gone; "
+                  "training from scratch")
+        state = None
+    if state is None and rank == 0:
+        (out_dir / "train_log.csv").unlink(missing_ok=True)
+    if state is not None:
         resumed, _, _, _ = load_rpg(last_path, device)
         model.load_state_dict(resumed.state_dict())
-        state = load_training_state(state_path)
         optimizer.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_gen"])
         noise_gen.set_state(state["noise_gen"])
@@ -154,7 +167,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         save_training_state(state_path, {
             "optimizer": optimizer.state_dict(), "data_gen": data_gen.get_state(),
             "noise_gen": noise_gen.get_state(), "step": step, "best_score": best["score"],
-            "best_step": best["step"], **({"ema": ema.state_dict()} if ema is not None else {}),
+            "best_step": best["step"], "fingerprint": fingerprint,
+            **({"ema": ema.state_dict()} if ema is not None else {}),
         })
 
     for step in bar:
@@ -214,6 +228,18 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     }
     tracker.summary({k2: v for k2, v in summary.items() if not isinstance(v, dict)})
     return summary
+
+
+def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, tokens: torch.Tensor,
+                 cond: torch.Tensor | None, seed: int, world: int) -> str:
+    """Hash of everything a run's trajectory depends on; a run resumes only from a state with the same hash."""
+    h = hashlib.sha256(json.dumps([asdict(model_cfg), asdict(diffusion_cfg), asdict(cfg), seed, world],
+                                  sort_keys=True, default=str).encode())
+    for t in (tokens, cond):
+        if t is not None:
+            h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _append_history(path: Path, rows: list[dict[str, float]]) -> None:

@@ -71,8 +71,12 @@ def write_csv_atomic(path: str | Path, frame) -> None:
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, Any]) -> None:
-    """Save tensors with JSON-encoded metadata (safetensors metadata values must be strings)."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    """Save tensors with JSON-encoded metadata (safetensors metadata values must be strings).
+
+    Strings are JSON-encoded too, so that a string that looks like JSON (an embedding such as "1000000000", "true")
+    reads back as the same string, not as a number or a bool.
+    """
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=meta)

@@ -1,6 +1,6 @@
-"""Shared fixtures and settings for the test suite.
+"""Shared settings and helpers for the test suite.
 
-Tests run on CPU with one or two threads, W&B disabled, and only small synthetic data made by the tests themselves.
+Tests run on CPU with one thread, W&B disabled, and only small synthetic data made by the tests themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rpg.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
+from rpg.config import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)  # the test machines have 2 cores, often shared: 1 thread is fastest
 
@@ -34,24 +34,3 @@ def tiny_model_config(**overrides) -> ModelConfig:
                   permutation_state=False, condition="none", condition_dim=10)
     values.update(overrides)
     return ModelConfig(**values)
-
-
-@pytest.fixture
-def tiny_cfg():
-    return tiny_model_config
-
-
-@pytest.fixture
-def small_diffusion_cfg() -> DiffusionConfig:
-    return DiffusionConfig(timesteps=1000, sampler="ddim", sample_steps=10, eta=0.0, clip_x0=4.0)
-
-
-@pytest.fixture
-def tiny_train_cfg():
-    def make(**overrides) -> TrainConfig:
-        values = dict(steps=20, batch_size=4, diffusion_batch=32, lr=1e-3, warmup_steps=2, eval_every=10,
-                      save_every=10, bf16=False, grad_clip=1.0)
-        values.update(overrides)
-        return TrainConfig(**values)
-
-    return make

@@ -149,7 +149,7 @@ def test_mask_and_position_indices(collection, token_size, request):
     for i, layer in enumerate(tok.layers):
         assert layer.offset == expected_offset
         assert layer.n_tokens == math.ceil(layer.numel / token_size)
-        assert layer.numel == sd_numel(sds[0][layer.name])
+        assert layer.numel == sds[0][layer.name].numel()
         rows = slice(layer.offset, layer.offset + layer.n_tokens)
         assert int(tok.mask[rows].sum()) == layer.numel
         # real positions come first, padding only at the end of the layer's last token
@@ -162,10 +162,6 @@ def test_mask_and_position_indices(collection, token_size, request):
     # padded positions of the tokens are zero
     tokens = tok.tokenize(sds[0])
     assert (tokens[~tok.mask] == 0).all()
-
-
-def sd_numel(t: torch.Tensor) -> int:
-    return t.numel()
 
 
 def test_only_float_tensors_with_several_elements_are_generated(vit_collection):

@@ -153,13 +153,20 @@ def _create(cls: type[nn.Module], name: str, pretrained: bool, defaults: dict[st
 
 @register_model
 def rpg_cifar_cnn(pretrained: bool = False, **kwargs: Any) -> CifarCNN:
-    """Default CPU backbone: widths 64-128-256, depth 2 (≈1.2M conv params)."""
+    """Default CPU backbone: widths 64-128-256, depth 2 (1.2M params).
+
+    8 epochs (batch 512, SGD-Nesterov lr 0.4, wd 5e-4, label smoothing 0.2, bf16): 87.9 % CIFAR-10 test
+    accuracy, 94.4 % mean binary accuracy on the Table 11 tasks (``benchmarks/backbone_probe.py``).
+    """
     return _create(CifarCNN, "rpg_cifar_cnn", pretrained, dict(widths=(64, 128, 256), depth=2), kwargs)
 
 
 @register_model
 def rpg_cifar_cnn_s(pretrained: bool = False, **kwargs: Any) -> CifarCNN:
-    """Small backbone: widths 32-64-128, depth 2 (≈4× cheaper than ``rpg_cifar_cnn``)."""
+    """Small backbone: widths 32-64-128, depth 2 (0.3M params, ~2× cheaper per epoch than ``rpg_cifar_cnn``).
+
+    10 epochs, same recipe: 86.2 % CIFAR-10, 93.6 % Table 11 binary mean.
+    """
     return _create(CifarCNN, "rpg_cifar_cnn_s", pretrained, dict(widths=(32, 64, 128), depth=2, stem_width=24), kwargs)
 
 

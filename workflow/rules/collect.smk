@@ -93,6 +93,8 @@ else:  # finetune: one job per task, so a cluster executor spreads them
             summary=out("zoo", "summary.json"),
         log:
             logfile("zoo"),
+        benchmark:
+            benchfile("zoo")
         conda:
             "../envs/rpg.yaml"
         threads: 1
@@ -107,6 +109,8 @@ rule split:
         split=SPLIT,
     log:
         logfile("split"),
+    benchmark:
+        benchfile("split")
     conda:
         "../envs/rpg.yaml"
     threads: 1

@@ -11,6 +11,8 @@ rule tables:
         seen_summary=f"{RES}/seen_summary.csv",
     log:
         logfile("tables"),
+    benchmark:
+        benchfile("tables")
     conda:
         "../envs/rpg.yaml"
     threads: 1

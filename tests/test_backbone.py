@@ -1,0 +1,89 @@
+"""Registered target nets and the CPU backbone: build/forward, training determinism, feature shapes."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import rpg.targets  # noqa: F401  (registration)
+from rpg.backbone import _augment, extract_features, train_backbone
+from rpg.data import Cifar10, load_cifar10, write_synthetic_cifar10
+
+RPG_MODELS = timm.list_models("rpg_*")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Cifar10:
+    root = tmp_path_factory.mktemp("cifar")
+    write_synthetic_cifar10(root, n_train=256, n_test=64, seed=0)
+    return load_cifar10(root)
+
+
+def test_expected_models_registered() -> None:
+    assert {"rpg_cifar_cnn", "rpg_cifar_cnn_s", "rpg_cnn_s", "rpg_cnn_m"} <= set(RPG_MODELS)
+
+
+@pytest.mark.parametrize("name", RPG_MODELS)
+def test_model_builds_and_forwards(name: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+        assert model.forward_features(x).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("name", [n for n in RPG_MODELS if n.startswith("rpg_cifar_cnn")])
+def test_backbone_feature_dim(name: str) -> None:
+    model = timm.create_model(name, num_classes=10, feature_dim=48).eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(3, 3, 32, 32)).shape == (3, 48)
+
+
+@pytest.mark.parametrize("name, lo, hi", [("rpg_cnn_s", 2_500, 3_500), ("rpg_cnn_m", 10_000, 12_000)])
+def test_tiny_cnn_sizes(name: str, lo: int, hi: int) -> None:
+    n = sum(p.numel() for p in timm.create_model(name).parameters())
+    assert lo <= n <= hi
+
+
+def test_no_pretrained_weights() -> None:
+    with pytest.raises(ValueError, match="no pretrained"):
+        timm.create_model("rpg_cifar_cnn", pretrained=True)
+
+
+def test_augment_shapes_and_identity() -> None:
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    out = _augment(images, translate=2, flip=True, gen=gen)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(_augment(images, translate=0, flip=False, gen=gen), images)
+
+
+def _train(data: Cifar10, seed: int) -> tuple[torch.nn.Module, dict]:
+    return train_backbone(
+        data, arch="rpg_cifar_cnn_s", feature_dim=32, epochs=1, batch_size=64, lr=0.1, weight_decay=5e-4,
+        label_smoothing=0.1, seed=seed, progress=False, num_threads=2,
+    )
+
+
+def test_train_backbone_deterministic(tiny_data: Cifar10) -> None:
+    model_a, metrics = _train(tiny_data, seed=0)
+    model_b, _ = _train(tiny_data, seed=0)
+    assert not model_a.training
+    assert {"test_accuracy", "train_seconds", "epoch_losses", "n_params", "amp", "steps"} <= set(metrics)
+    assert metrics["steps"] == 4 and len(metrics["epoch_losses"]) == 1
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    feats_a = extract_features(model_a, tiny_data.test_images, batch_size=32)
+    feats_b = extract_features(model_b, tiny_data.test_images, batch_size=32)
+    assert feats_a.shape == (64, 32) and feats_a.dtype == torch.float32
+    assert torch.isfinite(feats_a).all()
+    assert torch.equal(feats_a, feats_b)
+    plain = extract_features(model_a, tiny_data.test_images, flip_average=False)
+    assert plain.shape == (64, 32) and not torch.equal(plain, feats_a)
+
+
+def test_unknown_option_rejected(tiny_data: Cifar10) -> None:
+    with pytest.raises(TypeError, match="unknown train_backbone options"):
+        train_backbone(tiny_data, arch="rpg_cifar_cnn_s", feature_dim=8, epochs=1, batch_size=64, lr=0.1,
+                       weight_decay=0.0, label_smoothing=0.0, seed=0, progress=False, epochz=3)

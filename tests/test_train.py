@@ -1,0 +1,279 @@
+"""RPG training (rpg.train): a tiny generator learns a handful of small real checkpoints; resuming; lr schedule.
+
+The data: 4 checkpoints of an MLP classifier Linear(2,8)-ReLU-Linear(8,2) (42 parameters), each trained from its own
+seed (300 full-batch Adam steps) on two Gaussian blobs, reaching ~99.7 % test accuracy.
+The generator: unconditional, permutation states, Mamba2 d_model 32 (2 heads of 16, d_state 16), token size 16
+(4 tokens per checkpoint), denoiser 1-8-16-8-1; 1000 steps at lr 1e-2, batch 16 checkpoints (with replacement),
+diffusion batch 64 (~10 s on one CPU thread).
+Margins: first-50-step mean loss > 2x last-50-step mean loss (measured ~10x); every generated MLP within 5 accuracy
+points of the mean original (measured: equal to 0.1 point); a sample generated with state i is nearest (L2) to
+checkpoint i for at least 7 of 8 samples (measured 8/8, own distance ~0.3 vs ~4-6 to the others).
+(With batch 4 / diffusion batch 16 the same run generated poor weights: the denoiser's BatchNorm needs a
+reasonable diffusion batch; see the report.)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import tiny_model_config
+from rpg.checkpoint import load_rpg
+from rpg.config import DiffusionConfig, TrainConfig
+from rpg.diffusion import create_diffusion
+from rpg.generate import generate_state_dicts
+from rpg.tokenize import Tokenizer
+from rpg.train import lr_at, train_rpg
+from rpg.utils import load_safetensors
+
+N_CKPT = 4
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=gen)
+    x = torch.randn(n, 2, generator=gen) * 0.7 + (2 * y[:, None] - 1) * torch.tensor([1.5, 1.0])
+    return x, y
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+@pytest.fixture(scope="module")
+def blob_task():
+    return {"train": _blobs(512, 0), "test": _blobs(1000, 1)}
+
+
+def _accuracy(sd: dict[str, torch.Tensor], data) -> float:
+    model = _mlp()
+    model.load_state_dict(sd)
+    x, y = data
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def mlp_checkpoints(blob_task):
+    x, y = blob_task["train"]
+    sds = []
+    for s in range(N_CKPT):
+        torch.manual_seed(100 + s)
+        model = _mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(300):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sds.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    accs = [_accuracy(sd, blob_task["test"]) for sd in sds]
+    assert min(accs) > 0.95, accs  # the originals solve the task
+    return sds
+
+
+def _flat(sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([sd[k].flatten().double() for k in sorted(sd)])
+
+
+@pytest.fixture(scope="module")
+def trained_rpg(mlp_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rpg_mlp")
+    mcfg = tiny_model_config(permutation_state=True, condition="none", recurrent="mamba", token_size=16)
+    tok = Tokenizer.fit(mlp_checkpoints, mcfg.token_size)
+    tokens = torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints])  # (4, 4, 16)
+    tcfg = TrainConfig(steps=1000, batch_size=16, diffusion_batch=64, lr=1e-2, warmup_steps=20, weight_decay=0.0,
+                       grad_clip=1.0, bf16=False, save_every=500, eval_every=1000)
+    dcfg = DiffusionConfig(sampler="ddim", sample_steps=50, eta=0.0, clip_x0=4.0)
+    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, out, seed=0, progress=False)
+    return {"out": out, "summary": summary, "tokenizer": tok}
+
+
+def test_training_loss_falls(trained_rpg):
+    """Mean loss of the first 50 steps > 2 x mean loss of the last 50 (train_log.csv); all losses finite."""
+    with (trained_rpg["out"] / "train_log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 1001))
+    losses = [float(r["loss"]) for r in rows]
+    assert all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:50]) / 50, sum(losses[-50:]) / 50
+    assert first > 2 * last, (first, last)
+    assert {"lr", "grad_norm"} <= set(rows[0])
+    summary = trained_rpg["summary"]
+    assert summary["steps"] == 1000 and summary["best_step"] == 1000 and summary["n_checkpoints"] == N_CKPT
+    for name in ("best.safetensors", "last.safetensors", "last.opt.pt"):
+        assert (trained_rpg["out"] / name).is_file(), name
+
+
+@pytest.fixture(scope="module")
+def generated(trained_rpg):
+    model, tok, dcfg, meta = load_rpg(trained_rpg["out"] / "best.safetensors")
+    assert meta["step"] == 1000
+    perm = torch.arange(N_CKPT).repeat(2)  # each permutation state twice
+    sds = generate_state_dicts(model, tok, create_diffusion(dcfg), len(perm), perm=perm, sampler="ddim", steps=50,
+                               eta=0.0, clip_x0=4.0, mode="full", generator=torch.Generator().manual_seed(0))
+    return perm, sds
+
+
+def test_generated_weights_work(generated, mlp_checkpoints, blob_task):
+    """Every generated MLP scores within 5 accuracy points of the originals' mean on the test blobs."""
+    _, sds = generated
+    original = sum(_accuracy(sd, blob_task["test"]) for sd in mlp_checkpoints) / N_CKPT
+    accs = [_accuracy(sd, blob_task["test"]) for sd in sds]
+    assert min(accs) >= original - 0.05, (original, accs)
+    for sd in sds:
+        assert set(sd) == set(mlp_checkpoints[0])
+        assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_permutation_state_selects_its_checkpoint(generated, mlp_checkpoints):
+    """A sample generated with permutation state i is nearest (L2 in parameter space) to checkpoint i, for >= 7/8."""
+    perm, sds = generated
+    originals = torch.stack([_flat(sd) for sd in mlp_checkpoints])
+    hits = 0
+    for i, sd in zip(perm.tolist(), sds):
+        dist = (originals - _flat(sd)).norm(dim=1)
+        hits += int(dist.argmin().item() == i)
+    assert hits >= len(sds) - 1, hits
+    # and the samples are not all the same point: different states give different weights
+    assert (_flat(sds[0]) - _flat(sds[1])).norm() > 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _resume_setup(mlp_checkpoints, ema):
+    mcfg = tiny_model_config(permutation_state=True, condition="none", token_size=16)
+    tok = Tokenizer.fit(mlp_checkpoints, 16)
+    tokens = torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints])
+    tcfg = TrainConfig(steps=40, batch_size=8, diffusion_batch=24, lr=3e-3, warmup_steps=5, bf16=False,
+                       save_every=20, eval_every=20, ema=ema)
+    return mcfg, DiffusionConfig(), tcfg, tok, tokens
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_resume_matches_uninterrupted_run(mlp_checkpoints, tmp_path, ema):
+    """40 steps in one go == 20 steps (stop_after) + resume for 20: last/best weights equal (torch.equal),
+    logged losses equal, and the optimizer / generator state is restored."""
+    mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, ema)
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    train_rpg(mcfg, dcfg, tcfg, tok, tokens, full_dir, seed=3, progress=False)
+    first = train_rpg(mcfg, dcfg, tcfg, tok, tokens, split_dir, seed=3, progress=False, stop_after=20)
+    assert first["steps"] == 20
+    assert (split_dir / "last.safetensors").is_file() and not (split_dir / "best.safetensors").exists()
+    _, meta = load_safetensors(split_dir / "last.safetensors")
+    assert meta["step"] == 20
+    second = train_rpg(mcfg, dcfg, tcfg, tok, tokens, split_dir, seed=3, progress=False)
+    assert second["steps"] == 40
+    for name in ("last.safetensors", "best.safetensors"):
+        a, meta_a = load_safetensors(full_dir / name)
+        b, meta_b = load_safetensors(split_dir / name)
+        assert meta_a["step"] == meta_b["step"] == 40
+        assert set(a) == set(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resuming"
+    with (full_dir / "train_log.csv").open() as f:
+        full_log = [(r["step"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
+    with (split_dir / "train_log.csv").open() as f:
+        split_log = [(r["step"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
+    assert full_log == split_log
+    # a finished run resumed again does nothing and keeps its weights
+    before = {name: load_safetensors(split_dir / name)[0] for name in ("last.safetensors", "best.safetensors")}
+    again = train_rpg(mcfg, dcfg, tcfg, tok, tokens, split_dir, seed=3, progress=False)
+    assert again["steps"] == 40
+    for name, tensors in before.items():
+        after, _ = load_safetensors(split_dir / name)
+        assert all(torch.equal(after[k], tensors[k]) for k in tensors), name
+
+
+def _tensors_equal(dir_a, dir_b, name):
+    a, _ = load_safetensors(dir_a / name)
+    b, _ = load_safetensors(dir_b / name)
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_resume_from_a_run_on_other_data(mlp_checkpoints, tmp_path):
+    """Leftover last.* of a run on other checkpoints (e.g. Snakemake re-running after its inputs changed) are not
+    resumed: the run starts from scratch and equals a run in a clean folder; the stale log is replaced."""
+    mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, None)
+    stale_dir, clean_dir = tmp_path / "reused", tmp_path / "clean"
+    train_rpg(mcfg, dcfg, tcfg, tok, tokens.flip(0), stale_dir, seed=3, progress=False)  # other data
+    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, stale_dir, seed=3, progress=False)
+    assert summary["steps"] == 40
+    train_rpg(mcfg, dcfg, tcfg, tok, tokens, clean_dir, seed=3, progress=False)
+    assert _tensors_equal(stale_dir, clean_dir, "last.safetensors")
+    assert (stale_dir / "train_log.csv").read_text() == (clean_dir / "train_log.csv").read_text()
+    # other settings (here: the learning rate) are "other data" too
+    other = TrainConfig(**{**tcfg.__dict__, "lr": 1e-3})
+    train_rpg(mcfg, dcfg, other, tok, tokens, stale_dir, seed=3, progress=False)
+    assert not _tensors_equal(stale_dir, clean_dir, "last.safetensors")
+
+
+def test_finished_run_with_deleted_best_is_retrained(mlp_checkpoints, tmp_path):
+    """Snakemake deletes a rule's declared outputs (best.safetensors) before re-running it; a finished run whose
+    best checkpoint (chosen by validation) is gone retrains instead of ending without one."""
+    mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, None)
+
+    def validate(model):
+        return {"score": float(-sum(p.detach().abs().sum() for p in model.denoiser.parameters()))}
+
+    train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=3, progress=False, validate=validate)
+    reference = load_safetensors(tmp_path / "best.safetensors")[0]
+    (tmp_path / "best.safetensors").unlink()
+    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=3, progress=False, validate=validate)
+    assert summary["steps"] == 40 and (tmp_path / "best.safetensors").is_file()
+    again = load_safetensors(tmp_path / "best.safetensors")[0]
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
+
+
+def test_validate_hook_keeps_best(mlp_checkpoints, tmp_path):
+    """validate() is called every eval_every steps; best.safetensors holds the best-scoring step."""
+    mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, None)
+    tcfg = TrainConfig(**{**tcfg.__dict__, "eval_every": 10, "steps": 40})
+    scores = iter([0.1, 0.9, 0.5, 0.2])
+    calls = []
+
+    def validate(model):
+        calls.append(model.training)
+        return {"score": next(scores)}
+
+    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=0, progress=False, validate=validate)
+    assert len(calls) == 4
+    assert summary["best_step"] == 20 and summary["best_score"] == pytest.approx(0.9)
+    _, meta = load_safetensors(tmp_path / "best.safetensors")
+    assert meta["step"] == 20 and meta["extra"]["val"]["score"] == pytest.approx(0.9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_endpoints():
+    """Linear warm-up to lr at step warmup-1, cosine from lr (step warmup) to min_lr_ratio*lr (last step)."""
+    cfg = TrainConfig(steps=1000, lr=1e-3, warmup_steps=100, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 100)
+    assert lr_at(49, cfg) == pytest.approx(1e-3 * 50 / 100)
+    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
+    assert lr_at(550, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half-way through the cosine
+    assert lr_at(1000, cfg) == pytest.approx(1e-4)
+    assert lr_at(5000, cfg) == pytest.approx(1e-4)  # stays at the floor
+    values = [lr_at(s, cfg) for s in range(1000)]
+    assert all(a <= b + 1e-15 for a, b in zip(values[:100], values[1:101]))  # warm-up increases
+    assert all(a >= b - 1e-15 for a, b in zip(values[100:], values[101:]))  # cosine decreases
+    assert min(values[100:]) > 1e-4 - 1e-12
+
+
+def test_lr_schedule_without_warmup():
+    cfg = TrainConfig(steps=10, lr=2e-3, warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(0, cfg) == pytest.approx(2e-3)
+    assert lr_at(10, cfg) == pytest.approx(0.0, abs=1e-15)
+    assert lr_at(5, cfg) == pytest.approx(1e-3)

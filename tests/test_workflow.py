@@ -1,0 +1,171 @@
+"""End to end: the whole Snakemake DAG on synthetic CIFAR-10 (config/test.yaml), lint, the paper profile's DAG,
+and determinism (same config and seed -> same zoo and same tables).
+
+The DAG runs once per module (~35 s on one core) as a subprocess from the repository root, writing only under
+pytest's tmp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from rpg.config import load_config
+from rpg.data import write_synthetic_cifar10
+from rpg.tasks import embedding_to_id
+from rpg.utils import load_safetensors
+
+pytestmark = pytest.mark.slow
+
+RULES_WITH_LOG = ("backbone", "features", "zoo", "split", "train_rpg", "generate", "tables")
+RULES_WITH_BENCHMARK = ("backbone", "features", "zoo", "train_rpg", "generate")
+TABLES = ("table11", "table16", "table12", "seen_summary")
+TASK_TABLE_COLUMNS = [
+    "embedding", "task_id", "positive_classes",
+    "original_acc", "rpg_best_acc", "rpg_mean_acc", "rpg_min_acc", "rpg_std_acc",
+    "original_bal_acc", "rpg_best_bal_acc", "rpg_mean_bal_acc", "rpg_min_bal_acc", "rpg_std_bal_acc",
+    "gap_best", "gap_mean", "n_samples",
+]
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _snakemake_bin() -> str:
+    local = REPO_ROOT / ".venv" / "bin" / "snakemake"
+    if local.exists():
+        return str(local)
+    found = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
+    if found is None:
+        pytest.skip("snakemake is not installed")
+    return found
+
+
+def _run_snakemake(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run([_snakemake_bin(), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _config_args(tmp: Path) -> list[str]:
+    # Snakemake merges --config into the config files recursively, so data: {root: ...} keeps the other data keys.
+    return ["--configfile", "config/test.yaml", "--config", f"results_dir={tmp / 'results'}",
+            f"data={{root: {tmp / 'data'}}}"]
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("workflow")
+    write_synthetic_cifar10(tmp / "data", n_train=600, n_test=200)
+    proc = _run_snakemake("--cores", "2", *_config_args(tmp))
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    cfg = load_config([REPO_ROOT / "config" / "config.yaml", REPO_ROOT / "config" / "test.yaml"],
+                      overrides={"results_dir": str(tmp / "results"), "data": {"root": str(tmp / "data")}})
+    return {"tmp": tmp, "results": tmp / "results", "cfg": cfg, "log": proc.stdout + proc.stderr}
+
+
+def test_tables_exist_with_expected_columns(workflow_run):
+    res, cfg = workflow_run["results"], workflow_run["cfg"]
+    frames = {name: pd.read_csv(res / f"{name}.csv", dtype={"embedding": str}) for name in TABLES}
+    for name in ("table11", "table16", "seen_summary"):
+        assert list(frames[name].columns) == TASK_TABLE_COLUMNS, name
+        numeric = frames[name][[c for c in TASK_TABLE_COLUMNS if c.endswith("_acc")]]
+        assert ((numeric >= 0) & (numeric <= 100)).all().all(), name
+        assert frames[name].embedding.iloc[-1] == "mean"
+        assert (frames[name].n_samples == cfg.generate.samples).all(), name
+    t11 = frames["table11"]
+    assert len(t11) == 10 + 1
+    assert t11.embedding.tolist()[:10] == list(cfg.tasks.table11)  # the paper's order
+    assert [int(t) for t in t11.task_id.iloc[:10]] == [embedding_to_id(e) for e in cfg.tasks.table11]
+    t16 = frames["table16"]
+    assert len(t16) == len(cfg.tasks.unseen) + 1
+    assert sorted(int(t) for t in t16.task_id.iloc[:-1]) == sorted(cfg.tasks.unseen)
+    assert len(frames["seen_summary"]) == cfg.tasks.n_seen_eval + 1
+    seen_ids = {int(t) for t in frames["seen_summary"].task_id.iloc[:-1]}
+    assert not seen_ids & set(cfg.tasks.unseen)
+    t12 = frames["table12"]
+    assert list(t12.columns) == ["embedding", "task_id", "model", "n_models", "accuracy", "balanced_accuracy",
+                                 *CLASS_NAMES]
+    assert t12.embedding.tolist() == [cfg.tasks.flip_pair[0]] * 2 + [cfg.tasks.flip_pair[1]] * 2
+    assert t12.model.tolist() == ["original", "rpg"] * 2
+
+
+def test_config_beside_every_table(workflow_run):
+    res = workflow_run["results"]
+    for name in TABLES:
+        path = res / f"{name}.config.yaml"
+        assert path.is_file(), path
+        saved = load_config(path)  # the saved config is complete and valid on its own
+        assert saved.results_dir == str(res) and saved.experiment == "test"
+        # --config data={root: ...} was merged into config/test.yaml's data section, not put in its place
+        assert saved.data.root == str(workflow_run["tmp"] / "data") and saved.data.val_images == 100
+
+
+def test_every_rule_has_log_and_benchmark(workflow_run):
+    res, exp = workflow_run["results"], workflow_run["cfg"].experiment
+    for rule in RULES_WITH_LOG:
+        assert (res / "logs" / exp / f"{rule}.log").is_file(), rule
+    for rule in RULES_WITH_BENCHMARK:
+        bench = res / "benchmarks" / "rules" / exp / f"{rule}.tsv"
+        assert bench.is_file(), rule
+        assert pd.read_csv(bench, sep="\t").shape[0] >= 1
+
+
+def test_no_half_written_files(workflow_run):
+    leftovers = [p for p in workflow_run["results"].rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+
+
+def test_rerun_gives_identical_zoo_and_tables(workflow_run):
+    """Determinism of the DAG: forcing the zoo (and so everything after it) to run again gives identical zoo
+    checkpoints (torch.equal) and identical table CSVs (byte for byte)."""
+    res, exp = workflow_run["results"], workflow_run["cfg"].experiment
+    ckpt_dir = res / "zoo" / exp / "checkpoints"
+    before = {p.name: load_safetensors(p)[0] for p in sorted(ckpt_dir.glob("*.safetensors"))}
+    tables = {name: (res / f"{name}.csv").read_bytes() for name in TABLES}
+    assert len(before) == len(workflow_run["cfg"].tasks.ids) * workflow_run["cfg"].zoo.n_checkpoints
+    proc = _run_snakemake("--cores", "2", "--forcerun", "zoo", *_config_args(workflow_run["tmp"]))
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    after = {p.name: load_safetensors(p)[0] for p in sorted(ckpt_dir.glob("*.safetensors"))}
+    assert set(after) == set(before)
+    for name, tensors in before.items():
+        assert all(torch.equal(tensors[k], after[name][k]) for k in tensors), name
+    for name, data in tables.items():
+        assert (res / f"{name}.csv").read_bytes() == data, f"{name}.csv changed on a rerun"
+
+
+def test_zoo_training_deterministic_on_workflow_features(workflow_run):
+    """rpg.zoo.train_heads twice with the same seed on the workflow's cached features -> identical tensors."""
+    from rpg.zoo import train_heads
+
+    res, cfg = workflow_run["results"], workflow_run["cfg"]
+    feats, _ = load_safetensors(res / "features" / cfg.experiment / "features.safetensors")
+    kw = dict(steps=10, batch_size=32, lr=1e-3, weight_decay=0.0, n_checkpoints=2, save_every=2, seed=cfg.seed,
+              progress=False)
+    a = train_heads(feats["train_x"], feats["train_y"], list(cfg.tasks.ids), **kw)
+    b = train_heads(feats["train_x"], feats["train_y"], list(cfg.tasks.ids), **kw)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_snakemake_lint():
+    """`snakemake --lint` exits 0 (default config and test config)."""
+    for extra in ([], ["--configfile", "config/test.yaml"]):
+        proc = _run_snakemake("--lint", *extra, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.skipif(not (REPO_ROOT / "config" / "paper.yaml").exists(), reason="config/paper.yaml does not exist")
+def test_paper_profile_dry_run(tmp_path):
+    """`snakemake -n --configfile config/paper.yaml` builds the paper DAG (one fine-tuning job per task)."""
+    write_synthetic_cifar10(tmp_path / "data", n_train=50, n_test=20)
+    proc = _run_snakemake("-n", "--cores", "2", "--configfile", "config/paper.yaml", "--config",
+                          f"results_dir={tmp_path / 'results'}", f"data={{root: {tmp_path / 'data'}}}", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "finetune_task" in out and "train_rpg" in out and "tables" in out
