@@ -42,10 +42,10 @@ class BackboneConfig:
     feature_dim: int = 128
     img_size: int = 32
     epochs: int = 8
-    batch_size: int = 256
-    lr: float = 0.2
+    batch_size: int = 512
+    lr: float = 0.4
     weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.2
     flip_average: bool = True
     pretrained_file: str | None = None
 

@@ -24,9 +24,10 @@ from rpg.tasks import ALL_TASK_IDS, TaskSplit, embedding_bits, embedding_to_id, 
 from rpg.tokenize import Tokenizer
 from rpg.tracking import start_tracking
 from rpg.train import train_rpg
-from rpg.utils import resolve_device, save_safetensors_atomic, write_csv_atomic, write_json_atomic
-from rpg.zoo import (HeadEvaluator, evaluate_heads, load_task_checkpoints, save_zoo, save_steps, task_metrics,
-                     train_heads)
+from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetensors_atomic, write_csv_atomic,
+                       write_json_atomic)
+from rpg.zoo import (HeadEvaluator, checkpoint_path, evaluate_heads, load_task_checkpoints, save_steps, save_zoo,
+                     task_metrics, train_heads)
 
 
 def configured_task_ids(cfg: Config) -> list[int]:
@@ -242,9 +243,6 @@ def _rows(m: dict, task_ids: list[int], group: str, kind: str, index: list[int])
 
 def index_zoo(cfg: Config, zoo_dir: str | Path) -> dict:
     """Index a zoo written one task at a time (finetune mode) from the checkpoints' metadata."""
-    from rpg.utils import read_safetensors_metadata
-    from rpg.zoo import checkpoint_path
-
     rows = []
     for t in configured_task_ids(cfg):
         for k in range(cfg.zoo.n_checkpoints):
