@@ -124,6 +124,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     samples: int = 10
+    seen_samples: int = 3
     mode: str = "partial"
     tokens_per_call: int = 256
 

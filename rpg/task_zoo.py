@@ -191,7 +191,8 @@ def generation_plan(cfg: Config, split: TaskSplit) -> dict[str, list[int]]:
 
 def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | Path,
                           features_path: str | Path | None, zoo_dir: str | Path, out_dir: str | Path) -> pd.DataFrame:
-    """Generate `generate.samples` models per planned task, save them, and evaluate originals and samples.
+    """Generate `generate.samples` models per unseen / flip-pair task (`seen_samples` per seen task), save them,
+    and evaluate originals and samples.
 
     Writes `samples.csv` (one row per generated or original model: group, kind, task, accuracy, balanced accuracy,
     per-class accuracies), `timing.json`, and the generated state dicts as safetensors under `models/`.
@@ -202,11 +203,12 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     evaluator = make_evaluator(cfg, features_path, "test")
     model, tokenizer, _, meta = load_rpg(rpg_path, device)
     out_dir = Path(out_dir)
-    n, k = cfg.generate.samples, cfg.zoo.n_checkpoints
+    k = cfg.zoo.n_checkpoints
     rows, timing = [], {}
     for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
         if not task_ids:
             continue
+        n = cfg.generate.seen_samples if group == "seen" else cfg.generate.samples
         start = time.time()
         sds = generate_models(model, tokenizer, cfg, task_ids, n, seed=cfg.seed + 1000 * (g + 1))
         timing[group] = (time.time() - start) / len(sds)

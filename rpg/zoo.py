@@ -42,11 +42,8 @@ def head_logits(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tenso
 
     Shapes: params '0.weight' (T, d, d), '0.bias' (T, d), '2.weight' (T, 2, d); x (B, d) -> logits (T, B, 2).
     """
-    t, k, d = params["0.weight"].shape
-    # All first layers as one (B, d) x (d, T*k) GEMM: the inputs are shared, so this is far faster than a batched
-    # matmul that would copy x for every task.
-    h = (x @ params["0.weight"].reshape(t * k, d).T).view(-1, t, k) + params["0.bias"][None]  # (B, T, k)
-    return torch.einsum("btk,tck->tbc", F.silu(h), params["2.weight"])  # (T, B, 2)
+    h = torch.einsum("bd,tkd->tbk", x, params["0.weight"]) + params["0.bias"][:, None, :]  # (T, B, d)
+    return torch.einsum("tbk,tck->tbc", F.silu(h), params["2.weight"])  # (T, B, 2)
 
 
 def save_steps(steps: int, n_checkpoints: int, save_every: int) -> list[int]:
