@@ -83,7 +83,7 @@ def normalize(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _augment(images: torch.Tensor, translate: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, translate: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
     """Random shifts (reflect-padded) and horizontal flips on a uint8 batch, randomness from ``gen``.
 
     Shapes:
@@ -200,7 +200,7 @@ def train_backbone(
         running = torch.zeros((), device=dev)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size] if n >= batch_size else perm
-            x = normalize(_augment(images[idx], opts["translate"], opts["flip"], gen), opts["channels_last"])
+            x = normalize(augment(images[idx], opts["translate"], opts["flip"], gen), opts["channels_last"])
             for group in opt.param_groups:
                 group["lr"] = lr * _lr_factor(step, total, opts["warmup"])
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import rpg.targets  # noqa: F401  (registers rpg_* models)
-from rpg.backbone import _augment
+from rpg.backbone import augment
 from rpg.config import Config
 from rpg.data import load_cifar10
 from rpg.features import split_train_val
@@ -106,7 +106,7 @@ def finetune_task(cfg: Config, task_id: int, out_paths: Sequence[str | Path]) ->
             if len(idx) < z.batch_size or step >= steps:
                 continue
             model.train()
-            x = pipe(_augment(images[idx], translate=4, flip=True, gen=gen))
+            x = pipe(augment(images[idx], translate=4, flip=True, gen=gen))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = F.cross_entropy(model(x).float(), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)

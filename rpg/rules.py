@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import traceback
 from typing import Any, Callable
 
@@ -14,7 +13,6 @@ from rpg.config import Config, config_from_dict
 def run_rule(smk: Any, job: Callable[[Config], Any]) -> Any:
     """Run `job(cfg)` with stdout/stderr appended to `smk.log[0]`; re-raise failures after logging them."""
     cfg = config_from_dict(smk.config)
-    os.environ.setdefault("TQDM_MININTERVAL", "10")  # progress bars in log files: a line every 10 s
     log_path = smk.log[0] if len(smk.log) else os.devnull
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:

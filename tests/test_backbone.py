@@ -7,7 +7,7 @@ import timm
 import torch
 
 import rpg.targets  # noqa: F401  (registration)
-from rpg.backbone import _augment, extract_features, train_backbone
+from rpg.backbone import augment, extract_features, train_backbone
 from rpg.data import Cifar10, load_cifar10, write_synthetic_cifar10
 
 RPG_MODELS = timm.list_models("rpg_*")
@@ -55,9 +55,9 @@ def test_no_pretrained_weights() -> None:
 def test_augment_shapes_and_identity() -> None:
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
-    out = _augment(images, translate=2, flip=True, gen=gen)
+    out = augment(images, translate=2, flip=True, gen=gen)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    assert torch.equal(_augment(images, translate=0, flip=False, gen=gen), images)
+    assert torch.equal(augment(images, translate=0, flip=False, gen=gen), images)
 
 
 def _train(data: Cifar10, seed: int) -> tuple[torch.nn.Module, dict]:
