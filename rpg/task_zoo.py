@@ -259,3 +259,25 @@ def index_zoo(cfg: Config, zoo_dir: str | Path) -> dict:
                "mean_test_balanced_accuracy": float(index.test_balanced_accuracy.mean())}
     write_json_atomic(Path(zoo_dir) / "summary.json", summary)
     return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m rpg.task_zoo train ...`: the train_rpg rule outside Snakemake, e.g. under torchrun (DDP)."""
+    import argparse
+
+    from rpg.config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m rpg.task_zoo", description=main.__doc__)
+    sub = p.add_subparsers(dest="stage", required=True)
+    t = sub.add_parser("train", help="train the task-conditioned RPG on a zoo's training split")
+    t.add_argument("--config", nargs="+", default=["config/config.yaml"], help="YAML files, later ones override")
+    t.add_argument("--zoo", required=True, help="zoo folder (holds checkpoints/ and index.csv)")
+    t.add_argument("--split", required=True, help="split.json written by the split rule")
+    t.add_argument("--features", default=None, help="features.safetensors (batched_heads mode)")
+    t.add_argument("--out", required=True, help="output folder for best/last checkpoints")
+    args = p.parse_args(argv)
+    train_conditional_rpg(load_config(args.config), args.zoo, args.split, args.features, args.out)
+
+
+if __name__ == "__main__":
+    main()
