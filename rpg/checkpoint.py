@@ -5,7 +5,6 @@ for resuming live beside it in `<name>.opt.pt` (loaded with `weights_only=True`)
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,3 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"cannot read training state {path}: {err}") from err
-
-
-def layout_json(tokenizer: Tokenizer) -> str:
-    return json.dumps(tokenizer.layout(), indent=1)

@@ -8,7 +8,6 @@ to choose RPG checkpoints.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -121,7 +120,3 @@ def load_features(path: str | Path) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"{path} lacks feature arrays {missing}")
     return tensors
-
-
-def describe(path: str | Path) -> str:
-    return json.dumps(load_safetensors(path)[1], indent=1)

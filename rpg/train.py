@@ -36,6 +36,7 @@ from rpg.diffusion import GaussianDiffusion, create_diffusion
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker
+from rpg.utils import seed_everything
 
 Validator = Callable[[RPG], dict[str, float]]
 
@@ -111,7 +112,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     if model_cfg.condition == "task" and cond is None:
         raise ValueError("a task-conditioned RPG needs `cond` (one task embedding per checkpoint)")
 
-    torch.manual_seed(seed)
+    seed_everything(seed)
     model = RPG(model_cfg, tokenizer.layer_index, tokenizer.token_index,
                 n_permutation_states=k if model_cfg.permutation_state else 0).to(device)
     diffusion = create_diffusion(diffusion_cfg)
