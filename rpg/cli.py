@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              eta=dcfg.eta, clip_x0=dcfg.clip_x0, mode=args.mode,
                              tokens_per_call=args.tokens_per_call, generator=torch.Generator().manual_seed(args.seed))
     out_dir = Path(args.out)
-    paths = []
+    generated: dict[Path, dict[str, torch.Tensor]] = {}
     for s, t in enumerate(tokens):
         sd = tokenizer.detokenize(t)
         path = out_dir / f"{task_id:04d}_s{s}.safetensors"
@@ -59,22 +59,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "steps": steps, "generator": str(args.checkpoint), "generator_step": meta["step"],
             "build": "rpg.zoo.make_head(feature_dim).load_state_dict(safetensors.torch.load_file(path))",
         })
-        paths.append(path)
+        generated[path] = sd
         print(path)
     if args.evaluate:
-        for path in paths:
-            _print_eval(path, args.features, task_id)
+        _print_eval(generated, args.features, task_id)
     return 0
 
 
-def _print_eval(path: Path, features: str, task_id: int) -> None:
+def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_id: int) -> None:
+    """Test accuracy of each head on one task; the features file is read once for all of them."""
     from rpg.features import load_features
 
     feats = load_features(features)
-    tensors, _ = load_safetensors(path)
-    m = evaluate_heads(stack_state_dicts([tensors]), [task_id], feats["test_x"], feats["test_y"])
-    print(f"{path}: task {id_to_embedding(task_id)} accuracy {100 * m['accuracy'][0]:.2f} % "
-          f"balanced accuracy {100 * m['balanced_accuracy'][0]:.2f} %")
+    m = evaluate_heads(stack_state_dicts(list(heads.values())), [task_id] * len(heads), feats["test_x"],
+                       feats["test_y"])
+    for i, path in enumerate(heads):
+        print(f"{path}: task {id_to_embedding(task_id)} accuracy {100 * m['accuracy'][i]:.2f} % "
+              f"balanced accuracy {100 * m['balanced_accuracy'][i]:.2f} %")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -88,7 +89,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         task_id = int(meta["task_id"])
     else:
         raise TaskError(f"{args.model} has no task in its metadata: pass --embedding")
-    _print_eval(Path(args.model), args.features, task_id)
+    _print_eval({Path(args.model): tensors}, args.features, task_id)
     return 0
 
 

@@ -62,14 +62,15 @@ def _pretrained_timm(arch: str, pretrained_file: str | None) -> torch.nn.Module:
     return model.eval()
 
 
-def load_backbone(path: str | Path) -> torch.nn.Module:
+def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The frozen backbone (eval mode) and its metadata (arch, source, feature_dim, metrics)."""
     tensors, meta = load_safetensors(path)
     if meta["source"] == "timm_pretrained":
         model = timm.create_model(meta["arch"], pretrained=False, num_classes=0)
     else:
         model = timm.create_model(meta["arch"], num_classes=10, feature_dim=meta["feature_dim"])
     model.load_state_dict(tensors)
-    return model.eval()
+    return model.eval(), meta
 
 
 @torch.no_grad()
@@ -93,8 +94,7 @@ def cache_features(cfg: Config, backbone_path: str | Path, out_path: str | Path)
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = load_cifar10(cfg.data.root, download=cfg.data.download)
-    model = load_backbone(backbone_path)
-    _, meta = load_safetensors(backbone_path)
+    model, meta = load_backbone(backbone_path)
 
     def feats(images: torch.Tensor) -> torch.Tensor:
         if meta["source"] == "timm_pretrained":
