@@ -1,29 +1,43 @@
-"""The `rpg` command: generate a classifier for a task in seconds, evaluate any head checkpoint.
+"""The `rpg` command: generate a classifier for a task in seconds, or train RPG on your own checkpoints.
 
     rpg generate --checkpoint results/rpg/cifar10_binary/best.safetensors --classes ship,truck --samples 3
     rpg evaluate results/generated/cli/0003_s0.safetensors --features results/features/cifar10_binary/features.safetensors
+    rpg inspect my_checkpoints/ --token-size 256
+    rpg train --checkpoints my_checkpoints/ --out my_rpg/ --config config/byo_checkpoints.yaml --eval my_eval.py:score
+    rpg generate --checkpoint my_rpg/best.safetensors --samples 10 --out my_generated/
 
-User mistakes (bad embedding, unknown class, unreadable file, ...) print one line and exit with status 2.
+User mistakes (bad embedding, unknown class, unreadable or inconsistent checkpoints, bad --eval, ...) print one line
+and exit with status 2. `rpg <command> --help` documents each command.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rpg.checkpoint import load_rpg
-from rpg.config import ConfigError, DiffusionConfig
+from rpg.collection import format_report, inspect_collection, load_collection
+from rpg.config import ConfigError, config_from_dict, deep_update, load_config
 from rpg.diffusion import create_diffusion
 from rpg.generate import GENERATION_MODES, generate_tokens
 from rpg.tasks import (TaskError, classes_to_embedding, embedding_bits, embedding_to_id, id_to_embedding,
                        parse_embedding, positive_classes)
-from rpg.utils import CheckpointError, load_safetensors, resolve_device, save_safetensors_atomic
+from rpg.user_eval import load_score_function
+from rpg.utils import (CheckpointError, load_safetensors, resolve_device, save_safetensors_atomic,
+                       write_json_atomic)
 from rpg.zoo import HEAD_KEYS, evaluate_heads, stack_state_dicts
 
 USER_ERRORS = (TaskError, CheckpointError, ConfigError, FileNotFoundError, ValueError)
+# `rpg train` without --config: the schema defaults, made unconditional with one permutation state per checkpoint.
+BYO_DEFAULTS = {"rpg": {"condition": "none", "permutation_state": True}}
+COLLECTION_INFO = "collection.json"  # beside the generator: where its checkpoints came from, how to build them
 
 
 def _task_from_args(args: argparse.Namespace) -> str:
@@ -35,12 +49,14 @@ def _task_from_args(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    embedding = _task_from_args(args)
-    task_id = embedding_to_id(embedding)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
     device = resolve_device(args.device)
     model, tokenizer, dcfg, meta = load_rpg(args.checkpoint, device)
     if model.task_encoder is None:
-        raise ConfigError(f"{args.checkpoint} is not task-conditioned; it cannot generate for an embedding")
+        return _generate_unconditional(args, model, tokenizer, dcfg, meta)
+    embedding = _task_from_args(args)
+    task_id = embedding_to_id(embedding)
     steps = args.steps if args.steps is not None else dcfg.sample_steps
     sampler = args.sampler or dcfg.sampler
     tokens = generate_tokens(model, create_diffusion(dcfg), args.samples,
@@ -66,6 +82,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, meta: dict) -> int:
+    """Whole models from a generator trained by `rpg train --checkpoints` (no task: --embedding/--classes refused)."""
+    from rpg.unconditional import sample_models
+
+    if args.embedding or args.classes:
+        raise TaskError(f"{args.checkpoint} is an unconditional generator (trained on a checkpoint collection); "
+                        "it takes no --embedding or --classes")
+    dcfg = dataclasses.replace(dcfg, sampler=args.sampler or dcfg.sampler,
+                               sample_steps=args.steps if args.steps is not None else dcfg.sample_steps)
+    score_fn = load_score_function(args.eval) if args.eval else None
+    if args.evaluate and score_fn is None:
+        raise ValueError("--evaluate of whole models needs --eval module:function (a score of a state dict)")
+    info_path = Path(args.checkpoint).parent / COLLECTION_INFO
+    architecture = json.loads(info_path.read_text()).get("architecture", {}) if info_path.is_file() else {}
+    states = sample_models(model, tokenizer, dcfg, args.samples, seed=args.seed, mode=args.mode,
+                           tokens_per_call=args.tokens_per_call)
+    for s, state in enumerate(states):
+        path = Path(args.out) / f"model_{s:03d}.safetensors"
+        save_safetensors_atomic(state, path, {
+            **architecture, "sample": s, "seed": args.seed, "sampler": dcfg.sampler, "steps": dcfg.sample_steps,
+            "generator": str(args.checkpoint), "generator_step": meta["step"],
+        })
+        line = str(path)
+        if args.evaluate:
+            line += f": score {score_fn(state):.4f}"
+        print(line)
+    return 0
+
+
 def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_id: int) -> None:
     """Test accuracy of each head on one task; the features file is read once for all of them."""
     from rpg.features import load_features
@@ -80,9 +125,17 @@ def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     tensors, meta = load_safetensors(args.model)
-    missing = [k for k in HEAD_KEYS if k not in tensors]
-    if missing:
-        raise CheckpointError(f"{args.model} is not a binary head (missing {missing})")
+    if args.eval:
+        print(f"{args.model}: score {load_score_function(args.eval)(tensors):.4f}")
+        return 0
+    is_head = set(tensors) == set(HEAD_KEYS)
+    if not is_head and "arch" in meta:
+        print(f"{args.model}: {meta['arch']} CIFAR-10 test accuracy "
+              f"{100 * _cifar10_accuracy(tensors, meta, args.data, args.device):.2f} %")
+        return 0
+    if not is_head:
+        raise CheckpointError(f"{args.model} is neither a binary head (keys {list(HEAD_KEYS)}) nor a model whose "
+                              "metadata names its architecture ('arch'); score it with --eval module:function")
     if args.embedding:
         task_id = embedding_to_id(args.embedding)
     elif "task_id" in meta:
@@ -93,11 +146,85 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cifar10_accuracy(tensors: dict[str, torch.Tensor], meta: dict, data: str, device: str) -> float:
+    """10-class test accuracy of a full model saved with its architecture (rpg.architectures metadata)."""
+    from rpg.architectures import model_from_metadata
+    from rpg.backbone import evaluate_backbone
+    from rpg.data import load_cifar10
+
+    try:
+        model = model_from_metadata(meta, tensors)
+    except RuntimeError as err:  # load_state_dict: keys or shapes do not fit the named architecture
+        raise CheckpointError(f"the weights do not fit architecture {meta['arch']}: {str(err).splitlines()[0]}") from err
+    cifar = load_cifar10(data)
+    img_size = int(meta.get("img_size", 32))
+    if img_size != 32:
+        model = torch.nn.Sequential(torch.nn.Upsample(size=(img_size, img_size), mode="bilinear"), model)
+    dev = str(resolve_device(device))
+    return evaluate_backbone(model.to(dev), cifar.test_images, cifar.test_labels, device=dev, flip_average=False)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    report = inspect_collection(args.directory, args.token_size, skip_bad=args.skip_bad, pattern=args.pattern)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["usable"] else 1
+
+
+def _train_config(args: argparse.Namespace):
+    overrides: dict[str, Any] = {"train": {"steps": args.steps}} if args.steps is not None else {}
+    if args.config:
+        return load_config(args.config, overrides=overrides)
+    return config_from_dict(deep_update(BYO_DEFAULTS, overrides))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rpg.unconditional import train_on_collection
+
+    cfg = _train_config(args)
+    score_fn = load_score_function(args.eval) if args.eval else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        collection = load_collection(args.checkpoints, skip_bad=args.skip_bad, pattern=args.pattern)
+    for warning in caught:
+        print(f"rpg train: warning: {warning.message}", file=sys.stderr)
+    print(f"{len(collection)} checkpoints from {args.checkpoints}"
+          + (f" ({len(collection.skipped)} skipped)" if collection.skipped else ""))
+    if score_fn is not None:  # fail now, not at the first validation, if the function does not work
+        print(f"score of {collection.paths[0].name} (an original): {score_fn(collection.state_dicts[0]):.4f}")
+    out = Path(args.out)
+    write_json_atomic(out / COLLECTION_INFO, {
+        "checkpoints": str(args.checkpoints), "files": [p.name for p in collection.paths],
+        "skipped": [{"file": str(p), "problem": msg} for p, msg in collection.skipped],
+        "architecture": collection.architecture(), "eval": args.eval,
+    })
+    seed = cfg.seed if args.seed is None else args.seed
+    try:
+        summary = train_on_collection(
+            collection.state_dicts, out, model_cfg=cfg.model, diffusion_cfg=cfg.diffusion, train_cfg=cfg.train,
+            seed=seed, device=resolve_device(args.device or cfg.device), score_fn=score_fn,
+            val_samples=cfg.train.val_samples, names=[p.name for p in collection.paths],
+            progress=cfg.logging.progress, stop_after=args.stop_after)
+    except KeyboardInterrupt:
+        print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.safetensors'}",
+              file=sys.stderr)
+        return 130
+    if summary["steps"] < cfg.train.steps:
+        print(f"stopped at step {summary['steps']} of {cfg.train.steps}; run the same command again to resume")
+        return 0
+    score = f", validation score {summary['best_score']:.4f}" if score_fn is not None else ""
+    print(f"generator: {out / 'best.safetensors'} (step {summary['best_step']}{score})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate classifier heads for a task embedding or class list")
+    g = sub.add_parser("generate", help="generate models: heads for a task, or whole models of a collection",
+                       description="Generate weights with a trained RPG. A task-conditioned generator needs "
+                                   "--embedding or --classes and writes binary heads; an unconditional one (from "
+                                   "`rpg train --checkpoints`) writes whole state dicts model_NNN.safetensors whose "
+                                   "metadata carries the architecture of the collection when it was known.")
     g.add_argument("--checkpoint", required=True, help="trained RPG generator (best.safetensors)")
     g.add_argument("--embedding", help="10-bit task embedding, e.g. 0100010111 (bit i = CIFAR-10 class i)")
     g.add_argument("--classes", help="comma-separated positive classes, e.g. ship,truck (case-insensitive)")
@@ -109,15 +236,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens-per-call", type=int, default=256)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--out", default="results/generated/cli", help="output folder (default results/generated/cli)")
-    g.add_argument("--evaluate", action="store_true", help="print test accuracy (needs --features)")
+    g.add_argument("--evaluate", action="store_true",
+                   help="print test accuracy (heads: needs --features; whole models: needs --eval)")
     g.add_argument("--features", default="results/features/cifar10_binary/features.safetensors")
+    g.add_argument("--eval", metavar="MODULE:FUNCTION", help="score function of a state dict, for --evaluate of "
+                   "whole models (e.g. examples/mlp_eval.py:test_accuracy)")
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("evaluate", help="accuracy and balanced accuracy of a binary head checkpoint")
-    e.add_argument("model", help="a generated or zoo head (.safetensors)")
+    e = sub.add_parser("evaluate", help="accuracy of a binary head, a full CIFAR-10 model, or any model by --eval",
+                       description="Binary heads: accuracy and balanced accuracy on their task (--features). Full "
+                                   "models whose metadata names a timm/rpg architecture ('arch', 'model_kwargs'): "
+                                   "CIFAR-10 test accuracy (--data). Anything else: the score of --eval.")
+    e.add_argument("model", help="a generated or zoo checkpoint (.safetensors)")
     e.add_argument("--features", default="results/features/cifar10_binary/features.safetensors")
     e.add_argument("--embedding", help="task to score against (default: from the file's metadata)")
+    e.add_argument("--data", default="data", help="folder with cifar-10-python.tar.gz, for full models (default data)")
+    e.add_argument("--eval", metavar="MODULE:FUNCTION", help="score the state dict with this function instead "
+                   "(module:function or path/to/file.py:function)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("inspect", help="report a folder of checkpoints: count, layers, tokens, problems",
+                       description="What RPG would train on: checkpoints found, parameters generated vs. copied, "
+                                   "each layer's shape and tokens, bad files and why, a metadata summary. "
+                                   "Exit status 0 if `rpg train` would accept the folder (with the same --skip-bad), "
+                                   "1 if not.")
+    i.add_argument("directory", help="folder of *.safetensors / *.pt / *.pth / *.bin state dicts of one architecture")
+    i.add_argument("--token-size", type=int, default=256, help="token length to count tokens for (default 256)")
+    i.add_argument("--skip-bad", action="store_true", help="judge usability as `rpg train --skip-bad` would")
+    i.add_argument("--pattern", help="only files whose name matches this glob, e.g. 'epoch_*.pt'")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("train", help="train an unconditional RPG on your own folder of checkpoints",
+                       description="Train RPG (with one permutation state per checkpoint) on a folder of state dicts "
+                                   "of one architecture. Killed or interrupted? Run the same command again: it "
+                                   "resumes from OUT/last.safetensors and ends with the same weights.")
+    t.add_argument("--checkpoints", required=True, metavar="DIR", help="folder of checkpoints (see `rpg inspect`)")
+    t.add_argument("--out", required=True, metavar="OUT_DIR", help="receives best.safetensors, last.*, train_log.csv")
+    t.add_argument("--config", help="YAML with rpg / diffusion / train sections (e.g. config/byo_checkpoints.yaml); "
+                   "default: the schema defaults, unconditional, with permutation states")
+    t.add_argument("--eval", metavar="MODULE:FUNCTION", help="validation score of a state dict, higher is better "
+                   "(module:function or path/to/file.py:function); keeps the best generator. Without it the final "
+                   "weights are kept")
+    t.add_argument("--skip-bad", action="store_true", help="skip unusable checkpoints with a warning instead of failing")
+    t.add_argument("--pattern", help="only files whose name matches this glob, e.g. 'epoch_*.pt'")
+    t.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: the config's device")
+    t.add_argument("--steps", type=int, default=None, help="training steps (overrides train.steps)")
+    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop as if killed
+    t.set_defaults(func=cmd_train)
     return parser
 
 

@@ -11,6 +11,7 @@ from rpg.checkpoint import save_rpg
 from rpg.cli import main
 from rpg.config import DiffusionConfig
 from rpg.model import RPG
+from rpg.tasks import CIFAR10_CLASSES
 from rpg.tokenize import Tokenizer
 from rpg.utils import load_safetensors, save_safetensors_atomic
 from rpg.zoo import initial_head
@@ -65,7 +66,13 @@ def test_evaluate_reads_task_from_metadata(files, capsys):
     (["--embedding", "01"], "exactly 10 bits"),
     (["--embedding", "0000000000"], "all-0"),
     (["--embedding", "11111111x1"], "only the characters 0 and 1"),
+    (["--embedding", "01000101110"], "exactly 10 bits"),
+    (["--embedding", "1111111111"], "all-1"),
+    (["--embedding", "0100010112"], "only the characters 0 and 1"),
     (["--classes", "ship,plane"], "unknown class 'plane'"),
+    (["--classes", ",".join(CIFAR10_CLASSES).upper()], "all-1"),
+    (["--embedding", "0100010111", "--classes", "ship"], "exactly one of --embedding"),
+    (["--embedding", "0100010111", "--samples", "0"], "--samples must be at least 1"),
     ([], "exactly one of --embedding"),
 ])
 def test_user_mistakes_are_one_line_and_status_2(files, capsys, args, message):
