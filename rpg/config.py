@@ -139,6 +139,29 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class Table13Config:
+    """Fine-tuning curves on unseen tasks (scratch / pretrained + fresh head / RPG-generated init)."""
+
+    tasks: tuple[str, ...] = ("0100010111", "0111110110", "0011101110")
+    epochs: tuple[int, ...] = (0, 1, 2)
+    train_images: int | None = 5000
+    test_images: int | None = 5000
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    seed_offset: int = 13
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Inputs of the analysis notebooks (PCA of heads, similarity vs. accuracy)."""
+
+    noise_magnitudes: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+    noise_repeats: int = 3
+    kernel: str = "rpg"
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: str = "cifar10_binary"
     seed: int = 0
@@ -154,6 +177,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    table13: Table13Config = field(default_factory=Table13Config)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -240,6 +265,8 @@ def config_from_dict(raw: Mapping) -> Config:
         train=_section(TrainConfig, full["train"]),
         generate=_section(GenerateConfig, full["generate"]),
         logging=_section(LoggingConfig, full["logging"]),
+        table13=_section(Table13Config, full["table13"]),
+        analysis=_section(AnalysisConfig, full["analysis"]),
         raw=full,
     )
 
