@@ -181,6 +181,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rpg.unconditional import train_on_collection
 
     cfg = _train_config(args)
+    if cfg.model.condition != "none":
+        raise ConfigError(f"{args.config}: rpg train makes an unconditional generator; set rpg.condition: none "
+                          "(see config/byo_checkpoints.yaml)")
     score_fn = load_score_function(args.eval) if args.eval else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -16,6 +16,7 @@ import yaml
 from torch import nn
 
 import rpg.utils
+from conftest import REPO_ROOT
 from rpg.cli import main
 from rpg.collection import CollectionError, inspect_collection, load_collection
 from rpg.user_eval import ScoreFunctionError, load_score_function
@@ -403,13 +404,14 @@ def test_generated_models_appear_atomically(project, monkeypatch):
     (["--eval", "missing_eval_file.py:score"], "evaluation file not found"),
     (["--eval", "no_such_module_xyz:score"], "cannot import module"),
     (["--steps", "0"], "train.steps"),
+    (["--config", str(REPO_ROOT / "config" / "config.yaml")], "set rpg.condition: none"),
 ])
 def test_train_user_mistakes_are_one_line(project, capsys, extra, message):
     args = ["train", "--checkpoints", str(project["ckpts"]), "--out", str(project["tmp"] / "o"),
             "--config", str(project["config"]), *extra]
     assert main(args) == 2
     assert message in _one_line_error(capsys)
-    assert not (project["tmp"] / "o" / "last.safetensors").exists()
+    assert not (project["tmp"] / "o").exists()
 
 
 def test_train_rejects_bad_collection_and_eval_that_raises(project, eval_file, capsys):
@@ -436,3 +438,24 @@ def test_documented_byo_config_is_valid_and_unconditional(repo_root):
 
     cfg = load_config(repo_root / "config" / "byo_checkpoints.yaml")
     assert cfg.model.condition == "none" and cfg.model.permutation_state and cfg.train.eval_every <= cfg.train.steps
+
+
+def test_evaluate_full_cifar10_model_named_by_its_metadata(tmp_path, capsys):
+    """A whole model saved with its timm/rpg architecture gets 10-class accuracy on (here synthetic) CIFAR-10."""
+    import timm
+
+    import rpg.targets  # noqa: F401  (registers rpg_cnn_s)
+    from rpg.data import write_synthetic_cifar10
+
+    write_synthetic_cifar10(tmp_path / "data", n_train=20, n_test=30)
+    torch.manual_seed(0)
+    state = timm.create_model("rpg_cnn_s", num_classes=10).state_dict()
+    path = tmp_path / "cnn.safetensors"
+    save_safetensors_atomic(state, path, {"arch": "rpg_cnn_s", "model_kwargs": {}})
+    assert main(["evaluate", str(path), "--data", str(tmp_path / "data"), "--device", "cpu"]) == 0
+    accuracy = float(re.search(r"rpg_cnn_s CIFAR-10 test accuracy ([\d.]+) %", capsys.readouterr().out).group(1))
+    assert 0 <= accuracy <= 100 and round(accuracy * 30 / 100, 3).is_integer()  # k of 30 test images
+    del state[next(iter(state))]
+    save_safetensors_atomic(state, path, {"arch": "rpg_cnn_s", "model_kwargs": {}})
+    assert main(["evaluate", str(path), "--data", str(tmp_path / "data")]) == 2
+    assert "do not fit architecture rpg_cnn_s" in _one_line_error(capsys)
