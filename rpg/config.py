@@ -177,6 +177,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    architectures: dict = field(default_factory=dict)  # raw section: resolve with rpg.arch_experiments
     table13: Table13Config = field(default_factory=Table13Config)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
@@ -265,6 +266,7 @@ def config_from_dict(raw: Mapping) -> Config:
         train=_section(TrainConfig, full["train"]),
         generate=_section(GenerateConfig, full["generate"]),
         logging=_section(LoggingConfig, full["logging"]),
+        architectures=dict(full["architectures"]),
         table13=_section(Table13Config, full["table13"]),
         analysis=_section(AnalysisConfig, full["analysis"]),
         raw=full,

@@ -97,6 +97,33 @@ def test_tables_exist_with_expected_columns(workflow_run):
     assert t12.model.tolist() == ["original", "rpg"] * 2
 
 
+def test_table1_family(workflow_run):
+    """table1.csv has one row per configured architecture; each ablation family one row per setting; generated
+    models are saved ready to rebuild from their metadata."""
+    from rpg.architectures import model_from_metadata
+    from rpg.utils import read_safetensors_metadata
+
+    res, cfg = workflow_run["results"], workflow_run["cfg"]
+    arch = cfg.architectures
+    t1 = pd.read_csv(res / "table1.csv")
+    assert t1.architecture.tolist() == arch["table1"]
+    assert (t1.n_samples == arch["samples"]).all() and (t1.n_original == arch["collect"]["n_checkpoints"]).all()
+    for col in ("original_best", "original_avg", "original_min", "generated_best", "generated_avg", "generated_min"):
+        assert t1[col].between(0, 100).all(), col
+    assert (t1.original_best >= t1.original_avg).all() and (t1.generated_avg >= t1.generated_min).all()
+    assert (res / "table1.config.yaml").is_file()
+    ab = arch["ablations"]
+    expected = {"recurrent": len(ab["recurrent"]), "position": len(ab["position"]),
+                "permutation": 2 * len(ab["permutation_runs"]), "token_size": len(ab["token_size"])}
+    for family, rows in expected.items():
+        table = pd.read_csv(res / "ablations" / f"{family}.csv")
+        assert len(table) == rows and (table.family == family).all(), family
+        assert {"train_seconds", "train_peak_rss_mb"} <= set(table.columns)
+    model_file = next((res / "table1" / "generated" / "vit_nano").rglob("models/00.safetensors"))
+    model = model_from_metadata(read_safetensors_metadata(model_file), load_safetensors(model_file)[0])
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
 def test_config_beside_every_table(workflow_run):
     res = workflow_run["results"]
     for name in TABLES:

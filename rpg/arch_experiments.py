@@ -1,0 +1,360 @@
+"""Generation across architectures (paper §2a): the stages behind table1.csv and ablations/*.csv.
+
+collect_run       train run r of an architecture, save its checkpoint collection (rpg.classifier)
+train_variant     train an unconditional RPG on a collection (rpg.unconditional), validated on held-out images
+generate_variant  sample full models, evaluate them and the originals on the test set
+write_table1 / write_ablation   the tables
+
+A *variant* is one generator setting on one architecture's collection, named by what the ablations vary:
+``<recurrent>-<position>-<perm|noperm>-runs<R>-tok<token size>`` (e.g. ``mamba-2d-perm-runs1-tok256``). Table 1 uses
+each architecture's configured setting; an ablation changes one thing of the ablation architecture's setting, so
+variants that coincide (e.g. Mamba in the recurrent family and 2-D in the position family) are trained once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import jsonschema
+import pandas as pd
+import torch
+
+from rpg.architectures import build_model, count_parameters
+from rpg.checkpoint import load_rpg
+from rpg.classifier import CollectRecipe, ImageEvaluator, collection_files, train_collection
+from rpg.config import Config, ModelConfig, TrainConfig, config_to_yaml, load_schema
+from rpg.data import load_cifar10
+from rpg.features import split_train_val
+from rpg.model import resolve_model_config
+from rpg.tracking import start_tracking
+from rpg.unconditional import peak_rss_mb, sample_models, train_on_collection
+from rpg.utils import (load_safetensors, read_safetensors_metadata, resolve_device, save_safetensors_atomic,
+                       write_csv_atomic, write_json_atomic, write_text_atomic)
+
+STUDIES = ("main", "ablation")  # Table 1 generators / ablation generators (shorter training, ablations.train)
+VARIANT_PATTERN = r"(mamba|lstm|transformer|none)-(2d|1d|learnable)-(perm|noperm)-runs(\d+)-tok(\d+)"
+ABLATION_FAMILIES = ("recurrent", "position", "permutation", "token_size")
+
+# Paper Table 15: which preset generates how many parameters (size: auto).
+_AUTO_SIZES = ((50_000, "tiny"), (10_000_000, "small"), (50_000_000, "base"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture of the experiment, with its overrides applied."""
+
+    name: str
+    arch: str
+    model_kwargs: dict
+    img_size: int
+    pretrained: bool
+    pretrained_file: str | None
+    recipe: CollectRecipe
+    rpg: dict  # raw generator section (sizes resolved per variant)
+    train: TrainConfig
+
+
+@dataclass(frozen=True)
+class Variant:
+    recurrent: str
+    position: str
+    permutation_state: bool
+    runs: int
+    token_size: int
+
+    @property
+    def id(self) -> str:
+        perm = "perm" if self.permutation_state else "noperm"
+        return f"{self.recurrent}-{self.position}-{perm}-runs{self.runs}-tok{self.token_size}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        m = re.fullmatch(VARIANT_PATTERN, text)
+        if m is None:
+            raise ValueError(f"'{text}' is not a variant name (expected e.g. mamba-2d-perm-runs1-tok256)")
+        rec, pos, perm, runs, tok = m.groups()
+        return cls(rec, pos, perm == "perm", int(runs), int(tok))
+
+
+def _section_schema(name: str) -> dict:
+    return load_schema()["properties"]["architectures"]["properties"][name]
+
+
+def _merged(defaults: dict, overrides: dict, schema_name: str | None, where: str) -> dict:
+    merged = {**defaults, **overrides}
+    if schema_name is not None:
+        try:
+            jsonschema.validate(merged, _section_schema(schema_name))
+        except jsonschema.ValidationError as err:
+            raise ValueError(f"config error at {where}: {err.message}") from None
+    return merged
+
+
+def arch_spec(cfg: Config, name: str, study: str = "main") -> ArchSpec:
+    """The architecture `name` of `architectures.models` with the global collect / rpg / train sections applied
+    (and, for study "ablation", `architectures.ablations.train`)."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study '{study}' (expected one of {', '.join(STUDIES)})")
+    section = cfg.architectures
+    models = section["models"]
+    if name not in models:
+        raise ValueError(f"unknown architecture '{name}' (configured: {', '.join(models)})")
+    entry = models[name]
+    where = f"architectures.models.{name}"
+    recipe = _merged(section["collect"], entry.get("collect", {}), "collect", f"{where}.collect")
+    recipe.pop("runs")
+    train_raw = {**cfg.raw["train"], **section["train"], **entry.get("train", {}),
+                 **(section["ablations"]["train"] if study == "ablation" else {})}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(train_raw) - fields
+    if unknown:
+        raise ValueError(f"config error at {where}.train: unknown keys {sorted(unknown)}")
+    return ArchSpec(
+        name=name, arch=entry["arch"], model_kwargs=dict(entry.get("model_kwargs", {})),
+        img_size=int(entry.get("img_size", 32)), pretrained=bool(entry.get("pretrained", False)),
+        pretrained_file=entry.get("pretrained_file"), recipe=CollectRecipe(**recipe),
+        rpg={**section["rpg"], **entry.get("rpg", {})},
+        train=TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in train_raw.items()}),
+    )
+
+
+def auto_size(n_params: int) -> str:
+    for limit, size in _AUTO_SIZES:
+        if n_params < limit:
+            return size
+    return "large"
+
+
+def base_model_config(spec: ArchSpec, n_params: int) -> ModelConfig:
+    """The architecture's generator setting (unconditional), preset chosen by parameter count for size: auto."""
+    raw = dict(spec.rpg)
+    if raw.get("size", "cpu_tiny") == "auto":
+        raw["size"] = auto_size(n_params)
+    return dataclasses.replace(resolve_model_config(raw), condition="none")
+
+
+def main_variant(cfg: Config, name: str, n_params: int) -> Variant:
+    """The Table 1 setting of an architecture, as a variant."""
+    spec = arch_spec(cfg, name)
+    m = base_model_config(spec, n_params)
+    return Variant(m.recurrent, m.position, m.permutation_state, int(cfg.architectures["collect"]["runs"]),
+                   m.token_size)
+
+
+def variant_model_config(spec: ArchSpec, variant: Variant, n_params: int) -> ModelConfig:
+    return dataclasses.replace(base_model_config(spec, n_params), recurrent=variant.recurrent,
+                               position=variant.position, permutation_state=variant.permutation_state,
+                               token_size=variant.token_size)
+
+
+def ablation_variants(cfg: Config, n_params: int) -> dict[str, list[tuple[str, Variant]]]:
+    """family -> [(setting label, variant)] for the ablation architecture."""
+    ab = cfg.architectures["ablations"]
+    base = main_variant(cfg, ab["arch"], n_params)
+    rep = dataclasses.replace
+    return {
+        "recurrent": [(r, rep(base, recurrent=r)) for r in ab["recurrent"]],
+        "position": [(p, rep(base, position=p)) for p in ab["position"]],
+        "permutation": [(f"{'with' if on else 'without'} permutation state, {r} run{'s' * (r > 1)}",
+                         rep(base, permutation_state=on, runs=r))
+                        for r in ab["permutation_runs"] for on in (True, False)],
+        "token_size": [(str(t), rep(base, token_size=t)) for t in ab["token_size"]],
+    }
+
+
+def parameter_count(spec: ArchSpec) -> int:
+    """Parameters of the architecture (builds it once, without pretrained weights)."""
+    return count_parameters(build_model(spec.arch, spec.model_kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageData:
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val: ImageEvaluator
+    test: ImageEvaluator
+
+
+def load_image_data(cfg: Config, img_size: int, device: torch.device) -> ImageData:
+    """Training images minus the held-out validation images (`data.val_images`, seeded as the zoo's), the first
+    `architectures.val_images` of those for validation, and the full test set."""
+    data = load_cifar10(cfg.data.root, download=cfg.data.download)
+    train_idx, val_idx = split_train_val(data, cfg.data.val_images, cfg.seed)
+    val_idx = val_idx[: cfg.architectures["val_images"]]
+    return ImageData(
+        data.train_images[train_idx], data.train_labels[train_idx],
+        ImageEvaluator(data.train_images[val_idx], data.train_labels[val_idx], img_size=img_size, device=device),
+        ImageEvaluator(data.test_images, data.test_labels, img_size=img_size, device=device),
+    )
+
+
+def run_seed(cfg: Config, run: int) -> int:
+    return cfg.seed + 1000 * (run + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def collect_run(cfg: Config, name: str, run: int, out_dir: str | Path) -> pd.DataFrame:
+    """Train run `run` of architecture `name` and save its checkpoint collection to `out_dir`."""
+    torch.set_num_threads(cfg.architectures["threads"])
+    spec = arch_spec(cfg, name)
+    device = resolve_device(cfg.device)
+    data = load_image_data(cfg, spec.img_size, device)
+    return train_collection(data.train_images, data.train_labels, arch=spec.arch, model_kwargs=spec.model_kwargs,
+                            recipe=spec.recipe, seed=run_seed(cfg, run), out_dir=out_dir,
+                            evaluators={"test": data.test}, img_size=spec.img_size, pretrained=spec.pretrained,
+                            pretrained_file=spec.pretrained_file, device=device, run=run,
+                            progress=cfg.logging.progress)
+
+
+def _collection(spec: ArchSpec, run_dirs: Sequence[str | Path], runs: int) -> list[Path]:
+    if len(run_dirs) < runs:
+        raise ValueError(f"the variant needs {runs} training runs, got {len(run_dirs)} collections")
+    n = spec.recipe.n_checkpoints
+    return collection_files(list(run_dirs)[:runs], n, n)
+
+
+def train_variant(cfg: Config, name: str, variant_id: str, run_dirs: Sequence[str | Path], out_dir: str | Path,
+                  study: str = "main") -> dict:
+    """Train the generator of `variant_id` on the first `runs` collections of architecture `name`."""
+    torch.set_num_threads(cfg.architectures["threads"])
+    spec = arch_spec(cfg, name, study)
+    variant = Variant.parse(variant_id)
+    device = resolve_device(cfg.device)
+    files = _collection(spec, run_dirs, variant.runs)
+    state_dicts = [load_safetensors(f)[0] for f in files]
+    n_params = sum(v.numel() for v in state_dicts[0].values() if v.is_floating_point())
+    model_cfg = variant_model_config(spec, variant, parameter_count(spec))
+    data = load_image_data(cfg, spec.img_size, device)
+    template = build_model(spec.arch, spec.model_kwargs).to(device)
+    tracker = start_tracking(cfg.logging, name=f"{study}-{name}-{variant_id}", group="table1", job_type="train_rpg",
+                             config={"architecture": name, "variant": variant_id, "study": study, **cfg.raw},
+                             directory=Path(cfg.results_dir) / "wandb")
+    summary = train_on_collection(
+        state_dicts, out_dir, model_cfg=model_cfg, diffusion_cfg=cfg.diffusion, train_cfg=spec.train,
+        seed=cfg.seed, device=device, score_fn=data.val.state_dict_scorer(template),
+        val_samples=spec.train.val_samples, names=[str(f) for f in files], tracker=tracker,
+        progress=cfg.logging.progress)
+    tracker.finish()
+    summary = {**summary, "architecture": name, "variant": variant_id, "study": study, "n_state_dict_params": n_params,
+               "collection": [str(f) for f in files]}
+    write_json_atomic(Path(out_dir) / "summary.json", summary)
+    return summary
+
+
+def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Path, run_dirs: Sequence[str | Path],
+                     out_dir: str | Path, study: str = "main") -> pd.DataFrame:
+    """Sample `architectures.samples` models, save them ready to load, and score them and the originals (test set).
+
+    Writes ``samples.csv`` (kind original / generated, accuracy) and ``models/{i:02d}.safetensors`` (weights plus the
+    architecture metadata `rpg.architectures.model_from_metadata` rebuilds them from).
+    """
+    torch.set_num_threads(cfg.architectures["threads"])
+    spec = arch_spec(cfg, name, study)
+    variant = Variant.parse(variant_id)
+    device = resolve_device(cfg.device)
+    data = load_image_data(cfg, spec.img_size, device)
+    model, tokenizer, diffusion_cfg, meta = load_rpg(rpg_path, device)
+    n = int(cfg.architectures["samples"])
+    start = time.perf_counter()
+    sds = sample_models(model, tokenizer, diffusion_cfg, n, seed=cfg.seed + 29, mode=cfg.generate.mode,
+                        tokens_per_call=cfg.generate.tokens_per_call, bf16=spec.train.bf16)
+    gen_seconds = (time.perf_counter() - start) / n
+    template = build_model(spec.arch, spec.model_kwargs).to(device)
+    score = data.test.state_dict_scorer(template)
+
+    files = _collection(spec, run_dirs, variant.runs)
+    arch_meta = {k: v for k, v in read_safetensors_metadata(files[0]).items()
+                 if k in ("arch", "model_kwargs", "img_size", "num_classes")}
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        m = read_safetensors_metadata(f)
+        rows.append({"kind": "original", "index": len(rows), "run": int(m["run"]), "file": str(f),
+                     "accuracy": float(m["test_accuracy"])})
+    models_dir = Path(out_dir) / "models"
+    for i, sd in enumerate(sds):
+        path = models_dir / f"{i:02d}.safetensors"
+        save_safetensors_atomic(sd, path, {**arch_meta, "generator": str(rpg_path), "sample": i})
+        rows.append({"kind": "generated", "index": i, "run": -1, "file": str(path), "accuracy": score(sd)})
+    table = pd.DataFrame(rows)
+    table["architecture"], table["variant"] = name, variant_id
+    write_json_atomic(Path(out_dir) / "summary.json", {
+        "training": read_json(Path(rpg_path).parent / "summary.json"), "seconds_per_model": gen_seconds,
+        "sampler": diffusion_cfg.sampler,
+        "sample_steps": diffusion_cfg.sample_steps if diffusion_cfg.sampler == "ddim" else diffusion_cfg.timesteps,
+        "mode": cfg.generate.mode, "peak_rss_mb": peak_rss_mb(), "rpg_step": meta.get("step")})
+    write_csv_atomic(Path(out_dir) / "samples.csv", table)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def summarise_variant(samples_csv: str | Path) -> dict[str, Any]:
+    """One table row from a variant's samples.csv and the summary.json beside it (generation + training)."""
+    samples = pd.read_csv(samples_csv)
+    timing = read_json(Path(samples_csv).with_name("summary.json"))
+    train = timing["training"]
+    name, variant = samples["architecture"].iloc[0], samples["variant"].iloc[0]
+    orig = samples.loc[samples.kind == "original", "accuracy"] * 100
+    gen = samples.loc[samples.kind == "generated", "accuracy"] * 100
+    return {
+        "architecture": name, "variant": variant, "params": int(train["n_params_generated"]),
+        "tokens": int(train["n_tokens"]), "token_size": int(train["token_size"]),
+        "original_best": orig.max(), "original_avg": orig.mean(), "original_min": orig.min(),
+        "generated_best": gen.max(), "generated_avg": gen.mean(), "generated_min": gen.min(),
+        "n_original": len(orig), "n_samples": len(gen),
+        "gap_best": orig.max() - gen.max(), "gap_avg": orig.mean() - gen.mean(),
+        "sampler": timing["sampler"], "sample_steps": int(timing["sample_steps"]),
+        "train_steps": int(train["steps"]), "best_step": int(train["best_step"]),
+        "train_seconds": float(train["seconds"]), "train_peak_rss_mb": float(train["peak_rss_mb"]),
+        "generator_params": int(train["generator_params"]),
+        "seconds_per_model": float(timing["seconds_per_model"]),
+    }
+
+
+def _write_table(cfg: Config, rows: list[dict[str, Any]], out_csv: str | Path) -> pd.DataFrame:
+    """The table and, beside it, the resolved config that produced it (`<name>.config.yaml`)."""
+    table = pd.DataFrame(rows).round(4)
+    write_csv_atomic(out_csv, table)
+    write_text_atomic(Path(out_csv).with_suffix(".config.yaml"), config_to_yaml(cfg))
+    return table
+
+
+def write_table1(cfg: Config, samples_csvs: Sequence[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """table1.csv: one row per architecture (its Table 1 variant)."""
+    return _write_table(cfg, [summarise_variant(p) for p in samples_csvs], out_csv)
+
+
+def write_ablation(cfg: Config, family: str, labels: Sequence[str], samples_csvs: Sequence[str | Path],
+                   out_csv: str | Path) -> pd.DataFrame:
+    """ablations/<family>.csv: one row per setting of the family."""
+    if len(labels) != len(samples_csvs):
+        raise ValueError(f"{len(labels)} labels for {len(samples_csvs)} variants")
+    rows = [{"family": family, "setting": label, **summarise_variant(p)} for label, p in zip(labels, samples_csvs)]
+    return _write_table(cfg, rows, out_csv)

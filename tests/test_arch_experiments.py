@@ -1,0 +1,101 @@
+"""The Table 1 family's building blocks: architecture registry, checkpoint collections, variants and ablations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rpg import arch_experiments as ax
+from rpg.architectures import architecture_metadata, build_model, count_parameters, model_from_metadata
+from rpg.classifier import CollectRecipe, ImageEvaluator, collection_files, pick_checkpoints, train_collection
+from rpg.config import config_from_dict
+from rpg.utils import load_safetensors, read_safetensors_metadata
+
+
+def test_registry_builds_rpg_cnns_and_timm_models_with_cifar_adaptations():
+    assert count_parameters(build_model("rpg_cnn_s")) == 3014
+    assert count_parameters(build_model("rpg_cnn_m")) == 11202
+    vit = build_model("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3))
+    assert vit(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown architecture 'resnet_does_not_exist'"):
+        build_model("resnet_does_not_exist")
+
+
+def test_metadata_rebuilds_the_same_model():
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    model = build_model("vit_tiny_patch16_224", kwargs)
+    meta = architecture_metadata("vit_tiny_patch16_224", kwargs, 32)
+    rebuilt = model_from_metadata(meta, model.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(model.eval()(x), rebuilt.eval()(x))
+    with pytest.raises(ValueError, match="does not name its architecture"):
+        model_from_metadata({})
+
+
+def test_pick_checkpoints_spreads_over_the_run_and_ends_with_the_last():
+    assert pick_checkpoints(50, 50) == list(range(50))
+    assert pick_checkpoints(5, 50) == [9, 19, 29, 39, 49]
+    assert len(pick_checkpoints(16, 50)) == 16 and pick_checkpoints(16, 50)[-1] == 49
+    with pytest.raises(ValueError):
+        pick_checkpoints(0, 50)
+    files = collection_files(["a", "b", "c"], 50, 50)
+    assert len(files) == 48 and {f.parent.name for f in files} == {"a", "b", "c"}
+
+
+def test_train_collection_saves_scored_checkpoints_deterministically(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (96,), generator=gen)
+    evaluator = ImageEvaluator(images[:32], labels[:32])
+    recipe = CollectRecipe(epochs=1, batch_size=32, n_checkpoints=3, save_every=1)
+    kw = dict(arch="rpg_cnn_s", model_kwargs={}, recipe=recipe, seed=3, evaluators={"test": evaluator},
+              progress=False)
+    table = train_collection(images, labels, out_dir=tmp_path / "a", **kw)
+    train_collection(images, labels, out_dir=tmp_path / "b", **kw)
+    assert table["file"].tolist() == ["00.safetensors", "01.safetensors", "02.safetensors"]
+    assert table["step"].tolist() == [4, 5, 6]  # 3 main steps, then one checkpoint per step
+    for name in table["file"]:
+        a, b = load_safetensors(tmp_path / "a" / name)[0], load_safetensors(tmp_path / "b" / name)[0]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = read_safetensors_metadata(tmp_path / "a" / "02.safetensors")
+    model = model_from_metadata(meta, load_safetensors(tmp_path / "a" / "02.safetensors")[0])
+    assert evaluator.accuracy(model) == pytest.approx(meta["test_accuracy"])
+    assert (tmp_path / "a" / "collection.csv").is_file()
+
+
+def test_variant_names_round_trip_and_reject_garbage():
+    v = ax.Variant("lstm", "learnable", False, 10, 64)
+    assert v.id == "lstm-learnable-noperm-runs10-tok64" and ax.Variant.parse(v.id) == v
+    with pytest.raises(ValueError, match="not a variant name"):
+        ax.Variant.parse("mamba-3d-perm-runs1-tok64")
+
+
+def test_ablations_change_one_thing_and_share_the_table1_setting():
+    cfg = config_from_dict({})
+    n = 3014
+    base = ax.main_variant(cfg, "cnn_s", n)
+    assert base == ax.Variant("mamba", "2d", True, 1, 256)
+    families = ax.ablation_variants(cfg, n)
+    assert set(families) == set(ax.ABLATION_FAMILIES)
+    for family, variants in families.items():
+        assert base in [v for _, v in variants], family  # the Table 1 generator is trained once, reused
+    perm = families["permutation"]
+    assert [(v.permutation_state, v.runs) for _, v in perm] == [(True, 1), (False, 1), (True, 3), (False, 3),
+                                                                 (True, 10), (False, 10)]
+    assert ax.variant_model_config(ax.arch_spec(cfg, "cnn_s"), perm[5][1], n).condition == "none"
+
+
+def test_auto_size_follows_table15():
+    assert [ax.auto_size(n) for n in (3_000, 60_000, 20_000_000, 90_000_000)] == ["tiny", "small", "base", "large"]
+
+
+def test_arch_spec_merges_overrides_and_names_bad_keys():
+    cfg = config_from_dict({"architectures": {"models": {"v": {"arch": "rpg_cnn_s", "collect": {"lr": 0.5},
+                                                               "train": {"steps": 7}}}}})
+    spec = ax.arch_spec(cfg, "v")
+    assert spec.recipe.lr == 0.5 and spec.recipe.n_checkpoints == 50 and spec.train.steps == 7
+    with pytest.raises(ValueError, match="unknown architecture 'w'"):
+        ax.arch_spec(cfg, "w")
+    bad = config_from_dict({"architectures": {"models": {"v": {"arch": "rpg_cnn_s", "collect": {"lrr": 0.5}}}}})
+    with pytest.raises(ValueError, match="architectures.models.v.collect"):
+        ax.arch_spec(bad, "v")

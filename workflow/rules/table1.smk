@@ -1,0 +1,179 @@
+# Generation across architectures (paper Tables 1, 4-7): per architecture, train runs and collect checkpoints ->
+# unconditional RPG per variant -> generated models scored on the test set -> table1.csv and ablations/*.csv.
+from rpg import arch_experiments as AX
+
+ARCH_RES = f"{RES}/table1"
+
+
+wildcard_constraints:
+    arch=r"[A-Za-z0-9_.]+",
+    run=r"\d+",
+    variant=AX.VARIANT_PATTERN,
+    study="|".join(AX.STUDIES),
+    family="|".join(AX.ABLATION_FAMILIES),
+
+
+_N_PARAMS = {}
+
+
+def n_params(name):
+    if name not in _N_PARAMS:
+        _N_PARAMS[name] = AX.parameter_count(AX.arch_spec(CFG, name))
+    return _N_PARAMS[name]
+
+
+def main_variant(name):
+    return AX.main_variant(CFG, name, n_params(name)).id
+
+
+def ablation_variants():
+    name = CFG.architectures["ablations"]["arch"]
+    return name, AX.ablation_variants(CFG, n_params(name))
+
+
+def arch_samples(study, name, variant):
+    return f"{ARCH_RES}/{study}/generated/{name}/{variant}/samples.csv"
+
+
+def collection_runs(wildcards):
+    runs = AX.Variant.parse(wildcards.variant).runs
+    return [f"{ARCH_RES}/collections/{wildcards.arch}/run{r}" for r in range(runs)]
+
+
+def collect_setting(wildcards):
+    """What a collection depends on (a change re-trains it): architecture, data split and recipe."""
+    spec = AX.arch_spec(CFG, wildcards.arch)
+    return repr((spec.arch, spec.model_kwargs, spec.img_size, spec.pretrained, spec.recipe, CFG.data, CFG.seed))
+
+
+def generator_setting(wildcards):
+    """What a generator depends on beyond its collection: its config and the diffusion settings."""
+    spec = AX.arch_spec(CFG, wildcards.arch, wildcards.study)
+    return repr((spec.rpg, spec.train, CFG.diffusion, CFG.generate, CFG.architectures["samples"]))
+
+
+def ablation_inputs(wildcards):
+    name, families = ablation_variants()
+    return [arch_samples("ablation", name, v.id) for _, v in families[wildcards.family]]
+
+
+def ablation_labels(wildcards):
+    return [label for label, _ in ablation_variants()[1][wildcards.family]]
+
+
+rule collect_checkpoints:
+    input:
+        cifar10_input,
+    output:
+        collection=directory(f"{ARCH_RES}/collections/{{arch}}/run{{run}}"),
+    log:
+        f"{RES}/logs/table1/collect_{{arch}}_run{{run}}.log",
+    benchmark:
+        f"{RES}/benchmarks/rules/table1/collect_{{arch}}_run{{run}}.tsv"
+    conda:
+        "../envs/rpg.yaml"
+    threads: CFG.architectures["threads"]
+    resources:
+        mem_mb=4000,
+        gpu=GPU,
+    params:
+        setting=collect_setting,
+    script:
+        "../scripts/collect_checkpoints.py"
+
+
+rule train_arch_rpg:
+    input:
+        cifar10_input,
+        runs=collection_runs,
+    output:
+        best=f"{ARCH_RES}/{{study}}/rpg/{{arch}}/{{variant}}/best.safetensors",
+        summary=f"{ARCH_RES}/{{study}}/rpg/{{arch}}/{{variant}}/summary.json",
+    log:
+        f"{RES}/logs/table1/train_{{study}}_{{arch}}_{{variant}}.log",
+    benchmark:
+        f"{RES}/benchmarks/rules/table1/train_{{study}}_{{arch}}_{{variant}}.tsv"
+    conda:
+        "../envs/rpg.yaml"
+    threads: CFG.architectures["threads"]
+    resources:
+        mem_mb=6000,
+        gpu=GPU,
+    params:
+        setting=generator_setting,
+    script:
+        "../scripts/train_arch_rpg.py"
+
+
+rule generate_arch:
+    input:
+        cifar10_input,
+        rpg=rules.train_arch_rpg.output.best,
+        runs=collection_runs,
+    output:
+        samples=f"{ARCH_RES}/{{study}}/generated/{{arch}}/{{variant}}/samples.csv",
+        summary=f"{ARCH_RES}/{{study}}/generated/{{arch}}/{{variant}}/summary.json",
+        models=directory(f"{ARCH_RES}/{{study}}/generated/{{arch}}/{{variant}}/models"),
+    params:
+        setting=generator_setting,
+    log:
+        f"{RES}/logs/table1/generate_{{study}}_{{arch}}_{{variant}}.log",
+    benchmark:
+        f"{RES}/benchmarks/rules/table1/generate_{{study}}_{{arch}}_{{variant}}.tsv"
+    conda:
+        "../envs/rpg.yaml"
+    threads: CFG.architectures["threads"]
+    resources:
+        mem_mb=4000,
+        gpu=GPU,
+    script:
+        "../scripts/generate_arch.py"
+
+
+rule table1:
+    input:
+        samples=lambda w: [
+            arch_samples("main", name, main_variant(name))
+            for name in CFG.architectures["table1"]
+        ],
+    output:
+        table=f"{RES}/table1.csv",
+    log:
+        f"{RES}/logs/table1/table1.log",
+    conda:
+        "../envs/rpg.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    script:
+        "../scripts/table1.py"
+
+
+rule ablation:
+    input:
+        samples=ablation_inputs,
+    output:
+        table=f"{RES}/ablations/{{family}}.csv",
+    log:
+        f"{RES}/logs/table1/ablation_{{family}}.log",
+    conda:
+        "../envs/rpg.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    params:
+        labels=ablation_labels,
+    script:
+        "../scripts/ablation.py"
+
+
+rule table1_family:
+    input:
+        f"{RES}/table1.csv",
+        expand(f"{RES}/ablations/{{family}}.csv", family=AX.ABLATION_FAMILIES),
+
+
+all_targets.extend(
+    [f"{RES}/table1.csv"]
+    + expand(f"{RES}/ablations/{{family}}.csv", family=AX.ABLATION_FAMILIES)
+)
