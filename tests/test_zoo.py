@@ -230,3 +230,44 @@ def test_predict_matches_nn_module(features):
     for i, h in enumerate(heads):
         with torch.no_grad():
             assert torch.equal(pred[i], h(x).argmax(-1))
+
+
+def test_hand_written_head_gradients_match_autograd():
+    """rpg.zoo._head_grads (the batched path's manual backward) == autograd on head_logits + cross-entropy."""
+    from rpg.zoo import _head_grads, head_logits
+
+    gen = torch.Generator().manual_seed(3)
+    t, d, b = 3, 6, 20
+    params = {"0.weight": torch.randn(t, d, d, generator=gen, dtype=torch.float64),
+              "0.bias": torch.randn(t, d, generator=gen, dtype=torch.float64),
+              "2.weight": torch.randn(t, 2, d, generator=gen, dtype=torch.float64)}
+    x = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (t, b), generator=gen)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    loss = torch.nn.functional.cross_entropy(head_logits(leaves, x).reshape(-1, 2), y.reshape(-1), reduction="sum") / b
+    loss.backward()
+    *grads, z = _head_grads(params["0.weight"], params["0.bias"], params["2.weight"], x, y.T.double())
+    for key, g in zip(HEAD_KEYS, grads):
+        torch.testing.assert_close(g, leaves[key].grad, rtol=0, atol=1e-12, msg=key)
+    logits = head_logits(params, x)
+    torch.testing.assert_close(z, (logits[..., 1] - logits[..., 0]).T, rtol=0, atol=1e-12)
+
+
+def test_on_step_reports_mean_task_loss_in_chunks(features):
+    """With lr = 0 the reported loss is the shared initial head's mean cross-entropy over tasks, chunked or not."""
+    x, y = features
+    kw = dict(steps=10, batch_size=16, lr=0.0, weight_decay=0.0, n_checkpoints=1, save_every=1, seed=5,
+              progress=False)
+    gen = torch.Generator().manual_seed(kw["seed"] + 1)
+    idx = [torch.randint(0, x.shape[0], (kw["batch_size"],), generator=gen) for _ in range(kw["steps"])][-1]
+    head = make_head(D)
+    head.load_state_dict(initial_head(D, kw["seed"]))
+    labels = binary_labels(y, TASKS)
+    with torch.no_grad():
+        expected = sum(torch.nn.functional.cross_entropy(head(x[idx]), labels[i, idx]).item()
+                       for i in range(len(TASKS))) / len(TASKS)
+    for chunk in (len(TASKS), 2):
+        logged = {}
+        train_heads(x, y, TASKS, task_chunk=chunk, on_step=lambda s, loss: logged.__setitem__(s, loss), **kw)
+        assert sorted(logged) == [10]
+        assert abs(logged[10] - expected) < 1e-5, (chunk, logged, expected)

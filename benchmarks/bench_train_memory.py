@@ -1,0 +1,209 @@
+"""Training memory vs. model size: peak memory and step time of RPG training steps as the number of generated
+parameters grows (10K -> 10M), with a fixed RPG (the `cpu_tiny` preset by default) and a fixed diffusion batch.
+The paper's Fig. 9b claim: memory grows far slower than linearly in the parameter count, because only
+`diffusion_batch` tokens per step go through the denoiser. The fitted exponent of memory ~ params^k is reported.
+
+Each size runs in a FRESH subprocess (peak memory of one size never contaminates another):
+  * data: `--checkpoints` synthetic random "checkpoints" of P parameters (a few 2-D layers), tokenised by
+    rpg.tokenize.Tokenizer; `data_mb` is the size of the token tensor (linear in P by nature, reported apart);
+  * one training step = rpg.train's step: DiffusionObjective (recurrent model over all tokens of `--batch-size`
+    checkpoints, a random `--diffusion-batch` subset through the denoiser), backward, grad-clip, AdamW (the same
+    parameter groups as rpg.train.train_rpg);
+  * `train_peak_mb` (CPU) = peak RSS during the steps (VmHWM, reset just before the first step) minus RSS just
+    before it: activations, gradients, AdamW state, allocator caches. This is the number fitted. `process_peak_mb`
+    is the absolute peak (Python, torch, model, data included). On CUDA: max_memory_allocated minus allocated before;
+  * `step_s` / `step_cpu_s`: median wall clock / process CPU time of the timed steps after one warm-up step.
+The "baseline" row: the generator's parameters, and what parameters + gradients + AdamW state need (4 floats each).
+
+    taskset -c 1 .venv/bin/python benchmarks/bench_train_memory.py --threads 1             # the README's numbers
+    .venv/bin/python benchmarks/bench_train_memory.py --device cuda --bf16 --threads 0 --batch-size 16
+Writes results/benchmarks/train_memory.csv (+ .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import peak_rss_mb, reset_peak_rss, rss_mb, set_threads, synchronize, write_results  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=int, nargs="+",
+                   default=[10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000],
+                   help="generated parameter counts")
+    p.add_argument("--size", default="cpu_tiny", help="RPG preset (rpg.model.RPG_MODELS), fixed for all sizes")
+    p.add_argument("--token-size", type=int, default=None, help="override the preset's token size")
+    p.add_argument("--checkpoints", type=int, default=4, help="synthetic checkpoints (permutation-state rows)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="checkpoints per step (raised where fewer tokens than --diffusion-batch); the recurrent "
+                        "model runs over all their tokens (the default profile uses 16 on 66 tokens; 1 keeps 10M "
+                        "params = 39K tokens of 256 feasible on a CPU)")
+    p.add_argument("--diffusion-batch", type=int, default=256, help="tokens per step through the denoiser")
+    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only, as rpg.train does)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/benchmarks/train_memory.csv"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one size
+    return p.parse_args(argv)
+
+
+def synthetic_checkpoints(n_params: int, k: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """k random state dicts of ~n_params parameters: 2-D layers of width 64 (a few layers, like a small net)."""
+    n_layers = max(2, min(8, round(math.log10(n_params))))
+    rows = max(1, n_params // (64 * n_layers))
+    gen = torch.Generator().manual_seed(seed)
+    return [{f"layer{i}.weight": torch.randn(rows, 64, generator=gen) * 0.05 + 0.01 * i for i in range(n_layers)}
+            for _ in range(k)]
+
+
+def run_size(job: dict[str, Any]) -> dict[str, Any]:
+    """Build data + fixed RPG + AdamW for one size, then time the steps and measure their peak memory."""
+    from rpg.diffusion import GaussianDiffusion
+    from rpg.model import RPG, resolve_model_config
+    from rpg.tokenize import Tokenizer
+    from rpg.train import DiffusionObjective, _param_groups
+
+    set_threads(job["threads"])
+    device = torch.device(job["device"])
+    torch.manual_seed(job["seed"])
+    rss_start = rss_mb()
+    section = {"size": job["size"], "condition": "none", "permutation_state": True}
+    if job["token_size"]:
+        section["token_size"] = job["token_size"]
+    cfg = resolve_model_config(section)
+    sds = synthetic_checkpoints(job["n_params"], job["checkpoints"], job["seed"])
+    tokenizer = Tokenizer.fit(sds, cfg.token_size)
+    tokens = torch.stack([tokenizer.tokenize(sd) for sd in sds]).to(device)  # (K, N, L)
+    del sds
+    k, n, length = tokens.shape
+    # The denoiser must always see exactly `diffusion_batch` tokens: small models get more checkpoints per step.
+    batch_size = max(job["batch_size"], math.ceil(job["diffusion_batch"] / n))
+    model = RPG(cfg, tokenizer.layer_index, tokenizer.token_index, n_permutation_states=k).to(device)
+    objective = DiffusionObjective(model, GaussianDiffusion())
+    optimizer = torch.optim.AdamW(_param_groups(model, 1e-5), lr=1e-4)
+    mask = tokenizer.mask.to(device)
+    gen = torch.Generator().manual_seed(job["seed"] + 1)
+    noise_gen = torch.Generator(device=device).manual_seed(job["seed"] + 2)
+    use_bf16 = job["bf16"] and device.type == "cuda"
+
+    def step() -> float:
+        idx = torch.randint(0, k, (batch_size,), generator=gen)
+        picked = torch.randperm(batch_size * n, generator=gen)[: job["diffusion_batch"]]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = objective(tokens[idx.to(device)], mask, picked.to(device), idx.to(device), None, noise_gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_before = torch.cuda.memory_allocated(device)
+    rss_before = rss_mb()
+    peak_reset = reset_peak_rss()
+    step()  # warm-up: allocates AdamW state and allocator caches (part of the measured peak)
+    times, cpu_times = [], []
+    for _ in range(job["steps"]):
+        synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    peak = peak_rss_mb()
+    n_gen = sum(p.numel() for p in model.parameters())
+    result = {"n_params": tokenizer.n_params, "n_tokens": n, "token_size": length,
+              "batch_size": batch_size, "tokens_through_recurrent_per_step": batch_size * n,
+              "step_s": statistics.median(times),
+              "step_cpu_s": statistics.median(cpu_times),
+              "train_peak_mb": peak - rss_before if peak_reset else float("nan"), "process_peak_mb": peak,
+              "rss_before_steps_mb": rss_before, "rss_at_start_mb": rss_start,
+              "data_mb": tokens.numel() * tokens.element_size() / 2**20, "generator_params": n_gen}
+    if device.type == "cuda":
+        result["cuda_train_peak_mb"] = (torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20
+    return result
+
+
+def fit_exponent(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of log y on log x."""
+    lx, ly = [math.log(v) for v in x], [math.log(v) for v in y]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(run_size(json.loads(args.worker))))
+        return []
+    job_base = {k: v for k, v in vars(args).items() if k not in ("params", "out", "worker")}
+    rows = []
+    for n_params in args.params:
+        job = {**job_base, "n_params": n_params}
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"size {n_params} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"row": "size", **res})
+        print(f"  {res['n_params']:>10} params, {res['n_tokens']} tokens: step {res['step_s']:.3f} s, "
+              f"train peak {res['train_peak_mb']:.0f} MB", flush=True)
+
+    on_cuda = args.device.startswith("cuda")
+    mem_key = "cuda_train_peak_mb" if on_cuda else "train_peak_mb"
+    xs = [r["n_params"] for r in rows]
+    exponent = fit_exponent(xs, [r[mem_key] for r in rows]) if len(rows) > 1 else float("nan")
+    exponent_total = fit_exponent(xs, [r["process_peak_mb"] for r in rows]) if len(rows) > 1 else float("nan")
+    exponent_time = fit_exponent(xs, [r["step_cpu_s"] for r in rows]) if len(rows) > 1 else float("nan")
+    local = [math.log(b[mem_key] / a[mem_key]) / math.log(b["n_params"] / a["n_params"])
+             for a, b in zip(rows, rows[1:])]
+    for r, s in zip(rows[1:], local):
+        r["local_exponent"] = s
+    n_gen = rows[0]["generator_params"]
+    rows.append({"row": "baseline", "generator_params": n_gen, "model_mb": n_gen * 4 / 2**20,
+                 "model_grad_adamw_mb": 4 * n_gen * 4 / 2**20,
+                 "rss_at_start_mb": rows[0]["rss_at_start_mb"]})
+    for r in rows:
+        r.update(fit_exponent_memory=exponent, fit_exponent_process_peak=exponent_total,
+                 fit_exponent_step_cpu_time=exponent_time)
+
+    print(f"\nRPG training step vs generated parameters: preset {args.size}, {n_gen:,} generator params, batch "
+          f">= {args.batch_size} checkpoint(s), diffusion batch {args.diffusion_batch}, device {args.device}, "
+          f"{args.threads} torch thread(s){', bf16' if args.bf16 else ''}")
+    print(f"{'params':>10} {'tokens':>7} {'batch':>5} {'step s':>7} {'CPU s':>7} {'train peak MB':>13} "
+          f"{'proc peak MB':>12} {'data MB':>8} "
+          f"{'local k':>7}")
+    for r in rows[:-1]:
+        loc = f"{r['local_exponent']:7.2f}" if "local_exponent" in r else f"{'':>7}"
+        print(f"{r['n_params']:>10} {r['n_tokens']:>7} {r['batch_size']:>5} {r['step_s']:>7.3f} "
+              f"{r['step_cpu_s']:>7.3f} "
+              f"{r[mem_key]:>13.1f} "
+              f"{r['process_peak_mb']:>12.0f} {r['data_mb']:>8.1f} {loc}")
+    print(f"baseline: generator {n_gen:,} params = {n_gen * 4 / 2**20:.1f} MB; with gradients + AdamW state "
+          f"{4 * n_gen * 4 / 2**20:.1f} MB; process after imports {rows[0]['rss_at_start_mb']:.0f} MB")
+    print(f"fitted exponent (memory ~ params^k, log-log least squares): train peak k = {exponent:.3f}, process peak "
+          f"k = {exponent_total:.3f}; step CPU time k = {exponent_time:.3f}")
+    config = {**job_base, "params": args.params,
+              "measured": "train peak = VmHWM during warm-up + timed steps minus RSS before them, fresh process per "
+                          "size; CUDA: max_memory_allocated delta; step time = median of timed steps"}
+    write_results(args.out, rows, config, args.device)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
