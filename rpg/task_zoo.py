@@ -214,8 +214,10 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
         timing[group] = (time.time() - start) / len(sds)
         ids_rep = [t for t in task_ids for _ in range(n)]
         rows += _rows(evaluate(evaluator, sds, ids_rep), ids_rep, group, "rpg", list(range(n)) * len(task_ids))
+        # The flip pair repeats an unseen (and maybe a sampled seen) task: its samples go to models/flip/.
+        models_dir = out_dir / "models" / ("flip" if group == "flip" else "")
         for i, (t, sd) in enumerate(zip(ids_rep, sds)):
-            save_safetensors_atomic(sd, out_dir / "models" / f"{t:04d}_s{i % n}.safetensors",
+            save_safetensors_atomic(sd, models_dir / f"{t:04d}_s{i % n}.safetensors",
                                     {"arch": cfg.backbone.arch if cfg.zoo.mode == "finetune" else "binary_head",
                                      "task_id": t, "embedding": id_to_embedding(t), "sample": i % n,
                                      "generator": str(rpg_path), "generator_step": meta["step"]})

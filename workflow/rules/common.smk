@@ -84,3 +84,76 @@ all_targets = [
     f"{RES}/table12.csv",
     f"{RES}/seen_summary.csv",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table 1 family (rules/table1.smk): architectures, variants, ablations
+# ----------------------------------------------------------------------------------------------------------------
+from rpg import arch_experiments as AX
+
+ARCH_RES = f"{RES}/table1"
+
+_N_PARAMS = {}
+
+
+def n_params(name):
+    if name not in _N_PARAMS:
+        _N_PARAMS[name] = AX.parameter_count(AX.arch_spec(CFG, name))
+    return _N_PARAMS[name]
+
+
+def main_variant(name):
+    return AX.main_variant(CFG, name, n_params(name)).id
+
+
+def ablation_variants():
+    name = CFG.architectures["ablations"]["arch"]
+    return name, AX.ablation_variants(CFG, n_params(name))
+
+
+def arch_samples(study, name, variant):
+    return f"{ARCH_RES}/{study}/generated/{name}/{variant}/samples.csv"
+
+
+def collection_runs(wildcards):
+    runs = AX.Variant.parse(wildcards.variant).runs
+    return [f"{ARCH_RES}/collections/{wildcards.arch}/run{r}" for r in range(runs)]
+
+
+def collect_setting(wildcards):
+    """What a collection depends on (a change re-trains it): architecture, data split and recipe."""
+    spec = AX.arch_spec(CFG, wildcards.arch)
+    return repr(
+        (
+            spec.arch,
+            spec.model_kwargs,
+            spec.img_size,
+            spec.pretrained,
+            spec.recipe,
+            CFG.data,
+            CFG.seed,
+        )
+    )
+
+
+def generator_setting(wildcards):
+    """What a generator depends on beyond its collection: its config and the diffusion settings."""
+    spec = AX.arch_spec(CFG, wildcards.arch, wildcards.study)
+    return repr(
+        (
+            spec.rpg,
+            spec.train,
+            CFG.diffusion,
+            CFG.generate,
+            CFG.architectures["samples"],
+        )
+    )
+
+
+def ablation_inputs(wildcards):
+    name, families = ablation_variants()
+    return [arch_samples("ablation", name, v.id) for _, v in families[wildcards.family]]
+
+
+def ablation_labels(wildcards):
+    return [label for label, _ in ablation_variants()[1][wildcards.family]]

@@ -1,64 +1,11 @@
 # Generation across architectures (paper Tables 1, 4-7): per architecture, train runs and collect checkpoints ->
 # unconditional RPG per variant -> generated models scored on the test set -> table1.csv and ablations/*.csv.
-from rpg import arch_experiments as AX
-
-ARCH_RES = f"{RES}/table1"
-
-
 wildcard_constraints:
     arch=r"[A-Za-z0-9_.]+",
     run=r"\d+",
     variant=AX.VARIANT_PATTERN,
     study="|".join(AX.STUDIES),
     family="|".join(AX.ABLATION_FAMILIES),
-
-
-_N_PARAMS = {}
-
-
-def n_params(name):
-    if name not in _N_PARAMS:
-        _N_PARAMS[name] = AX.parameter_count(AX.arch_spec(CFG, name))
-    return _N_PARAMS[name]
-
-
-def main_variant(name):
-    return AX.main_variant(CFG, name, n_params(name)).id
-
-
-def ablation_variants():
-    name = CFG.architectures["ablations"]["arch"]
-    return name, AX.ablation_variants(CFG, n_params(name))
-
-
-def arch_samples(study, name, variant):
-    return f"{ARCH_RES}/{study}/generated/{name}/{variant}/samples.csv"
-
-
-def collection_runs(wildcards):
-    runs = AX.Variant.parse(wildcards.variant).runs
-    return [f"{ARCH_RES}/collections/{wildcards.arch}/run{r}" for r in range(runs)]
-
-
-def collect_setting(wildcards):
-    """What a collection depends on (a change re-trains it): architecture, data split and recipe."""
-    spec = AX.arch_spec(CFG, wildcards.arch)
-    return repr((spec.arch, spec.model_kwargs, spec.img_size, spec.pretrained, spec.recipe, CFG.data, CFG.seed))
-
-
-def generator_setting(wildcards):
-    """What a generator depends on beyond its collection: its config and the diffusion settings."""
-    spec = AX.arch_spec(CFG, wildcards.arch, wildcards.study)
-    return repr((spec.rpg, spec.train, CFG.diffusion, CFG.generate, CFG.architectures["samples"]))
-
-
-def ablation_inputs(wildcards):
-    name, families = ablation_variants()
-    return [arch_samples("ablation", name, v.id) for _, v in families[wildcards.family]]
-
-
-def ablation_labels(wildcards):
-    return [label for label, _ in ablation_variants()[1][wildcards.family]]
 
 
 rule collect_checkpoints:
@@ -114,8 +61,6 @@ rule generate_arch:
         samples=f"{ARCH_RES}/{{study}}/generated/{{arch}}/{{variant}}/samples.csv",
         summary=f"{ARCH_RES}/{{study}}/generated/{{arch}}/{{variant}}/summary.json",
         models=directory(f"{ARCH_RES}/{{study}}/generated/{{arch}}/{{variant}}/models"),
-    params:
-        setting=generator_setting,
     log:
         f"{RES}/logs/table1/generate_{{study}}_{{arch}}_{{variant}}.log",
     benchmark:
@@ -126,6 +71,8 @@ rule generate_arch:
     resources:
         mem_mb=4000,
         gpu=GPU,
+    params:
+        setting=generator_setting,
     script:
         "../scripts/generate_arch.py"
 
