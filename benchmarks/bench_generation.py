@@ -1,7 +1,8 @@
 """Generation: seconds and peak memory per generated model, per generation mode and per sampler / step count, with
 the accuracy of the generated heads on unseen tasks (the paper's Tables 8 and 18, on the CPU default profile).
 
-Uses a trained task-conditioned RPG (default: the default profile's `results/rpg/cifar10_binary/best.safetensors`),
+Uses a trained task-conditioned RPG (default: the default profile's `results/rpg/cifar10_binary/best.safetensors`;
+`--results DIR` for another results folder),
 the split (unseen tasks) and the cached test features. Every configuration runs in a FRESH subprocess, so its memory
 is not mixed with another's:
   * seconds: wall clock of `generate_tokens` + detokenising (prototypes, all denoiser calls), after a tiny warm-up
@@ -37,18 +38,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import peak_rss_mb, reset_peak_rss, rss_mb, set_threads, synchronize, write_results  # noqa: E402
 
-DEFAULT_RESULTS = Path("/work/clone_dag/results") if Path("/work/clone_dag/results").is_dir() else Path("results")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rpg", type=Path, default=DEFAULT_RESULTS / "rpg/cifar10_binary/best.safetensors",
-                   help="trained RPG checkpoint")
-    p.add_argument("--split", type=Path, default=DEFAULT_RESULTS / "zoo/cifar10_binary/split.json")
-    p.add_argument("--features", type=Path, default=DEFAULT_RESULTS / "features/cifar10_binary/features.safetensors",
-                   help="cached features (test split scores the generated heads); 'none' skips accuracy")
-    p.add_argument("--zoo", type=Path, default=DEFAULT_RESULTS / "zoo/cifar10_binary",
-                   help="zoo folder: the unseen tasks' original heads are scored for reference ('none' skips)")
+    p.add_argument("--results", type=Path, default=Path("results"),
+                   help="a default-profile results folder; the four paths below default to files in it")
+    p.add_argument("--rpg", type=Path, default=None,
+                   help="trained RPG checkpoint (default: RESULTS/rpg/cifar10_binary/best.safetensors)")
+    p.add_argument("--split", type=Path, default=None, help="default: RESULTS/zoo/cifar10_binary/split.json")
+    p.add_argument("--features", type=Path, default=None,
+                   help="cached features, whose test split scores the generated heads; 'none' skips accuracy "
+                        "(default: RESULTS/features/cifar10_binary/features.safetensors)")
+    p.add_argument("--zoo", type=Path, default=None,
+                   help="zoo folder: the unseen tasks' original heads are scored for reference; 'none' skips "
+                        "(default: RESULTS/zoo/cifar10_binary)")
     p.add_argument("--tasks", type=int, default=4, help="unseen tasks used (first N of the split's unseen list)")
     p.add_argument("--samples", type=int, default=1, help="models generated per task")
     p.add_argument("--sampler", default="ddim", help="default sampler (the profile's: ddim)")
@@ -67,7 +71,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/generation.csv"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    defaults = {"rpg": "rpg/cifar10_binary/best.safetensors", "split": "zoo/cifar10_binary/split.json",
+                "features": "features/cifar10_binary/features.safetensors", "zoo": "zoo/cifar10_binary"}
+    for key, rel in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, args.results / rel)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 (rpg.zoo.train_head_single), side by side in one run.
 
 Throughput is in task-steps per second of wall time and of this process's CPU time (one AdamW step of one head
-`Linear(d,d) -> SiLU -> Linear(d,2)` on a minibatch of `--batch-size` cached features). The loop runs on `--loop-tasks` tasks (its per-task cost does not
-depend on the task), once before and once after the batched runs (a busy machine drifts; the mean is the baseline).
+`Linear(d,d) -> SiLU -> Linear(d,2)` on a minibatch of `--batch-size` cached features). The loop runs on
+`--loop-tasks` tasks (its per-task cost does not depend on the task), once before and once after the batched runs
+(a busy machine drifts; the mean is the baseline); on CUDA it runs the same maths with the head on the GPU.
 The batched path runs on all `--tasks` tasks in blocks of each `--chunks` size. Also measured, for reference:
   * `autograd_einsum`: the previous batched implementation (einsum forward, autograd, per-block AdamW), kept here;
   * `--experimental`: bf16 GEMMs (AMX where the CPU has it) + a torch.compile'd elementwise middle. This is NOT the
@@ -33,7 +34,7 @@ from _machine import set_threads, timed, write_results  # noqa: E402
 
 from rpg.tasks import ALL_TASK_IDS, binary_labels  # noqa: E402
 from rpg.utils import load_safetensors, resolve_device  # noqa: E402
-from rpg.zoo import HEAD_KEYS, head_logits, initial_head, train_head_single, train_heads  # noqa: E402
+from rpg.zoo import HEAD_KEYS, head_logits, initial_head, make_head, train_head_single, train_heads  # noqa: E402
 
 HeadTrainer = Callable[..., dict[str, torch.Tensor]]
 
@@ -63,6 +64,24 @@ def train_heads_autograd_einsum(features: torch.Tensor, class_labels: torch.Tens
         for k, v in params.items():
             out.setdefault(k, []).append(v.detach())
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def train_head_single_on_device(features: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int,
+                                 lr: float, weight_decay: float, seed: int) -> dict[str, torch.Tensor]:
+    """rpg.zoo.train_head_single with the head on the features' device (that function builds it on the CPU)."""
+    d = features.shape[1]
+    head = make_head(d)
+    head.load_state_dict(initial_head(d, seed))
+    head.to(features.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        idx = torch.randint(0, features.shape[0], (batch_size,), generator=gen).to(features.device)
+        loss = F.cross_entropy(head(features[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
 def make_experimental_bf16(compile_middle: bool) -> HeadTrainer:
@@ -145,10 +164,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     common = dict(steps=args.steps, batch_size=args.batch_size, lr=1e-3, weight_decay=0.01, seed=0)
     loop_labels = binary_labels(y, ids[: args.loop_tasks]).to(device)
 
-    def run_loop() -> list[dict[str, torch.Tensor]]:
-        return [train_head_single(x, loop_labels[i], **common) for i in range(args.loop_tasks)]
+    single = train_head_single if device.type == "cpu" else train_head_single_on_device
 
-    train_head_single(x, loop_labels[0], **{**common, "steps": 2})  # warm-up
+    def run_loop() -> list[dict[str, torch.Tensor]]:
+        return [single(x, loop_labels[i], **common) for i in range(args.loop_tasks)]
+
+    single(x, loop_labels[0], **{**common, "steps": 2})  # warm-up
     loop_s_before, loop_cpu_before, singles = timed(run_loop, device)
 
     variants: list[tuple[str, int, HeadTrainer]] = []
