@@ -7,9 +7,9 @@ model (end to end).
 
 The diffusion loss is no proxy for the quality of generated weights (a calibration prototype reached a lower loss
 and collapsed), so training calls a user-supplied `validate(model) -> {"score": ...}` every `eval_every` steps and
-keeps the checkpoint with the best score as `best.safetensors`. `last.safetensors` + `last.opt.pt` allow resuming;
-the data and noise generators are part of that state, so a resumed run ends with the same weights as an
-uninterrupted one. Under `torchrun` with several processes, training is data parallel (DDP).
+keeps the checkpoint with the best score as `best.safetensors`. `last.opt.pt` (weights, optimizer, data and noise
+generators) allows resuming, so a resumed run ends with the same weights as an uninterrupted one; `last.safetensors`
+is a loadable copy of the same weights, written after it. Under `torchrun` with several processes, training is data parallel (DDP).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from rpg.checkpoint import load_rpg, load_training_state, save_rpg, save_training_state
+from rpg.checkpoint import load_training_state, save_rpg, save_training_state
 from rpg.config import DiffusionConfig, ModelConfig, TrainConfig
 from rpg.diffusion import GaussianDiffusion, create_diffusion
 from rpg.model import RPG
@@ -127,20 +127,21 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
 
     last_path, state_path = out_dir / "last.safetensors", out_dir / "last.opt.pt"
     fingerprint = _fingerprint(model_cfg, diffusion_cfg, cfg, tokens, cond, seed, world)
-    state = load_training_state(state_path) if last_path.exists() and state_path.exists() else None
+    state = load_training_state(state_path) if state_path.exists() else None
     if state is not None and not (state.get("fingerprint") == fingerprint and
                                   (int(state["best_step"]) < 0 or (out_dir / "best.safetensors").exists())):
         # A leftover of a run on other data / settings (e.g. Snakemake re-running the rule after its inputs
         # changed), or a finished run whose best checkpoint was deleted: resuming would silently reuse stale weights.
         if rank == 0:
-            print(f"not resuming from {last_path}: other data or settings, or best.safetensors is gone; "
+            print(f"not resuming from {state_path}: other data or settings, or best.safetensors is gone; "
                   "training from scratch")
         state = None
     if state is None and rank == 0:
         (out_dir / "train_log.csv").unlink(missing_ok=True)
     if state is not None:
-        resumed, _, _, _ = load_rpg(last_path, device)
-        model.load_state_dict(resumed.state_dict())
+        # The weights come from the training state itself: last.safetensors is written after it, so a kill between
+        # the two writes must not pair new weights with an older optimizer state.
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_gen"])
         noise_gen.set_state(state["noise_gen"])
@@ -148,7 +149,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         if rank == 0:
-            print(f"resumed from {last_path} at step {start}")
+            print(f"resumed from {state_path} at step {start}")
 
     tokens_dev = tokens.to(device)
     cond_dev = cond.to(device) if cond is not None else None
@@ -164,13 +165,13 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     def checkpoint(step: int) -> None:
         if rank != 0:
             return
-        save_rpg(last_path, model, tokenizer, diffusion_cfg, step=step)
         save_training_state(state_path, {
-            "optimizer": optimizer.state_dict(), "data_gen": data_gen.get_state(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "data_gen": data_gen.get_state(),
             "noise_gen": noise_gen.get_state(), "step": step, "best_score": best["score"],
             "best_step": best["step"], "fingerprint": fingerprint,
             **({"ema": ema.state_dict()} if ema is not None else {}),
         })
+        save_rpg(last_path, model, tokenizer, diffusion_cfg, step=step)  # a loadable copy of the same weights
 
     for step in bar:
         lr = lr_at(step, cfg)

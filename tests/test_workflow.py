@@ -119,7 +119,7 @@ def test_table1_family(workflow_run):
         table = pd.read_csv(res / "ablations" / f"{family}.csv")
         assert len(table) == rows and (table.family == family).all(), family
         assert {"train_seconds", "train_peak_rss_mb"} <= set(table.columns)
-    model_file = next((res / "table1" / "generated" / "vit_nano").rglob("models/00.safetensors"))
+    model_file = next((res / "table1" / "main" / "generated" / "vit_nano").rglob("models/00.safetensors"))
     model = model_from_metadata(read_safetensors_metadata(model_file), load_safetensors(model_file)[0])
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
