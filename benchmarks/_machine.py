@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -112,6 +113,13 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, An
     result = fn()
     synchronize(device)
     return time.perf_counter() - start, time.process_time() - cpu_start, result
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and process-CPU seconds of fn() over `repeats` runs after one warm-up run."""
+    fn()  # warm-up (allocator, AdamW state, kernel selection / Triton autotuning)
+    runs = [timed(fn, device)[:2] for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def rss_mb() -> float:

@@ -19,9 +19,7 @@ Writes results/benchmarks/mamba_scan.csv (+ .json).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import set_threads, synchronize, write_results  # noqa: E402
+from _machine import median_seconds, set_threads, write_results  # noqa: E402
 
 from rpg.nn.ssd import ssd_chunked, ssd_naive  # noqa: E402
 
@@ -79,20 +77,6 @@ def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], chunk_size: int) -> tuple[
     y = fn(*leaves, chunk_size=chunk_size)
     y.square().mean().backward()
     return y.detach(), [t.grad for t in leaves]
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median wall-clock and process-CPU seconds of fn() over `repeats` runs after one warm-up."""
-    fn()  # warm-up (allocator, kernel selection / Triton autotuning)
-    times, cpu = [], []
-    for _ in range(repeats):
-        synchronize(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    return statistics.median(times), statistics.median(cpu)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

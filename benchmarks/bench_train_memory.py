@@ -28,14 +28,14 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import peak_rss_mb, reset_peak_rss, rss_mb, set_threads, synchronize, write_results  # noqa: E402
+from _machine import (median_seconds, peak_rss_mb, reset_peak_rss, rss_mb, set_threads, synchronize,  # noqa: E402
+                      write_results)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -117,21 +117,13 @@ def run_size(job: dict[str, Any]) -> dict[str, Any]:
         cuda_before = torch.cuda.memory_allocated(device)
     rss_before = rss_mb()
     peak_reset = reset_peak_rss()
-    step()  # warm-up: allocates AdamW state and allocator caches (part of the measured peak)
-    times, cpu_times = [], []
-    for _ in range(job["steps"]):
-        synchronize(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+    # The warm-up step allocates AdamW state and allocator caches (part of the measured peak).
+    step_s, step_cpu_s = median_seconds(step, device, job["steps"])
     peak = peak_rss_mb()
     n_gen = sum(p.numel() for p in model.parameters())
     result = {"n_params": tokenizer.n_params, "n_tokens": n, "token_size": length,
               "batch_size": batch_size, "tokens_through_recurrent_per_step": batch_size * n,
-              "step_s": statistics.median(times),
-              "step_cpu_s": statistics.median(cpu_times),
+              "step_s": step_s, "step_cpu_s": step_cpu_s,
               "train_peak_mb": peak - rss_before if peak_reset else float("nan"), "process_peak_mb": peak,
               "rss_before_steps_mb": rss_before, "rss_at_start_mb": rss_start,
               "data_mb": tokens.numel() * tokens.element_size() / 2**20, "generator_params": n_gen}
