@@ -9,6 +9,7 @@ adaptations are plain timm keyword arguments in the config (``img_size: 32, patc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Mapping
 
 import timm
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 import rpg.targets  # noqa: F401  (registers the rpg_* models with timm)
-from rpg.utils import load_state_dict_file
+from rpg.utils import load_state_dict_file, read_safetensors_metadata
 
 
 def build_model(arch: str, model_kwargs: Mapping[str, Any] | None = None, *, num_classes: int = 10,
@@ -57,8 +58,6 @@ def model_from_metadata(meta: Mapping[str, Any], state_dict: Mapping[str, torch.
     return model
 
 
-def load_model_file(path: str) -> nn.Module:
+def load_model_file(path: str | Path) -> nn.Module:
     """A full-model checkpoint written by this project (weights + architecture metadata) as a ready model."""
-    from rpg.utils import read_safetensors_metadata
-
     return model_from_metadata(read_safetensors_metadata(path), load_state_dict_file(path))

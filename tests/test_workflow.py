@@ -100,8 +100,7 @@ def test_tables_exist_with_expected_columns(workflow_run):
 def test_table1_family(workflow_run):
     """table1.csv has one row per configured architecture; each ablation family one row per setting; generated
     models are saved ready to rebuild from their metadata."""
-    from rpg.architectures import model_from_metadata
-    from rpg.utils import read_safetensors_metadata
+    from rpg.architectures import load_model_file
 
     res, cfg = workflow_run["results"], workflow_run["cfg"]
     arch = cfg.architectures
@@ -120,7 +119,7 @@ def test_table1_family(workflow_run):
         assert len(table) == rows and (table.family == family).all(), family
         assert {"train_seconds", "train_peak_rss_mb"} <= set(table.columns)
     model_file = next((res / "table1" / "main" / "generated" / "vit_nano").rglob("models/00.safetensors"))
-    model = model_from_metadata(read_safetensors_metadata(model_file), load_safetensors(model_file)[0])
+    model = load_model_file(model_file)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
