@@ -33,7 +33,8 @@ from rpg.data import load_cifar10
 from rpg.features import split_train_val
 from rpg.model import resolve_model_config
 from rpg.tracking import start_tracking
-from rpg.unconditional import peak_rss_mb, sample_models, train_on_collection
+from rpg.generate import sample_models
+from rpg.unconditional import peak_rss_mb, train_on_collection
 from rpg.utils import (load_safetensors, read_safetensors_metadata, resolve_device, save_safetensors_atomic,
                        write_csv_atomic, write_json_atomic, write_text_atomic)
 
@@ -243,9 +244,9 @@ def train_variant(cfg: Config, name: str, variant_id: str, run_dirs: Sequence[st
     files = _collection(spec, run_dirs, variant.runs)
     state_dicts = [load_safetensors(f)[0] for f in files]
     n_params = sum(v.numel() for v in state_dicts[0].values() if v.is_floating_point())
-    model_cfg = variant_model_config(spec, variant, parameter_count(spec))
+    template = build_model(spec.arch, spec.model_kwargs).to(device)  # scores generated weights
+    model_cfg = variant_model_config(spec, variant, count_parameters(template))
     data = load_image_data(cfg, spec.img_size, device)
-    template = build_model(spec.arch, spec.model_kwargs).to(device)
     tracker = start_tracking(cfg.logging, name=f"{study}-{name}-{variant_id}", group="table1", job_type="train_rpg",
                              config={"architecture": name, "variant": variant_id, "study": study, **cfg.raw},
                              directory=Path(cfg.results_dir) / "wandb")

@@ -113,7 +113,7 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     return max(0.0, (1 - t) / max(1e-8, 1 - warmup))
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and norm parameters (1-D tensors)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -175,9 +175,9 @@ def train_backbone(
     if opts["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if opts["optimizer"] == "sgd":
-        opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=opts["momentum"], nesterov=True)
+        opt = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=opts["momentum"], nesterov=True)
     elif opts["optimizer"] == "adamw":
-        opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+        opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {opts['optimizer']!r}")
 

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rpg.architectures import architecture_metadata, build_model, count_parameters
-from rpg.backbone import augment, normalize, resolve_amp
+from rpg.backbone import augment, normalize, param_groups, resolve_amp
 from rpg.utils import save_safetensors_atomic, write_csv_atomic
 
 
@@ -99,9 +99,7 @@ def _lr_at(step: int, main_steps: int, recipe: CollectRecipe) -> float:
 
 
 def _optimizer(model: nn.Module, recipe: CollectRecipe) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, recipe.weight_decay)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
     if recipe.optimizer == "adamw":

@@ -84,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, meta: dict) -> int:
     """Whole models from a generator trained by `rpg train --checkpoints` (no task: --embedding/--classes refused)."""
-    from rpg.unconditional import sample_models
+    from rpg.generate import sample_models
 
     if args.embedding or args.classes:
         raise TaskError(f"{args.checkpoint} is an unconditional generator (trained on a checkpoint collection); "

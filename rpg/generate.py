@@ -13,7 +13,8 @@ import contextlib
 
 import torch
 
-from rpg.diffusion import GaussianDiffusion
+from rpg.config import DiffusionConfig
+from rpg.diffusion import GaussianDiffusion, create_diffusion
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer
 
@@ -70,3 +71,19 @@ def generate_state_dicts(model: RPG, tokenizer: Tokenizer, diffusion: GaussianDi
     """Generate `n_samples` complete state dicts (see `generate_tokens` for the keyword arguments)."""
     tokens = generate_tokens(model, diffusion, n_samples, **kwargs)
     return [tokenizer.detokenize(t) for t in tokens]
+
+
+def sample_models(model: RPG, tokenizer: Tokenizer, diffusion_cfg: DiffusionConfig, n_samples: int, *, seed: int,
+                  perm: torch.Tensor | None = None, cond: torch.Tensor | None = None, mode: str = "partial",
+                  tokens_per_call: int = 256, bf16: bool = False) -> list[dict[str, torch.Tensor]]:
+    """`n_samples` state dicts with the sampler of `diffusion_cfg`, all noise from a CPU generator seeded `seed`.
+
+    Args:
+        perm: (n_samples,) permutation-state rows (random rows when the model has them and perm is None).
+        cond: (n_samples, condition_dim) task bits, for task-conditioned models.
+    """
+    return generate_state_dicts(
+        model, tokenizer, create_diffusion(diffusion_cfg), n_samples, perm=perm, cond=cond,
+        sampler=diffusion_cfg.sampler, steps=diffusion_cfg.sample_steps, eta=diffusion_cfg.eta,
+        clip_x0=diffusion_cfg.clip_x0, mode=mode, tokens_per_call=tokens_per_call,
+        generator=torch.Generator().manual_seed(seed), bf16=bf16)

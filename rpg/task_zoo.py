@@ -16,9 +16,8 @@ import torch
 
 from rpg.checkpoint import load_rpg
 from rpg.config import Config
-from rpg.diffusion import create_diffusion
 from rpg.features import load_features
-from rpg.generate import generate_tokens
+from rpg.generate import sample_models
 from rpg.model import RPG
 from rpg.tasks import ALL_TASK_IDS, TaskSplit, embedding_bits, embedding_to_id, id_to_embedding, make_split
 from rpg.tokenize import Tokenizer
@@ -108,15 +107,9 @@ def evaluate(evaluator, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids
 def generate_models(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequence[int], n_samples: int,
                     seed: int) -> list[dict[str, torch.Tensor]]:
     """`n_samples` generated state dicts per task, task-major."""
-    diffusion = create_diffusion(cfg.diffusion)
     bits = embedding_bits(task_ids).repeat_interleave(n_samples, dim=0)  # (T*S, 10)
-    tokens = generate_tokens(
-        model, diffusion, len(bits), cond=bits, sampler=cfg.diffusion.sampler, steps=cfg.diffusion.sample_steps,
-        eta=cfg.diffusion.eta, clip_x0=cfg.diffusion.clip_x0, mode=cfg.generate.mode,
-        tokens_per_call=cfg.generate.tokens_per_call, generator=torch.Generator().manual_seed(seed),
-        bf16=cfg.train.bf16,
-    )
-    return [tokenizer.detokenize(t) for t in tokens]
+    return sample_models(model, tokenizer, cfg.diffusion, len(bits), seed=seed, cond=bits, mode=cfg.generate.mode,
+                         tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16)
 
 
 def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], evaluator,

@@ -19,8 +19,7 @@ import torch
 
 from rpg.checkpoint import load_rpg
 from rpg.config import DiffusionConfig, ModelConfig, TrainConfig
-from rpg.diffusion import create_diffusion
-from rpg.generate import generate_state_dicts
+from rpg.generate import sample_models
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer, check_collection
 from rpg.tracking import Tracker
@@ -34,16 +33,6 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB); one process per training gives its peak."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def sample_models(model: RPG, tokenizer: Tokenizer, diffusion_cfg: DiffusionConfig, n_samples: int, *,
-                  seed: int, perm: torch.Tensor | None = None, mode: str = "partial", tokens_per_call: int = 256,
-                  bf16: bool = False) -> list[dict[str, torch.Tensor]]:
-    """`n_samples` complete state dicts from an unconditional generator (random permutation states unless given)."""
-    return generate_state_dicts(
-        model, tokenizer, create_diffusion(diffusion_cfg), n_samples, perm=perm, sampler=diffusion_cfg.sampler,
-        steps=diffusion_cfg.sample_steps, eta=diffusion_cfg.eta, clip_x0=diffusion_cfg.clip_x0, mode=mode,
-        tokens_per_call=tokens_per_call, generator=torch.Generator().manual_seed(seed), bf16=bf16)
 
 
 def make_score_validator(tokenizer: Tokenizer, diffusion_cfg: DiffusionConfig, score_fn: ScoreFn, n_samples: int,
