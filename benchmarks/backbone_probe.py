@@ -1,6 +1,6 @@
 """Probe the CPU backbone: 10-class accuracy and binary-head accuracy on the paper's Table 11 tasks.
 
-Trains the backbone (``rpg.backbone.train_backbone``) on real CIFAR-10, extracts flip-averaged features,
+Trains the backbone (``rpg.experiments.task_zoo.backbone.train_backbone``) on real CIFAR-10, extracts flip-averaged features,
 then trains the paper's head ``Linear(d,d) → SiLU → Linear(d,2,bias=False)`` for the 10 Table 11
 embeddings at once (batched einsum; every task starts from the same seeded head, as in the zoo) with AdamW
 on the cached train features, and reports per-task test accuracy, balanced accuracy and timings.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rpg.backbone import extract_features, train_backbone
+from rpg.experiments.task_zoo.backbone import extract_features, train_backbone
 from rpg.data import CIFAR10_CLASSES, load_cifar10
 
 TABLE11 = (

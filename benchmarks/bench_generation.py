@@ -90,7 +90,7 @@ def run_config(job: dict[str, Any]) -> dict[str, Any]:
     from rpg.checkpoint import load_rpg
     from rpg.diffusion import create_diffusion
     from rpg.generate import generate_tokens
-    from rpg.tasks import embedding_bits
+    from rpg.experiments.task_zoo.tasks import embedding_bits
 
     set_threads(job["threads"])
     device = torch.device(job["device"])
@@ -126,8 +126,8 @@ def run_config(job: dict[str, Any]) -> dict[str, Any]:
     result["n_tokens_per_model"] = model.n_tokens
     result["generated_params_per_model"] = tokenizer.n_params
     if job["features"]:
-        from rpg.features import load_features
-        from rpg.zoo import evaluate_heads, stack_state_dicts
+        from rpg.experiments.task_zoo.features import load_features
+        from rpg.experiments.task_zoo.heads import evaluate_heads, stack_state_dicts
 
         feats = load_features(job["features"])
         acc = evaluate_heads(stack_state_dicts(state_dicts), task_ids, feats["test_x"].float(),
@@ -147,8 +147,8 @@ def spawn(job: dict[str, Any]) -> dict[str, Any]:
 
 def original_accuracy(zoo: Path, features: Path, task_ids: list[int]) -> float:
     """Mean test accuracy of the unseen tasks' original zoo heads (all their checkpoints)."""
-    from rpg.features import load_features
-    from rpg.zoo import checkpoint_path, evaluate_heads, load_task_checkpoints, stack_state_dicts
+    from rpg.experiments.task_zoo.features import load_features
+    from rpg.experiments.task_zoo.heads import checkpoint_path, evaluate_heads, load_task_checkpoints, stack_state_dicts
 
     k = 0
     while checkpoint_path(zoo, task_ids[0], k).exists():

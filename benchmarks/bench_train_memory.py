@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--params", type=int, nargs="+",
                    default=[10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000],
                    help="generated parameter counts")
-    p.add_argument("--size", default="cpu_tiny", help="RPG preset (rpg.model.RPG_MODELS), fixed for all sizes")
+    p.add_argument("--size", default="cpu_tiny", help="RPG preset (rpg.config.RPG_MODELS), fixed for all sizes")
     p.add_argument("--token-size", type=int, default=None, help="override the preset's token size")
     p.add_argument("--checkpoints", type=int, default=4, help="synthetic checkpoints (permutation-state rows)")
     p.add_argument("--batch-size", type=int, default=1,
@@ -73,7 +73,8 @@ def synthetic_checkpoints(n_params: int, k: int, seed: int) -> list[dict[str, to
 def run_size(job: dict[str, Any]) -> dict[str, Any]:
     """Build data + fixed RPG + AdamW for one size, then time the steps and measure their peak memory."""
     from rpg.diffusion import GaussianDiffusion
-    from rpg.model import RPG, resolve_model_config
+    from rpg.config import resolve_model_config
+    from rpg.model import RPG
     from rpg.tokenize import Tokenizer
     from rpg.train import DiffusionObjective, _param_groups
 

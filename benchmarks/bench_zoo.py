@@ -1,5 +1,5 @@
-"""Zoo throughput: all heads batched (rpg.zoo.train_heads) vs. a one-task-at-a-time loop of the same maths
-(rpg.zoo.train_head_single), side by side in one run.
+"""Zoo throughput: all heads batched (rpg.experiments.task_zoo.heads.train_heads) vs. a one-task-at-a-time loop of the same maths
+(rpg.experiments.task_zoo.heads.train_head_single), side by side in one run.
 
 Throughput is in task-steps per second of wall time and of this process's CPU time (one AdamW step of one head
 `Linear(d,d) -> SiLU -> Linear(d,2)` on a minibatch of `--batch-size` cached features). The loop runs on
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import set_threads, timed, write_results  # noqa: E402
 
-from rpg.tasks import ALL_TASK_IDS, binary_labels  # noqa: E402
+from rpg.experiments.task_zoo.tasks import ALL_TASK_IDS, binary_labels  # noqa: E402
 from rpg.utils import load_safetensors, resolve_device  # noqa: E402
-from rpg.zoo import HEAD_KEYS, head_logits, initial_head, make_head, train_head_single, train_heads  # noqa: E402
+from rpg.experiments.task_zoo.heads import HEAD_KEYS, head_logits, initial_head, make_head, train_head_single, train_heads  # noqa: E402
 
 HeadTrainer = Callable[..., dict[str, torch.Tensor]]
 
@@ -42,7 +42,7 @@ HeadTrainer = Callable[..., dict[str, torch.Tensor]]
 def train_heads_autograd_einsum(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Sequence[int], *,
                                 steps: int, batch_size: int, lr: float, weight_decay: float, seed: int,
                                 task_chunk: int) -> dict[str, torch.Tensor]:
-    """The previous rpg.zoo.train_heads (einsum forward, autograd backward, one AdamW per block of tasks)."""
+    """The previous rpg.experiments.task_zoo.heads.train_heads (einsum forward, autograd backward, one AdamW per block of tasks)."""
     d = features.shape[1]
     init = initial_head(d, seed)
     labels = binary_labels(class_labels, task_ids).to(features.device)
@@ -68,7 +68,7 @@ def train_heads_autograd_einsum(features: torch.Tensor, class_labels: torch.Tens
 
 def train_head_single_on_device(features: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int,
                                  lr: float, weight_decay: float, seed: int) -> dict[str, torch.Tensor]:
-    """rpg.zoo.train_head_single with the head on the features' device (that function builds it on the CPU)."""
+    """rpg.experiments.task_zoo.heads.train_head_single with the head on the features' device (that function builds it on the CPU)."""
     d = features.shape[1]
     head = make_head(d)
     head.load_state_dict(initial_head(d, seed))
@@ -85,7 +85,7 @@ def train_head_single_on_device(features: torch.Tensor, labels: torch.Tensor, *,
 
 
 def make_experimental_bf16(compile_middle: bool) -> HeadTrainer:
-    """bf16 GEMMs + (optionally) a compiled float32 elementwise middle; otherwise rpg.zoo's algorithm."""
+    """bf16 GEMMs + (optionally) a compiled float32 elementwise middle; otherwise rpg.experiments.task_zoo.heads's algorithm."""
 
     def middle(h: torch.Tensor, y: torch.Tensor, w2: torch.Tensor):
         b, t = y.shape
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     variants: list[tuple[str, int, HeadTrainer]] = []
     for chunk in args.chunks:
-        variants.append(("rpg.zoo.train_heads", chunk, lambda *a, **k: {key: v[:, -1] for key, v in train_heads(
+        variants.append(("rpg.experiments.task_zoo.heads.train_heads", chunk, lambda *a, **k: {key: v[:, -1] for key, v in train_heads(
             *a, n_checkpoints=1, save_every=1, progress=False, **k).items()}))
     for chunk in args.reference_chunks:
         variants.append(("autograd_einsum (previous)", chunk, train_heads_autograd_einsum))
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     loop_s_after, loop_cpu_after, _ = timed(run_loop, device)
     work = 2 * args.loop_tasks * args.steps
     loop_rate, loop_cpu_rate = work / (loop_s_before + loop_s_after), work / (loop_cpu_before + loop_cpu_after)
-    rows = [{"variant": "loop: rpg.zoo.train_head_single", "task_chunk": 1, "tasks": args.loop_tasks,
+    rows = [{"variant": "loop: rpg.experiments.task_zoo.heads.train_head_single", "task_chunk": 1, "tasks": args.loop_tasks,
              "seconds": (loop_s_before + loop_s_after) / 2, "cpu_seconds": (loop_cpu_before + loop_cpu_after) / 2,
              "task_steps_per_s": loop_rate, "task_steps_per_cpu_s": loop_cpu_rate, "speedup_wall": 1.0,
              "speedup_cpu": 1.0, "max_abs_diff_vs_loop": 0.0,

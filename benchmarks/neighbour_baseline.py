@@ -16,11 +16,11 @@ import argparse
 import pandas as pd
 import torch
 
-from rpg.features import load_features
-from rpg.task_zoo import read_split
-from rpg.tasks import id_to_embedding
+from rpg.experiments.task_zoo.features import load_features
+from rpg.experiments.task_zoo.pipeline import read_split
+from rpg.experiments.task_zoo.tasks import id_to_embedding
 from rpg.utils import write_csv_atomic
-from rpg.zoo import evaluate_heads, load_task_checkpoints, stack_state_dicts
+from rpg.experiments.task_zoo.heads import evaluate_heads, load_task_checkpoints, stack_state_dicts
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Are generated heads copies? Per unseen task: IoU of misclassified test images (rpg.analysis) between the
+"""Are generated heads copies? Per unseen task: IoU of misclassified test images (rpg.experiments.task_zoo.analysis) between the
 generated samples and the task's held-out originals, among the originals, and among the samples, plus L2 distances
 in weight space. Writes results/benchmarks/sample_diversity.csv.
 
@@ -13,12 +13,12 @@ import glob
 import pandas as pd
 import torch
 
-from rpg.analysis import max_iou_to_reference, misclassified_iou
-from rpg.features import load_features
-from rpg.task_zoo import read_split
-from rpg.tasks import binary_labels
+from rpg.experiments.task_zoo.analysis import max_iou_to_reference, misclassified_iou
+from rpg.experiments.task_zoo.features import load_features
+from rpg.experiments.task_zoo.pipeline import read_split
+from rpg.experiments.task_zoo.tasks import binary_labels
 from rpg.utils import load_safetensors, write_csv_atomic
-from rpg.zoo import HeadEvaluator, load_task_checkpoints
+from rpg.experiments.task_zoo.heads import HeadEvaluator, load_task_checkpoints
 
 
 def _flat(sds: list[dict[str, torch.Tensor]]) -> torch.Tensor:

@@ -12,7 +12,6 @@ warning instead. `inspect_collection` reports the same problems plus what RPG wo
 from __future__ import annotations
 
 import fnmatch
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from rpg.config import paper_size
 from rpg.tokenize import Tokenizer
 from rpg.utils import CheckpointError, load_safetensors
 
@@ -29,7 +29,6 @@ GENERATABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float6
 # Metadata that tells how to rebuild the network; `rpg generate` copies it into every generated model.
 ARCHITECTURE_KEYS = ("arch", "model_kwargs", "img_size", "num_classes", "build")
 # Table 15 of the paper: the generator version by the number of parameters to generate.
-PAPER_PRESETS = ((50_000, "tiny"), (10_000_000, "small"), (50_000_000, "base"), (math.inf, "large"))
 
 
 class CollectionError(CheckpointError):
@@ -214,11 +213,6 @@ def _metadata_summary(metadata: list[dict]) -> dict[str, Any]:
     return out
 
 
-def suggested_preset(n_generated: int) -> str:
-    """The paper's generator version (Table 15) for a number of generated parameters."""
-    return next(name for limit, name in PAPER_PRESETS if n_generated < limit)
-
-
 def inspect_collection(directory: str | Path, token_size: int = 256, skip_bad: bool = False,
                        pattern: str | None = None) -> dict[str, Any]:
     """What RPG would train on: counts, layers with their tokens, problems, metadata summary (JSON-serialisable).
@@ -250,7 +244,7 @@ def inspect_collection(directory: str | Path, token_size: int = 256, skip_bad: b
                             "total": sum(t.numel() for t in ref.values())}
     report["tokens"] = tokenizer.n_tokens
     report["padding"] = tokenizer.n_tokens * token_size - tokenizer.n_params
-    report["suggested_preset"] = suggested_preset(tokenizer.n_params)
+    report["suggested_preset"] = paper_size(tokenizer.n_params)
     return report
 
 

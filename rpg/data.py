@@ -32,6 +32,7 @@ __all__ = [
     "Cifar10",
     "CorruptDataError",
     "load_cifar10",
+    "split_train_val",
     "write_synthetic_cifar10",
 ]
 
@@ -216,6 +217,16 @@ def load_cifar10(root: str | Path, download: bool = False) -> Cifar10:
 # --------------------------------------------------------------------------------------------------
 # Synthetic data (tests, workflow test config)
 # --------------------------------------------------------------------------------------------------
+
+
+def split_train_val(data: Cifar10, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, disjoint indices of the training images that train models and that validate them (sorted).
+
+    Every experiment draws its held-out validation images here, from the same seed, so that no model that is
+    scored on them (the backbone, the zoo heads, the checkpoint collections) has trained on them.
+    """
+    perm = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
 def _synthetic_images(labels: np.ndarray, prototypes: np.ndarray, rng: np.random.Generator) -> np.ndarray:

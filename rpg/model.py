@@ -6,9 +6,6 @@ The recurrent model only produces the conditioning; `rpg.diffusion.GaussianDiffu
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Mapping
-
 import torch
 from torch import nn
 
@@ -16,36 +13,6 @@ from rpg.config import ModelConfig
 from rpg.nn.conv_denoiser import ConvDenoiser
 from rpg.nn.position import PositionEmbedding
 from rpg.nn.recurrent import build_recurrent
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sizes (paper Table 15; Mamba d_conv 4, expand 2; denoiser kernel 7) plus the CPU default.
-# ----------------------------------------------------------------------------------------------------------------
-RPG_MODELS: dict[str, dict] = {
-    # CPU default: Tiny's token size and Mamba width, half-width denoiser (measured ~3x cheaper on 2 CPU cores).
-    "cpu_tiny": dict(token_size=256, d_model=256, n_layers=2, d_state=32, denoiser_channels=(1, 16, 32, 64, 32, 16, 1)),
-    "tiny": dict(token_size=256, d_model=256, n_layers=2, d_state=32, denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
-    "small": dict(token_size=4096, d_model=4096, n_layers=2, d_state=128,
-                  denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
-    "base": dict(token_size=8192, d_model=8192, n_layers=2, d_state=128,
-                 denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
-    # The paper's Large uses d_model 12288 then 16384; we keep one width per stack (16384).
-    "large": dict(token_size=16384, d_model=16384, n_layers=2, d_state=128, denoiser_channels=(1, 64, 96, 64, 1)),
-    "custom": dict(),
-}
-
-
-def resolve_model_config(section: Mapping) -> ModelConfig:
-    """Preset named by `section['size']`, overridden by every non-null key of the section."""
-    size = section.get("size", "cpu_tiny")
-    if size not in RPG_MODELS:
-        raise ValueError(f"unknown RPG size '{size}' (expected one of {', '.join(RPG_MODELS)})")
-    values = dict(RPG_MODELS[size])
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    for key, value in section.items():
-        if key in fields and value is not None:
-            values[key] = tuple(value) if isinstance(value, list) else value
-    return ModelConfig(**values)
-
 
 class TaskEncoder(nn.Module):
     """10-bit task embedding (0/1) -> MLP -> d_model. Bits are mapped to -1/+1 first."""

@@ -1,7 +1,7 @@
-"""rpg.analysis: IoU of misclassified sets."""
+"""rpg.experiments.task_zoo.analysis: IoU of misclassified sets."""
 import torch
 
-from rpg.analysis import max_iou_to_reference, misclassified_iou
+from rpg.experiments.task_zoo.analysis import max_iou_to_reference, misclassified_iou
 
 
 def test_iou_of_identical_and_disjoint_error_sets():

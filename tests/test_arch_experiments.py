@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rpg import arch_experiments as ax
-from rpg.architectures import architecture_metadata, build_model, count_parameters, model_from_metadata
-from rpg.classifier import CollectRecipe, ImageEvaluator, collection_files, pick_checkpoints, train_collection
-from rpg.config import config_from_dict
+from rpg.experiments.arch_study import study as ax
+from rpg.vision.architectures import architecture_metadata, build_model, count_parameters, model_from_metadata
+from rpg.experiments.arch_study.collect import CollectRecipe, collection_files, pick_checkpoints, train_collection
+from rpg.vision.evaluate import ImageEvaluator
+from rpg.config import config_from_dict, paper_size
 from rpg.utils import load_safetensors, read_safetensors_metadata
 
 
@@ -86,7 +87,7 @@ def test_ablations_change_one_thing_and_share_the_table1_setting():
 
 
 def test_auto_size_follows_table15():
-    assert [ax.auto_size(n) for n in (3_000, 60_000, 20_000_000, 90_000_000)] == ["tiny", "small", "base", "large"]
+    assert [paper_size(n) for n in (3_000, 60_000, 20_000_000, 90_000_000)] == ["tiny", "small", "base", "large"]
 
 
 def test_arch_spec_merges_overrides_and_names_bad_keys():

@@ -6,8 +6,9 @@ import pytest
 import timm
 import torch
 
-import rpg.targets  # noqa: F401  (registration)
-from rpg.backbone import augment, extract_features, train_backbone
+import rpg.vision  # noqa: F401  (registration)
+from rpg.experiments.task_zoo.backbone import extract_features, train_backbone
+from rpg.vision.preprocess import augment
 from rpg.data import Cifar10, load_cifar10, write_synthetic_cifar10
 
 RPG_MODELS = timm.list_models("rpg_*")
@@ -63,7 +64,7 @@ def test_augment_shapes_and_identity() -> None:
 def _train(data: Cifar10, seed: int) -> tuple[torch.nn.Module, dict]:
     return train_backbone(
         data, arch="rpg_cifar_cnn_s", feature_dim=32, epochs=1, batch_size=64, lr=0.1, weight_decay=5e-4,
-        label_smoothing=0.1, seed=seed, progress=False, num_threads=2,
+        label_smoothing=0.1, seed=seed, progress=False,
     )
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from rpg.config import ConfigError, load_config
 from rpg.data import CorruptDataError, load_cifar10, write_synthetic_cifar10
-from rpg.tasks import (TaskError, classes_to_embedding, embedding_to_id, id_to_embedding, make_split,
+from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, embedding_to_id, id_to_embedding, make_split,
                        parse_embedding)
 from rpg.tokenize import Tokenizer, check_collection
 from rpg.utils import (CheckpointError, load_safetensors, load_state_dict_file, read_safetensors_metadata,
@@ -218,7 +218,8 @@ def test_config_overrides_and_missing_file(tmp_path):
 def test_unknown_architecture_names():
     """Unknown recurrent / position / size / sampler / mode names raise ValueError naming them."""
     from conftest import tiny_model_config
-    from rpg.model import RPG, resolve_model_config
+    from rpg.config import resolve_model_config
+    from rpg.model import RPG
 
     li, ti = torch.zeros(2, dtype=torch.long), torch.arange(2)
     with pytest.raises(ValueError, match="gru"):

@@ -8,13 +8,13 @@ import torch
 
 from conftest import tiny_model_config
 from rpg.checkpoint import save_rpg
-from rpg.cli import main
+from rpg.cli.main import main
 from rpg.config import DiffusionConfig
 from rpg.model import RPG
-from rpg.tasks import CIFAR10_CLASSES
+from rpg.experiments.task_zoo.tasks import CIFAR10_CLASSES
 from rpg.tokenize import Tokenizer
 from rpg.utils import load_safetensors, save_safetensors_atomic
-from rpg.zoo import initial_head
+from rpg.experiments.task_zoo.heads import initial_head
 
 
 @pytest.fixture(scope="module")

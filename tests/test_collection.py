@@ -17,9 +17,9 @@ from torch import nn
 
 import rpg.utils
 from conftest import REPO_ROOT
-from rpg.cli import main
+from rpg.cli.main import main
 from rpg.collection import CollectionError, inspect_collection, load_collection
-from rpg.user_eval import ScoreFunctionError, load_score_function
+from rpg.cli.user_eval import ScoreFunctionError, load_score_function
 from rpg.utils import load_safetensors, save_safetensors_atomic
 
 ARCH = {"arch": "tiny_mlp", "model_kwargs": {"hidden": 8}}
@@ -342,7 +342,7 @@ def test_killed_train_process_resumes_to_identical_weights(project):
     """A real SIGKILL of `rpg train` after its first checkpoint; the rerun ends where an uninterrupted run does."""
     config = dict(TINY_CONFIG, train={**TINY_CONFIG["train"], "steps": 24, "save_every": 4, "eval_every": 12})
     project["config"].write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-c", "import sys; from rpg.cli import main; sys.exit(main(sys.argv[1:]))", "train",
+    cmd = [sys.executable, "-c", "import sys; from rpg.cli.main import main; sys.exit(main(sys.argv[1:]))", "train",
            "--checkpoints", str(project["ckpts"]), "--config", str(project["config"]), "--eval", project["eval"]]
     whole, cut = project["tmp"] / "whole", project["tmp"] / "cut"
     subprocess.run([*cmd, "--out", str(whole)], check=True, capture_output=True)
@@ -444,7 +444,7 @@ def test_evaluate_full_cifar10_model_named_by_its_metadata(tmp_path, capsys):
     """A whole model saved with its timm/rpg architecture gets 10-class accuracy on (here synthetic) CIFAR-10."""
     import timm
 
-    import rpg.targets  # noqa: F401  (registers rpg_cnn_s)
+    import rpg.vision  # noqa: F401  (registers rpg_cnn_s)
     from rpg.data import write_synthetic_cifar10
 
     write_synthetic_cifar10(tmp_path / "data", n_train=20, n_test=30)

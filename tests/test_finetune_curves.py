@@ -1,4 +1,4 @@
-"""rpg.finetune_curves (Table 13): arms, epochs, the generated sample chosen on validation images, and the RPG arm
+"""rpg.experiments.task_zoo.finetune_curves (Table 13): arms, epochs, the generated sample chosen on validation images, and the RPG arm
 at epoch 0 being exactly the generated head on the pretrained backbone."""
 
 from __future__ import annotations
@@ -7,15 +7,16 @@ import pytest
 import timm
 import torch
 
-import rpg.targets  # noqa: F401
-from rpg.backbone import extract_features
+import rpg.vision  # noqa: F401
+from rpg.experiments.task_zoo.backbone import extract_features
 from rpg.config import load_config
 from rpg.data import load_cifar10, write_synthetic_cifar10
-from rpg.features import FEATURE_KEYS, split_train_val
-from rpg.finetune_curves import ARMS, _split_generated, select_generated, table13
-from rpg.tasks import binary_labels, embedding_to_id
+from rpg.data import split_train_val
+from rpg.experiments.task_zoo.features import FEATURE_KEYS
+from rpg.experiments.task_zoo.finetune_curves import ARMS, _split_generated, select_generated, table13
+from rpg.experiments.task_zoo.tasks import binary_labels, embedding_to_id
 from rpg.utils import save_safetensors_atomic
-from rpg.zoo import HEAD_KEYS, binary_metrics, head_logits, initial_head
+from rpg.experiments.task_zoo.heads import HEAD_KEYS, binary_metrics, head_logits, initial_head
 
 from conftest import REPO_ROOT
 

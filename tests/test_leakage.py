@@ -1,4 +1,4 @@
-"""No leakage: training the task-conditioned RPG (rpg.task_zoo.train_conditional_rpg) never opens an unseen task's
+"""No leakage: training the task-conditioned RPG (rpg.experiments.task_zoo.pipeline.train_conditional_rpg) never opens an unseen task's
 checkpoint. Shown twice: (a) by recording every file the safetensors readers open, (b) by deleting the unseen
 tasks' files before training: training still succeeds and gives bit-identical generator weights.
 """
@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import rpg.checkpoint
-import rpg.features
-import rpg.task_zoo
+import rpg.experiments.task_zoo.features
+import rpg.experiments.task_zoo.pipeline
 import rpg.utils
-import rpg.zoo
+import rpg.experiments.task_zoo.heads
 from rpg.config import load_config
-from rpg.task_zoo import read_split, train_conditional_rpg, write_split
+from rpg.experiments.task_zoo.pipeline import read_split, train_conditional_rpg, write_split
 from rpg.utils import load_safetensors, save_safetensors_atomic
-from rpg.zoo import HEAD_KEYS, checkpoint_path, save_zoo
+from rpg.experiments.task_zoo.heads import HEAD_KEYS, checkpoint_path, save_zoo
 
 D = 8
 SEEN = [3, 5, 12, 33, 100, 255, 256, 300, 400]
@@ -82,7 +82,7 @@ def test_training_never_opens_unseen_checkpoints(synthetic_zoo, monkeypatch):
     monkeypatch.setattr(rpg.utils, "safe_open", recording(rpg.utils.safe_open))
     monkeypatch.setattr(torch, "load", recording(torch.load))
     # high level: load_safetensors wherever it was imported by name
-    for module in (rpg.utils, rpg.zoo, rpg.features, rpg.checkpoint, rpg.task_zoo):
+    for module in (rpg.utils, rpg.experiments.task_zoo.heads, rpg.experiments.task_zoo.features, rpg.checkpoint, rpg.experiments.task_zoo.pipeline):
         if hasattr(module, "load_safetensors"):
             monkeypatch.setattr(module, "load_safetensors", recording(getattr(module, "load_safetensors")))
 

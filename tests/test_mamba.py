@@ -6,7 +6,6 @@ is available (and, for the parity test, where mamba_ssm imports); elsewhere they
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -16,7 +16,8 @@ from rpg.checkpoint import FORMAT, load_rpg, save_rpg
 from rpg.config import DiffusionConfig
 from rpg.diffusion import create_diffusion
 from rpg.generate import GENERATION_MODES, generate_state_dicts, generate_tokens
-from rpg.model import RPG, resolve_model_config
+from rpg.config import resolve_model_config
+from rpg.model import RPG
 from rpg.nn.recurrent import RECURRENT_KINDS
 from rpg.tokenize import Tokenizer
 from rpg.utils import CheckpointError, save_safetensors_atomic

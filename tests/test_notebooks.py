@@ -1,21 +1,20 @@
-"""Analysis notebooks and their inputs: rpg.analysis (PCA of heads, similarity vs. accuracy), rpg.notebooks, and
+"""Analysis notebooks and their inputs: rpg.experiments.task_zoo.analysis (PCA of heads, similarity vs. accuracy), rpg.experiments.notebooks, and
 each notebook executed under papermill on tiny synthetic results (and failing loudly on a missing input)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from conftest import REPO_ROOT
-from rpg.analysis import (add_noise, fit_pca, generated_files, head_keys, iou_at_accuracy, own_vs_other_distance,
+from rpg.experiments.task_zoo.analysis import (add_noise, fit_pca, generated_files, head_keys, iou_at_accuracy, own_vs_other_distance,
                           pca_heads, similarity_analysis)
-from rpg.notebooks import execute_notebook, require_inputs
-from rpg.tasks import TaskSplit
+from rpg.experiments.notebooks import execute_notebook, require_inputs
+from rpg.experiments.task_zoo.tasks import TaskSplit
 from rpg.utils import save_safetensors_atomic
-from rpg.zoo import HEAD_KEYS, HeadEvaluator, checkpoint_path, initial_head
+from rpg.experiments.task_zoo.heads import HEAD_KEYS, HeadEvaluator, checkpoint_path, initial_head
 
 D = 6
 TASKS = [3, 5, 12, 33, 100, 512]
@@ -51,7 +50,7 @@ def tiny_results(tmp_path_factory) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# rpg.analysis
+# rpg.experiments.task_zoo.analysis
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -157,7 +156,7 @@ needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="Jupyter kerne
 
 @pytest.fixture(scope="module")
 def notebook_inputs(tiny_results) -> dict[str, dict[str, str]]:
-    """The CSVs each notebook loads, written by the rpg.analysis functions on the tiny results (Table 13 by hand)."""
+    """The CSVs each notebook loads, written by the rpg.experiments.task_zoo.analysis functions on the tiny results (Table 13 by hand)."""
     r, out = tiny_results, tiny_results["tmp"] / "analysis"
     out.mkdir(exist_ok=True)
     paths: dict[str, dict[str, str]] = {"pca_heads": {}, "similarity_iou": {}, "finetune_curves": {}}

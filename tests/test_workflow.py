@@ -20,7 +20,7 @@ import torch
 from conftest import REPO_ROOT
 from rpg.config import load_config
 from rpg.data import write_synthetic_cifar10
-from rpg.tasks import embedding_to_id
+from rpg.experiments.task_zoo.tasks import embedding_to_id
 from rpg.utils import load_safetensors
 
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def test_tables_exist_with_expected_columns(workflow_run):
 def test_table1_family(workflow_run):
     """table1.csv has one row per configured architecture; each ablation family one row per setting; generated
     models are saved ready to rebuild from their metadata."""
-    from rpg.architectures import load_model_file
+    from rpg.vision.architectures import load_model_file
 
     res, cfg = workflow_run["results"], workflow_run["cfg"]
     arch = cfg.architectures
@@ -168,8 +168,8 @@ def test_rerun_gives_identical_zoo_and_tables(workflow_run):
 
 
 def test_zoo_training_deterministic_on_workflow_features(workflow_run):
-    """rpg.zoo.train_heads twice with the same seed on the workflow's cached features -> identical tensors."""
-    from rpg.zoo import train_heads
+    """rpg.experiments.task_zoo.heads.train_heads twice with the same seed on the workflow's cached features -> identical tensors."""
+    from rpg.experiments.task_zoo.heads import train_heads
 
     res, cfg = workflow_run["results"], workflow_run["cfg"]
     feats, _ = load_safetensors(res / "features" / cfg.experiment / "features.safetensors")

@@ -1,4 +1,4 @@
-"""The classifier zoo (rpg.zoo) and the task definitions (rpg.tasks): batched == one-at-a-time, shared init,
+"""The classifier zoo (rpg.experiments.task_zoo.heads) and the task definitions (rpg.experiments.task_zoo.tasks): batched == one-at-a-time, shared init,
 label bit order, the split, the zoo on disk, metrics.
 
 Tolerance: batched vs single-task training agree within atol 1e-5 (float32, summation order differs).
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from rpg.tasks import (ALL_TASK_IDS, CIFAR10_CLASSES, TaskSplit, binary_labels, embedding_bits, id_to_embedding,
+from rpg.experiments.task_zoo.tasks import (ALL_TASK_IDS, CIFAR10_CLASSES, TaskSplit, binary_labels, embedding_bits, id_to_embedding,
                        make_split, positive_classes)
 from rpg.utils import CheckpointError, save_safetensors_atomic
-from rpg.zoo import (HEAD_KEYS, binary_metrics, checkpoint_path, evaluate_heads, initial_head, load_task_checkpoints,
+from rpg.experiments.task_zoo.heads import (HEAD_KEYS, binary_metrics, checkpoint_path, evaluate_heads, initial_head, load_task_checkpoints,
                      make_head, predict, save_steps, save_zoo, stack_state_dicts, task_metrics, train_head_single,
                      train_heads)
 
@@ -233,8 +233,8 @@ def test_predict_matches_nn_module(features):
 
 
 def test_hand_written_head_gradients_match_autograd():
-    """rpg.zoo._head_grads (the batched path's manual backward) == autograd on head_logits + cross-entropy."""
-    from rpg.zoo import _head_grads, head_logits
+    """rpg.experiments.task_zoo.heads._head_grads (the batched path's manual backward) == autograd on head_logits + cross-entropy."""
+    from rpg.experiments.task_zoo.heads import _head_grads, head_logits
 
     gen = torch.Generator().manual_seed(3)
     t, d, b = 3, 6, 20

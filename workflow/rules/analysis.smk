@@ -1,4 +1,4 @@
-# Analysis notebooks (spec §2c) and Table 13: computations in rpg.analysis / rpg.finetune_curves write CSVs; the
+# Analysis notebooks (spec §2c) and Table 13: computations in rpg.experiments.task_zoo.analysis / rpg.experiments.task_zoo.finetune_curves write CSVs; the
 # notebooks only load, plot and save figures. Executed copies go to results/notebooks/, figures to results/figures/.
 
 FIGURES = f"{RES}/figures"

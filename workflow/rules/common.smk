@@ -58,7 +58,7 @@ wildcard_constraints:
 
 
 def task_ids():
-    from rpg.task_zoo import configured_task_ids
+    from rpg.experiments.task_zoo.pipeline import configured_task_ids
 
     return configured_task_ids(CFG)
 
@@ -89,7 +89,7 @@ all_targets = [
 # ----------------------------------------------------------------------------------------------------------------
 # Table 1 family (rules/table1.smk): architectures, variants, ablations
 # ----------------------------------------------------------------------------------------------------------------
-from rpg import arch_experiments as AX
+from rpg.experiments.arch_study import study as AX
 
 ARCH_RES = f"{RES}/table1"
 

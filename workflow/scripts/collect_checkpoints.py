@@ -1,6 +1,6 @@
 """Rule collect_checkpoints: train one run of an architecture and save its checkpoint collection."""
-from rpg.arch_experiments import collect_run
-from rpg.rules import run_rule
+from rpg.experiments.arch_study.study import collect_run
+from rpg.experiments.rules import run_rule
 
 smk = snakemake  # noqa: F821
 run_rule(smk, lambda cfg: collect_run(cfg, smk.wildcards.arch, int(smk.wildcards.run), smk.output.collection))

@@ -1,8 +1,8 @@
 """Rule pca_heads: PCA of original and generated heads, distances to own vs. other tasks' originals."""
 from pathlib import Path
 
-from rpg.analysis import write_pca_heads
-from rpg.rules import run_rule
+from rpg.experiments.task_zoo.analysis import write_pca_heads
+from rpg.experiments.rules import run_rule
 
 smk = snakemake  # noqa: F821
 run_rule(smk, lambda cfg: write_pca_heads(cfg, Path(smk.input.index).parent, smk.input.split, smk.input.models,

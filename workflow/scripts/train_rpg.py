@@ -1,8 +1,8 @@
 """Rule train_rpg: the task-conditioned generator, best checkpoint chosen on validation (seen) tasks."""
 from pathlib import Path
 
-from rpg.rules import run_rule
-from rpg.task_zoo import train_conditional_rpg
+from rpg.experiments.rules import run_rule
+from rpg.experiments.task_zoo.pipeline import train_conditional_rpg
 
 smk = snakemake  # noqa: F821
 run_rule(smk, lambda cfg: train_conditional_rpg(cfg, Path(smk.input.index).parent, smk.input.split,

@@ -1,6 +1,6 @@
 """Generation across architectures (paper §2a): the stages behind table1.csv and ablations/*.csv.
 
-collect_run       train run r of an architecture, save its checkpoint collection (rpg.classifier)
+collect_run       train run r of an architecture, save its checkpoint collection (rpg.experiments.arch_study.collect)
 train_variant     train an unconditional RPG on a collection (rpg.unconditional), validated on held-out images
 generate_variant  sample full models, evaluate them and the originals on the test set
 write_table1 / write_ablation   the tables
@@ -25,13 +25,12 @@ import jsonschema
 import pandas as pd
 import torch
 
-from rpg.architectures import build_model, count_parameters
+from rpg.vision.architectures import build_model, count_parameters
 from rpg.checkpoint import load_rpg
-from rpg.classifier import CollectRecipe, ImageEvaluator, collection_files, train_collection
-from rpg.config import Config, ModelConfig, TrainConfig, config_to_yaml, load_schema
-from rpg.data import load_cifar10
-from rpg.features import split_train_val
-from rpg.model import resolve_model_config
+from rpg.experiments.arch_study.collect import CollectRecipe, collection_files, train_collection
+from rpg.vision.evaluate import ImageEvaluator
+from rpg.config import Config, ModelConfig, TrainConfig, config_to_yaml, load_schema, paper_size, resolve_model_config
+from rpg.data import load_cifar10, split_train_val
 from rpg.tracking import start_tracking
 from rpg.generate import sample_models
 from rpg.unconditional import peak_rss_mb, train_on_collection
@@ -41,9 +40,6 @@ from rpg.utils import (load_safetensors, read_safetensors_metadata, resolve_devi
 STUDIES = ("main", "ablation")  # Table 1 generators / ablation generators (shorter training, ablations.train)
 VARIANT_PATTERN = r"(mamba|lstm|transformer|none)-(2d|1d|learnable)-(perm|noperm)-runs(\d+)-tok(\d+)"
 ABLATION_FAMILIES = ("recurrent", "position", "permutation", "token_size")
-
-# Paper Table 15: which preset generates how many parameters (size: auto).
-_AUTO_SIZES = ((50_000, "tiny"), (10_000_000, "small"), (50_000_000, "base"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,18 +126,11 @@ def arch_spec(cfg: Config, name: str, study: str = "main") -> ArchSpec:
     )
 
 
-def auto_size(n_params: int) -> str:
-    for limit, size in _AUTO_SIZES:
-        if n_params < limit:
-            return size
-    return "large"
-
-
 def base_model_config(spec: ArchSpec, n_params: int) -> ModelConfig:
     """The architecture's generator setting (unconditional), preset chosen by parameter count for size: auto."""
     raw = dict(spec.rpg)
     if raw.get("size", "cpu_tiny") == "auto":
-        raw["size"] = auto_size(n_params)
+        raw["size"] = paper_size(n_params)
     return dataclasses.replace(resolve_model_config(raw), condition="none")
 
 
@@ -216,7 +205,6 @@ def run_seed(cfg: Config, run: int) -> int:
 
 def collect_run(cfg: Config, name: str, run: int, out_dir: str | Path) -> pd.DataFrame:
     """Train run `run` of architecture `name` and save its checkpoint collection to `out_dir`."""
-    torch.set_num_threads(cfg.architectures["threads"])
     spec = arch_spec(cfg, name)
     device = resolve_device(cfg.device)
     data = load_image_data(cfg, spec.img_size, device)
@@ -237,7 +225,6 @@ def _collection(spec: ArchSpec, run_dirs: Sequence[str | Path], runs: int) -> li
 def train_variant(cfg: Config, name: str, variant_id: str, run_dirs: Sequence[str | Path], out_dir: str | Path,
                   study: str = "main") -> dict:
     """Train the generator of `variant_id` on the first `runs` collections of architecture `name`."""
-    torch.set_num_threads(cfg.architectures["threads"])
     spec = arch_spec(cfg, name, study)
     variant = Variant.parse(variant_id)
     device = resolve_device(cfg.device)
@@ -267,9 +254,8 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     """Sample `architectures.samples` models, save them ready to load, and score them and the originals (test set).
 
     Writes ``samples.csv`` (kind original / generated, accuracy) and ``models/{i:02d}.safetensors`` (weights plus the
-    architecture metadata `rpg.architectures.model_from_metadata` rebuilds them from).
+    architecture metadata `rpg.vision.architectures.model_from_metadata` rebuilds them from).
     """
-    torch.set_num_threads(cfg.architectures["threads"])
     spec = arch_spec(cfg, name, study)
     variant = Variant.parse(variant_id)
     device = resolve_device(cfg.device)

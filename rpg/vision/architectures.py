@@ -1,6 +1,6 @@
 """One registry for the architectures whose weights RPG generates (paper Tables 1 and 9).
 
-Any timm model name works, plus the project's small CNNs registered with timm in `rpg.targets` (``rpg_cnn_s``,
+Any timm model name works, plus the project's small CNNs registered with timm in `rpg.vision` (``rpg_cnn_s``,
 ~3K parameters, and ``rpg_cnn_m``, ~11K: the "CNN (s)" / "CNN (m)" of the model-zoo literature). CIFAR-size
 adaptations are plain timm keyword arguments in the config (``img_size: 32, patch_size: 4`` for a ViT,
 ``num_classes`` is always 10). Pretrained weights come from the timm hub or, offline, from a local file.
@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-import rpg.targets  # noqa: F401  (registers the rpg_* models with timm)
+import rpg.vision  # noqa: F401  (registers the rpg_* models with timm)
 from rpg.utils import load_state_dict_file, read_safetensors_metadata
 
 

@@ -16,16 +16,16 @@ import torch
 
 from rpg.checkpoint import load_rpg
 from rpg.config import Config
-from rpg.features import load_features
+from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
-from rpg.tasks import ALL_TASK_IDS, TaskSplit, embedding_bits, embedding_to_id, id_to_embedding, make_split
+from rpg.experiments.task_zoo.tasks import ALL_TASK_IDS, TaskSplit, embedding_bits, embedding_to_id, id_to_embedding, make_split
 from rpg.tokenize import Tokenizer
 from rpg.tracking import start_tracking
 from rpg.train import train_rpg
 from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetensors_atomic, write_csv_atomic,
                        write_json_atomic)
-from rpg.zoo import (HeadEvaluator, checkpoint_path, evaluate_heads, load_task_checkpoints, save_steps, save_zoo,
+from rpg.experiments.task_zoo.heads import (HeadEvaluator, checkpoint_path, evaluate_heads, load_task_checkpoints, save_steps, save_zoo,
                      task_metrics, train_heads)
 
 
@@ -40,7 +40,6 @@ def configured_task_ids(cfg: Config) -> list[int]:
 
 def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> dict:
     """Train every task's head (batched), evaluate its checkpoints on the test set, write the zoo dataset."""
-    torch.set_num_threads(cfg.threads)
     feats = load_features(features_path)
     task_ids = configured_task_ids(cfg)
     z = cfg.zoo
@@ -92,7 +91,7 @@ def read_split(path: str | Path) -> TaskSplit:
 def make_evaluator(cfg: Config, features_path: str | Path | None, split: str):
     """Scores state dicts on `split` ("val" or "test"): heads on cached features, or full models on images."""
     if cfg.zoo.mode == "finetune":
-        from rpg.finetune import ModelEvaluator
+        from rpg.experiments.task_zoo.finetune import ModelEvaluator
 
         return ModelEvaluator(cfg, split)
     feats = load_features(features_path)
@@ -137,7 +136,6 @@ def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], ev
 def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Path,
                           features_path: str | Path | None, out_dir: str | Path) -> dict:
     """Train the task-conditioned RPG on the training split's checkpoints; keep the best by validation score."""
-    torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     split = read_split(split_path)
     model_cfg = cfg.model
@@ -190,7 +188,6 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     Writes `samples.csv` (one row per generated or original model: group, kind, task, accuracy, balanced accuracy,
     per-class accuracies), `timing.json`, and the generated state dicts as safetensors under `models/`.
     """
-    torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     split = read_split(split_path)
     evaluator = make_evaluator(cfg, features_path, "test")
@@ -257,12 +254,12 @@ def index_zoo(cfg: Config, zoo_dir: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m rpg.task_zoo train ...`: the train_rpg rule outside Snakemake, e.g. under torchrun (DDP)."""
+    """`python -m rpg.experiments.task_zoo.pipeline train ...`: the train_rpg rule outside Snakemake, e.g. under torchrun (DDP)."""
     import argparse
 
     from rpg.config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m rpg.task_zoo", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m rpg.experiments.task_zoo.pipeline", description=main.__doc__)
     sub = p.add_subparsers(dest="stage", required=True)
     t = sub.add_parser("train", help="train the task-conditioned RPG on a zoo's training split")
     t.add_argument("--config", nargs="+", default=["config/config.yaml"], help="YAML files, later ones override")

@@ -27,12 +27,12 @@ from rpg.collection import format_report, inspect_collection, load_collection
 from rpg.config import ConfigError, config_from_dict, deep_update, load_config
 from rpg.diffusion import create_diffusion
 from rpg.generate import GENERATION_MODES, generate_tokens
-from rpg.tasks import (TaskError, classes_to_embedding, embedding_bits, embedding_to_id, id_to_embedding,
+from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, embedding_bits, embedding_to_id, id_to_embedding,
                        parse_embedding, positive_classes)
-from rpg.user_eval import load_score_function
+from rpg.cli.user_eval import load_score_function
 from rpg.utils import (CheckpointError, load_safetensors, resolve_device, save_safetensors_atomic,
                        write_json_atomic)
-from rpg.zoo import HEAD_KEYS, evaluate_heads, stack_state_dicts
+from rpg.experiments.task_zoo.heads import HEAD_KEYS, evaluate_heads, stack_state_dicts
 
 USER_ERRORS = (TaskError, CheckpointError, ConfigError, FileNotFoundError, ValueError)
 # `rpg train` without --config: the schema defaults, made unconditional with one permutation state per checkpoint.
@@ -73,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "arch": "binary_head", "feature_dim": d, "task_id": task_id, "embedding": embedding,
             "positive_classes": positive_classes(embedding), "sample": s, "seed": args.seed, "sampler": sampler,
             "steps": steps, "generator": str(args.checkpoint), "generator_step": meta["step"],
-            "build": "rpg.zoo.make_head(feature_dim).load_state_dict(safetensors.torch.load_file(path))",
+            "build": "rpg.experiments.task_zoo.heads.make_head(feature_dim).load_state_dict(safetensors.torch.load_file(path))",
         })
         generated[path] = sd
         print(path)
@@ -113,7 +113,7 @@ def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, me
 
 def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_id: int) -> None:
     """Test accuracy of each head on one task; the features file is read once for all of them."""
-    from rpg.features import load_features
+    from rpg.experiments.task_zoo.features import load_features
 
     feats = load_features(features)
     m = evaluate_heads(stack_state_dicts(list(heads.values())), [task_id] * len(heads), feats["test_x"],
@@ -147,21 +147,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cifar10_accuracy(tensors: dict[str, torch.Tensor], meta: dict, data: str, device: str) -> float:
-    """10-class test accuracy of a full model saved with its architecture (rpg.architectures metadata)."""
-    from rpg.architectures import model_from_metadata
-    from rpg.backbone import evaluate_backbone
+    """10-class test accuracy of a full model saved with its architecture (rpg.vision.architectures metadata)."""
     from rpg.data import load_cifar10
+    from rpg.vision.architectures import model_from_metadata
+    from rpg.vision.evaluate import ImageEvaluator
 
     try:
         model = model_from_metadata(meta, tensors)
     except RuntimeError as err:  # load_state_dict: keys or shapes do not fit the named architecture
         raise CheckpointError(f"the weights do not fit architecture {meta['arch']}: {str(err).splitlines()[0]}") from err
     cifar = load_cifar10(data)
-    img_size = int(meta.get("img_size", 32))
-    if img_size != 32:
-        model = torch.nn.Sequential(torch.nn.Upsample(size=(img_size, img_size), mode="bilinear"), model)
-    dev = str(resolve_device(device))
-    return evaluate_backbone(model.to(dev), cifar.test_images, cifar.test_labels, device=dev, flip_average=False)
+    dev = resolve_device(device)
+    evaluator = ImageEvaluator(cifar.test_images, cifar.test_labels, img_size=int(meta.get("img_size", 32)), device=dev)
+    return evaluator.accuracy(model.to(dev))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

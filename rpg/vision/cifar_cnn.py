@@ -147,7 +147,7 @@ def _create(cls: type[nn.Module], name: str, pretrained: bool, defaults: dict[st
     for key in _TIMM_KWARGS:  # timm's factory passes these to every entrypoint
         kwargs.pop(key, None)
     if pretrained:
-        raise ValueError(f"{name} has no pretrained weights; train it with rpg.backbone.train_backbone")
+        raise ValueError(f"{name} has no pretrained weights; train it with rpg.experiments.task_zoo.backbone.train_backbone")
     return cls(**{**defaults, **kwargs})
 
 

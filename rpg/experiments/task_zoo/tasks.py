@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from rpg.data import CIFAR10_CLASSES
+
 N_BITS = 10
 ALL_TASK_IDS = tuple(range(1, 2**N_BITS - 1))  # 1 .. 1022
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import pandas as pd
 
 from rpg.config import Config, config_to_yaml
-from rpg.tasks import CIFAR10_CLASSES, embedding_to_id, positive_classes
+from rpg.experiments.task_zoo.tasks import CIFAR10_CLASSES, embedding_to_id, positive_classes
 from rpg.utils import write_csv_atomic, write_text_atomic
 
 

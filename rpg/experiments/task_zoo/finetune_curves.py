@@ -23,20 +23,20 @@ from typing import Callable, Sequence
 import pandas as pd
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-import rpg.targets  # noqa: F401  (registers rpg_* models with timm)
-from rpg.analysis import generated_files
-from rpg.backbone import augment, normalize, resolve_amp
+import rpg.vision  # noqa: F401  (registers rpg_* models with timm)
+from rpg.vision.evaluate import predict
+from rpg.vision.preprocess import Preprocess, resolve_amp
+from rpg.vision.training import make_optimizer, train_classifier
+from rpg.experiments.task_zoo.analysis import generated_files
 from rpg.config import Config, config_to_yaml
-from rpg.data import Cifar10, load_cifar10
-from rpg.features import load_backbone, split_train_val
-from rpg.task_zoo import evaluate, make_evaluator
-from rpg.tasks import binary_labels, embedding_to_id
+from rpg.data import Cifar10, load_cifar10, split_train_val
+from rpg.experiments.task_zoo.features import load_backbone
+from rpg.experiments.task_zoo.pipeline import evaluate, make_evaluator
+from rpg.experiments.task_zoo.tasks import binary_labels, embedding_to_id
 from rpg.utils import load_safetensors, resolve_device, write_csv_atomic, write_text_atomic
-from rpg.zoo import HEAD_KEYS, binary_metrics, initial_head, make_head
+from rpg.experiments.task_zoo.heads import HEAD_KEYS, binary_metrics, initial_head, make_head
 
 ARMS = ("scratch", "finetune", "rpg")
 
@@ -86,7 +86,7 @@ def _split_generated(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 class ArmFactory:
     """Builds the three arms' initial models. Default profile: the trained CNN backbone file; paper profile
-    (no backbone file): the timm model of `rpg.finetune.build_task_model`, pretrained or not."""
+    (no backbone file): the timm model of `rpg.experiments.task_zoo.finetune.build_task_model`, pretrained or not."""
 
     def __init__(self, cfg: Config, backbone_path: str | Path | None):
         self.cfg = cfg
@@ -94,7 +94,7 @@ class ArmFactory:
             self.pretrained, meta = load_backbone(backbone_path)
             self.source = meta["source"]
         else:
-            from rpg.finetune import build_task_model
+            from rpg.experiments.task_zoo.finetune import build_task_model
 
             self.pretrained = None
             self.source = "timm_pretrained"
@@ -124,25 +124,29 @@ class ArmFactory:
 def _pipeline(cfg: Config, model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 images -> model input: CIFAR statistics for our CNNs, the timm model's own otherwise."""
     if cfg.backbone.arch.startswith("rpg_"):
-        return lambda images: normalize(images.to(device))
-    from rpg.finetune import ImagePipeline
+        return Preprocess(device=device, channels_last=True)
+    from rpg.experiments.task_zoo.finetune import task_preprocess
 
-    return ImagePipeline(model, cfg.backbone.img_size, device)
+    return task_preprocess(cfg, model, device)
 
 
-@torch.no_grad()
 def predict_images(model: nn.Module, prep: Callable, images: torch.Tensor, flip_average: bool, device: torch.device,
                    batch_size: int = 500) -> torch.Tensor:
-    """Predicted labels of uint8 images (N, 3, H, W) -> (N,)."""
-    model = model.to(device).eval()
-    use_bf16 = resolve_amp("auto", device)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = prep(images[i : i + batch_size])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(x, flip_average=flip_average) if isinstance(model, HeadOnBackbone) else model(x)
-        out.append(logits.float().argmax(-1).cpu())
-    return torch.cat(out)
+    """Predicted labels of uint8 images (N, 3, H, W) -> (N,); `flip_average` applies to `HeadOnBackbone` models."""
+    model = model.to(device)
+    wrapped = _FlipAveraged(model) if flip_average and isinstance(model, HeadOnBackbone) else model
+    return predict(wrapped, images, prep, bf16=resolve_amp("auto", device), batch_size=batch_size)
+
+
+class _FlipAveraged(nn.Module):
+    """A `HeadOnBackbone` evaluated with flip-averaged features (how the zoo's heads saw their features)."""
+
+    def __init__(self, model: HeadOnBackbone):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, flip_average=True)
 
 
 def finetune_curve(model: nn.Module, prep: Callable, train_images: torch.Tensor, train_labels: torch.Tensor,
@@ -152,48 +156,37 @@ def finetune_curve(model: nn.Module, prep: Callable, train_images: torch.Tensor,
                    desc: str = "") -> list[dict]:
     """Fine-tune `model` (all parameters) on binary labels; test metrics at each epoch in `epochs` (0 = untrained).
 
-    `initial_pred` (test predictions of the untrained model, when already known) saves the epoch-0 evaluation.
+    An epoch is `images_per_epoch` images (a fresh seeded draw), in batches of `batch_size` (an incomplete last
+    batch is dropped: BatchNorm on tiny batches). `initial_pred` (test predictions of the untrained model, when
+    already known) saves the epoch-0 evaluation.
     Shapes: train_images (N, 3, 32, 32) uint8, train_labels (N,) in {0, 1}; test likewise.
     """
     model = model.to(device)
-    use_bf16 = resolve_amp("auto", device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(train_images)
-    per_epoch = min(images_per_epoch, n)
+    opt = make_optimizer(model, "adamw", lr, weight_decay, decay_1d=True)
+    steps_per_epoch = max(1, min(images_per_epoch, len(train_images)) // batch_size)
     rows = []
+    clock = {"start": time.time(), "evaluating": 0.0}
 
-    def record(epoch: int, seconds: float, pred: torch.Tensor | None = None) -> None:
+    def record(epoch: int, pred: torch.Tensor | None = None) -> None:
+        seconds = time.time() - clock["start"] - clock["evaluating"]
+        t0 = time.time()
         if pred is None:
             pred = predict_images(model, prep, test_images, flip_average, device)
         m = binary_metrics(pred[None], test_labels[None])
         rows.append({"epoch": epoch, "accuracy": 100 * float(m["accuracy"][0]),
                      "balanced_accuracy": 100 * float(m["balanced_accuracy"][0]), "train_seconds": seconds})
+        clock["evaluating"] += time.time() - t0
 
-    last = max(epochs)
-    bar = tqdm(total=last * (per_epoch // batch_size), desc=desc, disable=not progress, dynamic_ncols=True)
-    seconds = 0.0
+    def at_epoch_end(step: int, _model: nn.Module) -> None:
+        if step % steps_per_epoch == 0 and step // steps_per_epoch in epochs:
+            record(step // steps_per_epoch)
+
     if 0 in epochs:
-        record(0, seconds, initial_pred)
-    for epoch in range(1, last + 1):
-        start = time.time()
-        model.train()
-        idx_all = torch.randperm(n, generator=gen)[:per_epoch]
-        for idx in idx_all.split(batch_size):
-            if len(idx) < batch_size and per_epoch >= batch_size:
-                continue  # drop the incomplete last batch (BatchNorm on tiny batches)
-            x = prep(augment(train_images[idx], translate=2, flip=True, gen=gen))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), train_labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-        seconds += time.time() - start
-        if epoch in epochs:
-            record(epoch, seconds)
-    bar.close()
+        record(0, initial_pred)
+    train_classifier(model, train_images, train_labels, steps=max(epochs) * steps_per_epoch, batch_size=batch_size,
+                     optimizer=opt, lr_at=lambda step: lr, gen=torch.Generator().manual_seed(seed), prepare=prep,
+                     translate=2, flip=True, images_per_epoch=images_per_epoch, bf16=resolve_amp("auto", device),
+                     on_step=at_epoch_end, progress=progress, desc=desc)
     return rows
 
 
@@ -250,7 +243,6 @@ def table13(cfg: Config, data: Cifar10, generated_dir: str | Path, features_path
 def write_table13(cfg: Config, generated_dir: str | Path, features_path: str | Path | None,
                   backbone_path: str | Path | None, out_csv: str | Path) -> pd.DataFrame:
     """Rule table13: `table13.csv`, the chosen generated samples (`table13.chosen.csv`) and the resolved config."""
-    torch.set_num_threads(cfg.threads)
     data = load_cifar10(cfg.data.root, download=cfg.data.download)
     start = time.time()
     frame, chosen = table13(cfg, data, generated_dir, features_path, backbone_path)

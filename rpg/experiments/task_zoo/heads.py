@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from rpg.tasks import binary_labels, id_to_embedding, positive_classes
+from rpg.experiments.task_zoo.tasks import binary_labels, id_to_embedding, positive_classes
 from rpg.utils import CheckpointError, load_safetensors, save_safetensors_atomic, write_csv_atomic
 
 HEAD_KEYS = ("0.weight", "0.bias", "2.weight")

@@ -1,4 +1,4 @@
-"""Glue for Snakemake `script:` rules: send output to the rule's log and build the validated Config."""
+"""Glue for Snakemake `script:` rules: the process's threads, the rule's log, and the validated Config."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import os
 import traceback
 from typing import Any, Callable
 
+import torch
+
 from rpg.config import Config, config_from_dict
 
 
 def run_rule(smk: Any, job: Callable[[Config], Any]) -> Any:
-    """Run `job(cfg)` with stdout/stderr appended to `smk.log[0]`; re-raise failures after logging them."""
+    """Run `job(cfg)` with stdout/stderr appended to `smk.log[0]`; re-raise failures after logging them.
+
+    The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them).
+    """
+    torch.set_num_threads(max(1, int(smk.threads)))
     cfg = config_from_dict(smk.config)
     log_path = smk.log[0] if len(smk.log) else os.devnull
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

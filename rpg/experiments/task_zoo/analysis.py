@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 
 from rpg.config import Config, config_to_yaml
-from rpg.task_zoo import make_evaluator, read_split
-from rpg.tasks import TaskSplit, binary_labels
+from rpg.experiments.task_zoo.pipeline import make_evaluator, read_split
+from rpg.experiments.task_zoo.tasks import TaskSplit, binary_labels
 from rpg.utils import load_safetensors, write_csv_atomic, write_text_atomic
-from rpg.zoo import HEAD_KEYS, binary_metrics, checkpoint_path, load_task_checkpoints
+from rpg.experiments.task_zoo.heads import HEAD_KEYS, binary_metrics, checkpoint_path, load_task_checkpoints
 
 
 def misclassified_iou(pred_a: torch.Tensor, pred_b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ GENERATED_NAME = re.compile(r"^(\d{4})_s(\d+)\.safetensors$")
 def head_keys(keys: Iterable[str]) -> list[str]:
     """The classifier-head entries of a state dict, in a fixed order.
 
-    Head-only checkpoints (the default profile) hold exactly `rpg.zoo.HEAD_KEYS`; full models (paper profile) hold
+    Head-only checkpoints (the default profile) hold exactly `rpg.experiments.task_zoo.heads.HEAD_KEYS`; full models (paper profile) hold
     them under the `head.` prefix beside the backbone.
     """
     keys = list(keys)
@@ -307,7 +307,6 @@ def _write_frames(cfg: Config, frames: dict[str, pd.DataFrame], out: Mapping[str
 def write_pca_heads(cfg: Config, zoo_dir: str | Path, split_path: str | Path, generated_dir: str | Path,
                     out: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
     """Rule pca_heads: `points`, `distances` and `summary` CSVs (see `pca_heads`)."""
-    torch.set_num_threads(cfg.threads)
     frames = pca_heads(zoo_dir, read_split(split_path), generated_dir, cfg.zoo.n_checkpoints)
     _write_frames(cfg, frames, out)
     return frames
@@ -316,7 +315,6 @@ def write_pca_heads(cfg: Config, zoo_dir: str | Path, split_path: str | Path, ge
 def write_similarity(cfg: Config, zoo_dir: str | Path, split_path: str | Path, generated_dir: str | Path,
                      features_path: str | Path | None, out: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
     """Rule similarity: `models`, `curve` and `summary` CSVs for the unseen tasks (see `similarity_analysis`)."""
-    torch.set_num_threads(cfg.threads)
     split = read_split(split_path)
     evaluator = make_evaluator(cfg, features_path, "test")
     a = cfg.analysis

@@ -2,7 +2,7 @@
 
 The paper's binary-task zoo (§5) puts a fresh head on an ImageNet-pretrained ViT-Tiny. No model hub is
 reachable on the development machines, so the default (CPU) profile trains an airbench-style CNN
-(``rpg.targets.cifar_cnn``) on 10-class CIFAR-10 here, and the zoo heads are trained on its cached
+(``rpg.vision.cifar_cnn``) on 10-class CIFAR-10 here, and the zoo heads are trained on its cached
 ``feature_dim``-wide features. Training uses flips + small translations done on uint8 tensors in torch,
 SGD-Nesterov with a linear warm-up / linear decay schedule and label smoothing; on CPUs with AMX/AVX512-BF16
 it runs convs in bfloat16 (``amp="auto"``), which is ~2.5× faster than float32 there.
@@ -15,21 +15,20 @@ on the paper's Table 11 tasks; ~36 s per epoch on a quiet 2-core AMX Xeon (bf16,
 
 from __future__ import annotations
 
-import math
 import time
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-import rpg.targets  # noqa: F401  (registers the rpg_* models with timm)
-from rpg.data import CIFAR10_MEAN, CIFAR10_STD, Cifar10
+import rpg.vision  # noqa: F401  (registers the rpg_* models with timm)
+from rpg.data import Cifar10
+from rpg.vision.evaluate import batched_outputs
+from rpg.vision.preprocess import Preprocess, resolve_amp
+from rpg.vision.training import make_optimizer, train_classifier
 
-__all__ = ["BACKBONE_DEFAULTS", "train_backbone", "extract_features", "evaluate_backbone", "resolve_amp", "normalize"]
+__all__ = ["BACKBONE_DEFAULTS", "train_backbone", "extract_features", "evaluate_backbone"]
 
 # Options of ``train_backbone`` beyond its named arguments (``**extra``), with their defaults.
 BACKBONE_DEFAULTS: dict[str, Any] = {
@@ -40,69 +39,10 @@ BACKBONE_DEFAULTS: dict[str, Any] = {
     "flip": True,  # random horizontal flips
     "amp": "auto",  # "auto" | "bf16" | "none": bfloat16 autocast (auto: CUDA, or CPUs with AMX/AVX512-BF16)
     "channels_last": True,
-    "num_threads": None,  # torch.set_num_threads for the run (None: leave as is)
     "max_train": None,  # use only the first N training images (quick experiments)
     "eval_flip": True,  # test accuracy with flip averaging of logits
     "model_kwargs": {},  # extra kwargs for timm.create_model (widths, depth, pool, ...)
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _cpu_has_bf16() -> bool:
-    """AMX or AVX512-BF16 (x86 Linux); elsewhere bf16 convs are emulated and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_amp(amp: str, device: str | torch.device) -> bool:
-    """Whether to run under bfloat16 autocast. ``amp`` is ``"auto"``, ``"bf16"`` or ``"none"``."""
-    if amp not in ("auto", "bf16", "none"):
-        raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {amp!r}")
-    if amp != "auto":
-        return amp == "bf16"
-    dev = torch.device(device)
-    return dev.type == "cuda" or (dev.type == "cpu" and _cpu_has_bf16())
-
-
-def normalize(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """uint8 images → float32, standardised with the CIFAR-10 channel statistics.
-
-    Shapes:
-        images: (N, 3, H, W) uint8 → (N, 3, H, W) float32
-    """
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1) * 255
-    x = (images.float() - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def augment(images: torch.Tensor, translate: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random shifts (reflect-padded) and horizontal flips on a uint8 batch, randomness from ``gen``.
-
-    Shapes:
-        images: (B, C, H, W) → (B, C, H, W)
-    """
-    b, _, h, w = images.shape
-    if translate > 0:
-        r = translate
-        padded = F.pad(images.float(), (r, r, r, r), mode="reflect").to(images.dtype)  # (B, C, H+2r, W+2r)
-        dy, dx = torch.randint(0, 2 * r + 1, (2, b), generator=gen).to(images.device)  # (B,), (B,)
-        rows = dy[:, None] + torch.arange(h, device=images.device)  # (B, H)
-        cols = dx[:, None] + torch.arange(w, device=images.device)  # (B, W)
-        bi = torch.arange(b, device=images.device)[:, None, None]
-        # Advanced indexing moves the indexed dims first: (B, H, W, C) → (B, C, H, W)
-        images = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if flip:
-        mask = (torch.rand(b, generator=gen) < 0.5).to(images.device)  # (B,)
-        images = torch.where(mask[:, None, None, None], images.flip(3), images)
-    return images
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
@@ -111,13 +51,6 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     if warmup > 0 and t < warmup:
         return t / warmup
     return max(0.0, (1 - t) / max(1e-8, 1 - warmup))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and norm parameters (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +71,7 @@ def train_backbone(
     seed: int,
     device: str = "cpu",
     progress: bool = True,
+    train_indices: torch.Tensor | None = None,
     **extra: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``timm.create_model(arch)`` on 10-class CIFAR-10; deterministic for a given seed and machine.
@@ -154,6 +88,8 @@ def train_backbone(
         seed: seeds the initialisation, shuffling and augmentation.
         device: "cpu" or "cuda[:i]".
         progress: show a tqdm bar.
+        train_indices: the training images to use (default: all 50,000); the experiment passes the training split
+            without the images that validate RPG.
         **extra: options in ``BACKBONE_DEFAULTS`` (unknown keys raise ``TypeError``).
 
     Returns:
@@ -164,8 +100,6 @@ def train_backbone(
     if unknown:
         raise TypeError(f"unknown train_backbone options {sorted(unknown)}; known: {sorted(BACKBONE_DEFAULTS)}")
     opts = {**BACKBONE_DEFAULTS, **extra}
-    if opts["num_threads"]:
-        torch.set_num_threads(int(opts["num_threads"]))
     use_bf16 = resolve_amp(opts["amp"], device)
     dev = torch.device(device)
 
@@ -174,48 +108,25 @@ def train_backbone(
     model = model.to(dev)
     if opts["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    if opts["optimizer"] == "sgd":
-        opt = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=opts["momentum"], nesterov=True)
-    elif opts["optimizer"] == "adamw":
-        opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {opts['optimizer']!r}")
+    opt = make_optimizer(model, opts["optimizer"], lr, weight_decay, momentum=opts["momentum"])
 
     images, labels = data.train_images, data.train_labels
+    if train_indices is not None:
+        images, labels = images[train_indices], labels[train_indices]
     if opts["max_train"]:
         images, labels = images[: opts["max_train"]], labels[: opts["max_train"]]
     images, labels = images.to(dev), labels.to(dev)  # uint8 (N, 3, 32, 32), int64 (N,)
-    n = len(images)
-    steps_per_epoch = max(1, n // batch_size)
+    steps_per_epoch = max(1, len(images) // batch_size)
     total = epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same stream on every device
 
-    epoch_losses: list[float] = []
-    step = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=f"backbone {arch}", disable=not progress, unit="step")
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(dev)
-        running = torch.zeros((), device=dev)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size] if n >= batch_size else perm
-            x = normalize(augment(images[idx], opts["translate"], opts["flip"], gen), opts["channels_last"])
-            for group in opt.param_groups:
-                group["lr"] = lr * _lr_factor(step, total, opts["warmup"])
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x)  # (B, 10)
-            loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.detach()
-            step += 1
-            bar.update()
-            if i % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        epoch_losses.append(running.item() / steps_per_epoch)
-    bar.close()
+    losses = train_classifier(
+        model, images, labels, steps=total, batch_size=batch_size, optimizer=opt,
+        lr_at=lambda step: lr * _lr_factor(step, total, opts["warmup"]), gen=gen,
+        prepare=Preprocess(device=dev, channels_last=opts["channels_last"]), translate=opts["translate"],
+        flip=opts["flip"], label_smoothing=label_smoothing, bf16=use_bf16, progress=progress, desc=f"backbone {arch}")
+    epoch_losses = [float(x) for x in losses.view(epochs, steps_per_epoch).mean(1)] if total else []
     train_seconds = time.perf_counter() - t0
     model.eval()
     acc = evaluate_backbone(model, data.test_images, data.test_labels, device=device, amp=opts["amp"],
@@ -231,24 +142,12 @@ def train_backbone(
     return model, metrics
 
 
-@torch.no_grad()
 def _batched(model: nn.Module, fn: str, images: torch.Tensor, batch_size: int, device: str, amp: str,
              flip_average: bool, channels_last: bool) -> torch.Tensor:
     """Apply ``model.<fn>`` in batches, optionally averaged with the horizontally flipped images."""
-    dev = torch.device(device)
-    use_bf16 = resolve_amp(amp, device)
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size].to(dev), channels_last)  # (b, 3, 32, 32)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            y = getattr(model, fn)(x).float()  # (b, D)
-            if flip_average:
-                y = 0.5 * (y + getattr(model, fn)(x.flip(3)).float())
-        out.append(y.cpu())
-    model.train(was_training)
-    return torch.cat(out)  # (N, D)
+    prepare = Preprocess(device=device, channels_last=channels_last)
+    return batched_outputs(model, images, prepare, fn=fn, flip_average=flip_average, bf16=resolve_amp(amp, device),
+                           batch_size=batch_size)
 
 
 @torch.no_grad()

@@ -15,36 +15,30 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import rpg.targets  # noqa: F401  (registers the rpg_* models with timm)
-from rpg.backbone import extract_features, train_backbone
+import rpg.vision  # noqa: F401  (registers the rpg_* models with timm)
+from rpg.experiments.task_zoo.backbone import extract_features, train_backbone
 from rpg.config import Config
-from rpg.data import Cifar10, load_cifar10
+from rpg.data import load_cifar10, split_train_val
 from rpg.utils import load_safetensors, resolve_device, save_safetensors_atomic, write_json_atomic
 
 FEATURE_KEYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
-
-
-def split_train_val(data: Cifar10, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded indices of the training images used for training and for validation."""
-    perm = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
 def build_backbone(cfg: Config, out_path: str | Path) -> dict:
     """Train (or fetch) the backbone and save it as safetensors with its metrics; returns the metrics."""
     bb = cfg.backbone
     device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
     if bb.source == "timm_pretrained":
         model = _pretrained_timm(bb.arch, bb.pretrained_file)
         metrics = {"source": "timm_pretrained", "arch": bb.arch}
     else:
         data = load_cifar10(cfg.data.root, download=cfg.data.download)
+        train_idx, _ = split_train_val(data, cfg.data.val_images, cfg.seed)  # the RPG validation images stay unseen
         start = time.time()
         model, metrics = train_backbone(
             data, arch=bb.arch, feature_dim=bb.feature_dim, epochs=bb.epochs, batch_size=bb.batch_size, lr=bb.lr,
             weight_decay=bb.weight_decay, label_smoothing=bb.label_smoothing, seed=cfg.seed, device=str(device),
-            progress=cfg.logging.progress,
+            progress=cfg.logging.progress, train_indices=train_idx,
         )
         metrics = {**metrics, "source": "train", "arch": bb.arch, "wall_seconds": time.time() - start}
     meta = {"arch": bb.arch, "feature_dim": bb.feature_dim, "source": bb.source, "metrics": metrics}
@@ -91,7 +85,6 @@ def _timm_features(model: torch.nn.Module, images: torch.Tensor, img_size: int, 
 
 def cache_features(cfg: Config, backbone_path: str | Path, out_path: str | Path) -> dict:
     """Extract features of the train / val / test images with the frozen backbone and save them."""
-    torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = load_cifar10(cfg.data.root, download=cfg.data.download)
     model, meta = load_backbone(backbone_path)

@@ -1,0 +1,70 @@
+"""The one way to run an image model over a fixed set of images: batched, bf16 where asked, optionally averaged
+with the mirrored images; `ImageEvaluator` scores classifiers (or their state dicts) on one image set."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from rpg.vision.preprocess import Preprocess
+
+
+@torch.no_grad()
+def batched_outputs(model: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor], *,
+                    fn: str = "forward", flip_average: bool = False, bf16: bool = False,
+                    batch_size: int = 1000) -> torch.Tensor:
+    """``model.<fn>`` of uint8 ``images`` (N, 3, H, W) in batches -> (N, D) float32 on the CPU.
+
+    With ``flip_average`` the output of each image is averaged with that of its mirror image (test-time
+    augmentation). The model is put in eval mode and given back in the mode it was in.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    run = getattr(model, fn)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = prepare(images[start:start + batch_size])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = run(x).float()
+            if flip_average:
+                y = 0.5 * (y + run(x.flip(3)).float())
+        out.append(y.cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def predict(model: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
+            **kwargs) -> torch.Tensor:
+    """Predicted classes (N,) on the CPU; keyword arguments as in `batched_outputs`."""
+    return batched_outputs(model, images, prepare, **kwargs).argmax(1)
+
+
+class ImageEvaluator:
+    """Accuracy of classifiers on fixed uint8 images with their labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, prepare: Callable[[torch.Tensor], torch.Tensor]
+                 | None = None, img_size: int = 32, device: torch.device | str = "cpu", batch_size: int = 1000,
+                 bf16: bool = False, flip_average: bool = False):
+        self.images, self.labels = images, labels.cpu()
+        self.prepare = prepare or Preprocess(img_size=img_size, device=device)
+        self.batch_size, self.bf16, self.flip_average = batch_size, bf16, flip_average
+
+    def predict(self, model: nn.Module) -> torch.Tensor:
+        """Predicted classes (N,) on the CPU."""
+        return predict(model, self.images, self.prepare, bf16=self.bf16, flip_average=self.flip_average,
+                       batch_size=self.batch_size)
+
+    def accuracy(self, model: nn.Module) -> float:
+        return float((self.predict(model) == self.labels).float().mean())
+
+    def state_dict_scorer(self, model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], float]:
+        """state dict -> accuracy, loading each into `model` (the architecture's template)."""
+
+        def score(state_dict: Mapping[str, torch.Tensor]) -> float:
+            model.load_state_dict(dict(state_dict), strict=True)
+            return self.accuracy(model)
+
+        return score
