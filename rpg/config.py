@@ -53,9 +53,12 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class TasksConfig:
     ids: str | tuple[int, ...] = "all"
-    unseen: tuple[int, ...] = ()
-    table11: tuple[str, ...] = ()
-    flip_pair: tuple[str, ...] = ()
+    # The paper's 20 held-out task ids, Table 11's 10 embeddings in its order, and Table 12's flip pair.
+    unseen: tuple[int, ...] = (314, 482, 589, 197, 462, 111, 101, 278, 793, 279, 653, 238, 1001, 141, 884, 592, 502,
+                               643, 383, 128)
+    table11: tuple[str, ...] = ("0100010111", "0111110110", "0011101110", "0101111111", "0010000000", "0001100101",
+                                "1111101001", "1010000011", "0100010110", "1100011001")
+    flip_pair: tuple[str, ...] = ("1011101000", "0100010111")
     n_val: int = 20
     n_seen_eval: int = 50
 
@@ -123,6 +126,8 @@ def paper_size(n_params: int) -> str:
 def resolve_model_config(section: Mapping) -> ModelConfig:
     """Preset named by `section['size']`, overridden by every non-null key of the section."""
     size = section.get("size", "cpu_tiny")
+    if size == "auto":
+        raise ValueError("RPG size 'auto' is resolved from a parameter count (architectures.rpg): name a preset here")
     if size not in RPG_MODELS:
         raise ValueError(f"unknown RPG size '{size}' (expected one of {', '.join(RPG_MODELS)})")
     values = dict(RPG_MODELS[size])
@@ -203,6 +208,68 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class CollectConfig:
+    """How an architecture is trained and its checkpoints collected (`architectures.collect`; the recipe of
+    `rpg.experiments.arch_study.collect.train_collection`)."""
+
+    epochs: int = 4
+    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd (Nesterov) | adamw
+    lr: float = 0.1
+    weight_decay: float = 0.0005
+    label_smoothing: float = 0.0
+    warmup: float = 0.1  # fraction of the main phase with a linear ramp-up
+    collect_lr_ratio: float = 0.1  # constant LR of the collection phase, relative to lr
+    n_checkpoints: int = 50
+    save_every: int = 2  # optimisation steps between saved checkpoints
+    runs: int = 1  # independent training runs (seeds) in Table 1
+    translate: int = 2
+    flip: bool = True
+    amp: str = "none"  # none | bf16 | auto
+
+
+@dataclass(frozen=True)
+class ArchModelConfig:
+    """One entry of `architectures.models`; `collect` / `rpg` / `train` hold only the keys it overrides (the
+    schema checks them against the full sections)."""
+
+    arch: str
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    img_size: int = 32
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    collect: Mapping[str, Any] = field(default_factory=dict)
+    rpg: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AblationsConfig:
+    arch: str = "cnn_s"
+    train: Mapping[str, Any] = field(default_factory=lambda: {"steps": 400, "diffusion_batch": 128})
+    recurrent: tuple[str, ...] = ("none", "lstm", "transformer", "mamba")
+    position: tuple[str, ...] = ("2d", "1d", "learnable")
+    permutation_runs: tuple[int, ...] = (1, 3, 10)
+    token_size: tuple[int, ...] = (64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class ArchitecturesConfig:
+    """Generation across architectures (Table 1 and its ablations). `rpg` and `train` are overrides of the
+    top-level sections for these generators (resolved per architecture by `rpg.experiments.arch_study.study`)."""
+
+    table1: tuple[str, ...] = ("cnn_s", "cnn_m", "vit_micro")
+    models: Mapping[str, ArchModelConfig] = field(default_factory=dict)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    rpg: Mapping[str, Any] = field(default_factory=lambda: {"size": "cpu_tiny", "permutation_state": True})
+    train: Mapping[str, Any] = field(default_factory=dict)
+    samples: int = 10
+    threads: int = 1
+    val_images: int = 2000
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: str = "cifar10_binary"
     seed: int = 0
@@ -218,7 +285,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    architectures: dict = field(default_factory=dict)  # raw section: resolve with rpg.experiments.arch_study.study
+    architectures: ArchitecturesConfig = field(default_factory=ArchitecturesConfig)
     table13: Table13Config = field(default_factory=Table13Config)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
@@ -259,6 +326,57 @@ def _fill_defaults(schema: Mapping, instance: Any) -> Any:
     return instance
 
 
+def _resolve_ref(schema: Mapping, root: Mapping) -> Mapping:
+    """A subschema with a local `$ref` ("#/a/b") merged under its own keys (their own keys win)."""
+    ref = schema.get("$ref")
+    if not ref:
+        return schema
+    target: Any = root
+    for part in ref.lstrip("#/").split("/"):
+        target = target[part]
+    return {**_resolve_ref(target, root), **{k: v for k, v in schema.items() if k != "$ref"}}
+
+
+def _parse_scalar(text: str, types: set[str]) -> Any:
+    """`text` as the first of the schema's scalar types it spells (YAML 1.2 style: 1e-3 is a number)."""
+    lowered = text.strip().lower()
+    if "null" in types and lowered in ("null", "~", "none"):
+        return None
+    if "boolean" in types and lowered in ("true", "false"):
+        return lowered == "true"
+    for kind, convert in (("integer", int), ("number", float)):
+        if kind in types:
+            try:
+                value = convert(text)
+            except ValueError:
+                continue
+            return float(value) if kind == "number" and isinstance(value, int) else value
+    return text
+
+
+def coerce_strings(schema: Mapping, instance: Any, root: Mapping | None = None) -> Any:
+    """Turn strings into the numbers, booleans or nulls the schema asks for, at any depth.
+
+    Two sources give strings where a number is meant: Snakemake's ``--config train='{steps: 1000}'`` (nested
+    values are parsed with YAML's BaseLoader) and PyYAML, which reads ``1e-3`` (no dot) as a string. A string
+    that spells no value of an expected type is left alone, so validation still names it.
+    """
+    root = schema if root is None else root
+    schema = _resolve_ref(schema, root)
+    types = schema.get("type", [])
+    types = {types} if isinstance(types, str) else set(types)
+    if isinstance(instance, str) and types & {"integer", "number", "boolean", "null"} and "string" not in types:
+        return _parse_scalar(instance, types)
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {k: coerce_strings(props[k] if k in props else extra if isinstance(extra, dict) else {}, v, root)
+                for k, v in instance.items()}
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        return [coerce_strings(schema["items"], v, root) for v in instance]
+    return instance
+
+
 def validate_config(raw: Mapping) -> dict:
     """Validate a config dict against the schema, fill in defaults, and return the completed dict.
 
@@ -266,7 +384,7 @@ def validate_config(raw: Mapping) -> dict:
         ConfigError: naming the offending key (e.g. ``rpg: Additional properties are not allowed ('tokn' ...)``).
     """
     schema = load_schema()
-    instance = _fill_defaults(schema, copy.deepcopy(dict(raw)))
+    instance = _fill_defaults(schema, coerce_strings(schema, copy.deepcopy(dict(raw))))
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
@@ -287,6 +405,14 @@ def _section(cls: type, values: Mapping) -> Any:
     return cls(**{k: _to_tuple(v) for k, v in values.items() if k in names})
 
 
+def _architectures(raw: Mapping) -> ArchitecturesConfig:
+    values = dict(raw)
+    values["models"] = {name: _section(ArchModelConfig, entry) for name, entry in raw["models"].items()}
+    values["collect"] = _section(CollectConfig, raw["collect"])
+    values["ablations"] = _section(AblationsConfig, raw["ablations"])
+    return _section(ArchitecturesConfig, values)
+
+
 def config_from_dict(raw: Mapping) -> Config:
     """Build a validated `Config` from a (possibly partial) dict."""
     full = validate_config(raw)
@@ -305,7 +431,7 @@ def config_from_dict(raw: Mapping) -> Config:
         train=_section(TrainConfig, full["train"]),
         generate=_section(GenerateConfig, full["generate"]),
         logging=_section(LoggingConfig, full["logging"]),
-        architectures=dict(full["architectures"]),
+        architectures=_architectures(full["architectures"]),
         table13=_section(Table13Config, full["table13"]),
         analysis=_section(AnalysisConfig, full["analysis"]),
         raw=full,

@@ -105,15 +105,15 @@ def test_table1_family(workflow_run):
     res, cfg = workflow_run["results"], workflow_run["cfg"]
     arch = cfg.architectures
     t1 = pd.read_csv(res / "table1.csv")
-    assert t1.architecture.tolist() == arch["table1"]
-    assert (t1.n_samples == arch["samples"]).all() and (t1.n_original == arch["collect"]["n_checkpoints"]).all()
+    assert t1.architecture.tolist() == list(arch.table1)
+    assert (t1.n_samples == arch.samples).all() and (t1.n_original == arch.collect.n_checkpoints).all()
     for col in ("original_best", "original_avg", "original_min", "generated_best", "generated_avg", "generated_min"):
         assert t1[col].between(0, 100).all(), col
     assert (t1.original_best >= t1.original_avg).all() and (t1.generated_avg >= t1.generated_min).all()
     assert (res / "table1.config.yaml").is_file()
-    ab = arch["ablations"]
-    expected = {"recurrent": len(ab["recurrent"]), "position": len(ab["position"]),
-                "permutation": 2 * len(ab["permutation_runs"]), "token_size": len(ab["token_size"])}
+    ab = arch.ablations
+    expected = {"recurrent": len(ab.recurrent), "position": len(ab.position),
+                "permutation": 2 * len(ab.permutation_runs), "token_size": len(ab.token_size)}
     for family, rows in expected.items():
         table = pd.read_csv(res / "ablations" / f"{family}.csv")
         assert len(table) == rows and (table.family == family).all(), family
@@ -196,3 +196,44 @@ def test_paper_profile_dry_run(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "finetune_task" in out and "train_rpg" in out and "tables" in out
+
+
+def _scheduled_rules(dry_run_output: str) -> set[str]:
+    """Rule names in the 'Job stats' table of a dry run."""
+    rules, in_stats = set(), False
+    for line in dry_run_output.splitlines():
+        if line.startswith("Job stats"):
+            in_stats = True
+        elif in_stats and line.strip().startswith(("job", "---")):
+            continue
+        elif in_stats and line.strip():
+            name = line.split()[0]
+            if name == "total":
+                break
+            rules.add(name)
+    return rules
+
+
+def test_config_change_reruns_what_it_affects(workflow_run):
+    """A changed zoo setting (given as the README's nested --config override) reruns the zoo and everything
+    downstream of it, nothing upstream; `--list-changes params` names the zoo's jobs. Both override forms parse."""
+    tmp = workflow_run["tmp"]
+    proc = _run_snakemake("-n", "--cores", "2", *_config_args(tmp), "zoo={lr: 0.0005}", "train={steps: 7}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    scheduled = _scheduled_rules(proc.stdout)
+    assert {"zoo", "split", "train_rpg", "generate", "tables"} <= scheduled, scheduled
+    assert not scheduled & {"backbone", "features", "collect_checkpoints", "train_arch_rpg"}, scheduled
+    changes = _run_snakemake("--list-changes", "params", *_config_args(tmp), "zoo={lr: 0.0005}")
+    assert changes.returncode == 0 and "zoo" in changes.stdout, changes.stdout[-3000:] + changes.stderr[-3000:]
+    unchanged = _run_snakemake("-n", "--cores", "2", *_config_args(tmp))
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+
+
+def test_report_has_tables_and_figures(workflow_run):
+    """`snakemake --report` writes one HTML file with the tables, figures and per-rule runtimes."""
+    report = workflow_run["tmp"] / "report.html"
+    proc = _run_snakemake("--report", str(report), *_config_args(workflow_run["tmp"]))
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    html = report.read_text(errors="replace")
+    assert "table11.csv" in html and "table1.csv" in html and "pca_heads.png" in html

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -26,3 +27,21 @@ def run_rule(smk: Any, job: Callable[[Config], Any]) -> Any:
         except Exception:
             traceback.print_exc(file=log)
             raise
+
+
+def config_setting(config: Mapping[str, Any], *keys: str) -> str:
+    """The resolved config values a rule depends on, as canonical JSON for a rule's `params: setting=...`.
+
+    `keys` are top-level keys or dotted paths (``"tasks.n_val"``). Snakemake stores a job's params with its
+    outputs and reruns the job (and, through its outputs, everything downstream) when they change; it lists such
+    jobs with ``snakemake --list-changes params``.
+    """
+    chosen: dict[str, Any] = {}
+    for key in keys:
+        value: Any = config
+        for part in key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                raise KeyError(f"config has no key '{key}'")
+            value = value[part]
+        chosen[key] = value
+    return json.dumps(chosen, sort_keys=True, default=str)

@@ -16,7 +16,11 @@ rule table13:
             else []
         ),
     output:
-        table13=f"{RES}/table13.csv",
+        table13=report(
+            f"{RES}/table13.csv",
+            caption="../report/table.rst",
+            category="Task zoo (paper §5)",
+        ),
         chosen=f"{RES}/table13.chosen.csv",
         config=f"{RES}/table13.config.yaml",
     log:
@@ -29,6 +33,8 @@ rule table13:
     resources:
         mem_mb=4000,
         gpu=GPU,
+    params:
+        setting=setting("seed", "data.val_images", "backbone", "table13"),
     script:
         "../scripts/table13.py"
 
@@ -52,6 +58,8 @@ rule pca_heads:
     threads: CFG.threads
     resources:
         mem_mb=3000,
+    params:
+        setting=setting("seed", "zoo.n_checkpoints"),
     script:
         "../scripts/pca_heads.py"
 
@@ -77,6 +85,13 @@ rule similarity:
     resources:
         mem_mb=3000,
         gpu=GPU,
+    params:
+        setting=setting(
+            "seed",
+            "zoo.n_checkpoints",
+            "analysis.noise_magnitudes",
+            "analysis.noise_repeats",
+        ),
     script:
         "../scripts/similarity.py"
 
@@ -92,7 +107,11 @@ rule notebook_pca_heads:
         summary_csv=rules.pca_heads.output.summary,
     output:
         notebook=f"{RES}/notebooks/pca_heads.ipynb",
-        figure=f"{FIGURES}/pca_heads.png",
+        figure=report(
+            f"{FIGURES}/pca_heads.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
         csv=f"{FIGURES}/pca_heads.csv",
     log:
         logfile("notebook_pca_heads"),
@@ -103,6 +122,8 @@ rule notebook_pca_heads:
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        setting=setting("analysis.kernel"),
     script:
         "../scripts/notebook.py"
 
@@ -115,7 +136,11 @@ rule notebook_similarity_iou:
         summary_csv=rules.similarity.output.summary,
     output:
         notebook=f"{RES}/notebooks/similarity_iou.ipynb",
-        figure=f"{FIGURES}/similarity_iou.png",
+        figure=report(
+            f"{FIGURES}/similarity_iou.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
         csv=f"{FIGURES}/similarity_iou.csv",
     log:
         logfile("notebook_similarity_iou"),
@@ -126,6 +151,8 @@ rule notebook_similarity_iou:
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        setting=setting("analysis.kernel"),
     script:
         "../scripts/notebook.py"
 
@@ -136,7 +163,11 @@ rule notebook_finetune_curves:
         table13_csv=rules.table13.output.table13,
     output:
         notebook=f"{RES}/notebooks/finetune_curves.ipynb",
-        figure=f"{FIGURES}/finetune_curves.png",
+        figure=report(
+            f"{FIGURES}/finetune_curves.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
         csv=f"{FIGURES}/finetune_curves.csv",
     log:
         logfile("notebook_finetune_curves"),
@@ -147,6 +178,8 @@ rule notebook_finetune_curves:
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        setting=setting("analysis.kernel"),
     script:
         "../scripts/notebook.py"
 

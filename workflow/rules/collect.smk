@@ -19,6 +19,8 @@ if CFG.zoo.mode == "batched_heads":
         resources:
             mem_mb=6000,
             gpu=GPU,
+        params:
+            setting=setting("seed", "data.val_images", "backbone"),
         script:
             "../scripts/backbone.py"
 
@@ -38,6 +40,8 @@ if CFG.zoo.mode == "batched_heads":
         resources:
             mem_mb=6000,
             gpu=GPU,
+        params:
+            setting=setting("seed", "data.val_images", "backbone"),
         script:
             "../scripts/features.py"
 
@@ -58,6 +62,8 @@ if CFG.zoo.mode == "batched_heads":
         resources:
             mem_mb=8000,
             gpu=GPU,
+        params:
+            setting=setting("seed", "tasks.ids", "zoo"),
         script:
             "../scripts/zoo.py"
 
@@ -82,6 +88,8 @@ else:  # finetune: one job per task, so a cluster executor spreads them
             mem_mb=16000,
             gpu=GPU,
             runtime=60,
+        params:
+            setting=setting("seed", "data.val_images", "backbone", "zoo"),
         script:
             "../scripts/finetune_task.py"
 
@@ -100,11 +108,15 @@ else:  # finetune: one job per task, so a cluster executor spreads them
         threads: 1
         resources:
             mem_mb=2000,
+        params:
+            setting=setting("tasks.ids", "zoo.n_checkpoints"),
         script:
             "../scripts/zoo_index.py"
 
 
 rule split:
+    input:
+        index=ZOO_INDEX,  # the split is of the zoo's tasks: a new zoo gets a new split
     output:
         split=SPLIT,
     log:
@@ -116,5 +128,7 @@ rule split:
     threads: 1
     resources:
         mem_mb=500,
+    params:
+        setting=setting("seed", "tasks.ids", "tasks.unseen", "tasks.n_val"),
     script:
         "../scripts/split.py"

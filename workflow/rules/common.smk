@@ -4,6 +4,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from rpg.config import ConfigError, config_from_dict, validate_config
+from rpg.experiments.rules import config_setting
 
 try:
     config.update(validate_config(config))
@@ -107,7 +108,7 @@ def main_variant(name):
 
 
 def ablation_variants():
-    name = CFG.architectures["ablations"]["arch"]
+    name = CFG.architectures.ablations.arch
     return name, AX.ablation_variants(CFG, n_params(name))
 
 
@@ -145,7 +146,7 @@ def generator_setting(wildcards):
             spec.train,
             CFG.diffusion,
             CFG.generate,
-            CFG.architectures["samples"],
+            CFG.architectures.samples,
         )
     )
 
@@ -157,3 +158,8 @@ def ablation_inputs(wildcards):
 
 def ablation_labels(wildcards):
     return [label for label, _ in ablation_variants()[1][wildcards.family]]
+
+
+def setting(*keys):
+    """params: the resolved config values a rule depends on (a change reruns it and everything downstream)."""
+    return config_setting(config, *keys)

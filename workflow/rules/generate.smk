@@ -21,5 +21,15 @@ rule generate:
     resources:
         mem_mb=6000,
         gpu=GPU,
+    params:
+        setting=setting(
+            "seed",
+            "rpg",
+            "diffusion",
+            "generate",
+            "tasks.table11",
+            "tasks.flip_pair",
+            "tasks.n_seen_eval",
+        ),
     script:
         "../scripts/generate.py"

@@ -19,7 +19,7 @@ rule collect_checkpoints:
         f"{RES}/benchmarks/rules/table1/collect_{{arch}}_run{{run}}.tsv"
     conda:
         "../envs/rpg.yaml"
-    threads: CFG.architectures["threads"]
+    threads: CFG.architectures.threads
     resources:
         mem_mb=4000,
         gpu=GPU,
@@ -42,7 +42,7 @@ rule train_arch_rpg:
         f"{RES}/benchmarks/rules/table1/train_{{study}}_{{arch}}_{{variant}}.tsv"
     conda:
         "../envs/rpg.yaml"
-    threads: CFG.architectures["threads"]
+    threads: CFG.architectures.threads
     resources:
         mem_mb=6000,
         gpu=GPU,
@@ -67,7 +67,7 @@ rule generate_arch:
         f"{RES}/benchmarks/rules/table1/generate_{{study}}_{{arch}}_{{variant}}.tsv"
     conda:
         "../envs/rpg.yaml"
-    threads: CFG.architectures["threads"]
+    threads: CFG.architectures.threads
     resources:
         mem_mb=4000,
         gpu=GPU,
@@ -81,10 +81,14 @@ rule table1:
     input:
         samples=lambda w: [
             arch_samples("main", name, main_variant(name))
-            for name in CFG.architectures["table1"]
+            for name in CFG.architectures.table1
         ],
     output:
-        table=f"{RES}/table1.csv",
+        table=report(
+            f"{RES}/table1.csv",
+            caption="../report/table.rst",
+            category="Architecture study (Table 1, ablations)",
+        ),
     log:
         f"{RES}/logs/table1/table1.log",
     conda:
@@ -92,6 +96,8 @@ rule table1:
     threads: 1
     resources:
         mem_mb=1000,
+    params:
+        setting=setting("architectures.table1"),
     script:
         "../scripts/table1.py"
 
@@ -100,7 +106,11 @@ rule ablation:
     input:
         samples=ablation_inputs,
     output:
-        table=f"{RES}/ablations/{{family}}.csv",
+        table=report(
+            f"{RES}/ablations/{{family}}.csv",
+            caption="../report/table.rst",
+            category="Architecture study (Table 1, ablations)",
+        ),
     log:
         f"{RES}/logs/table1/ablation_{{family}}.log",
     conda:

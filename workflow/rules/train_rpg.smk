@@ -19,5 +19,7 @@ rule train_rpg:
     resources:
         mem_mb=8000,
         gpu=GPU,
+    params:
+        setting=setting("seed", "data.val_images", "rpg", "diffusion", "train"),
     script:
         "../scripts/train_rpg.py"

@@ -9,7 +9,6 @@ held-out validation images and on the test set. Augmentation is the backbone's (
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from rpg.config import CollectConfig
 from rpg.vision.architectures import architecture_metadata, build_model, count_parameters
 from rpg.vision.evaluate import ImageEvaluator
 from rpg.vision.preprocess import Preprocess, resolve_amp
@@ -24,26 +24,7 @@ from rpg.vision.training import make_optimizer, train_classifier
 from rpg.utils import save_safetensors_atomic, write_csv_atomic
 
 
-@dataclass(frozen=True)
-class CollectRecipe:
-    """How one architecture is trained and its checkpoints collected (config section `architectures.collect`)."""
-
-    epochs: int = 4
-    batch_size: int = 256
-    optimizer: str = "sgd"  # sgd (Nesterov) | adamw
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    warmup: float = 0.1  # fraction of the main phase with a linear ramp-up
-    collect_lr_ratio: float = 0.1  # constant LR of the collection phase, relative to lr
-    n_checkpoints: int = 50
-    save_every: int = 2  # optimisation steps between saved checkpoints
-    translate: int = 2
-    flip: bool = True
-    amp: str = "none"  # none | bf16 | auto
-
-
-def _lr_at(step: int, main_steps: int, recipe: CollectRecipe) -> float:
+def _lr_at(step: int, main_steps: int, recipe: CollectConfig) -> float:
     """Warm-up, linear decay to the collection rate, then constant during the collection phase."""
     floor = recipe.collect_lr_ratio
     if step >= main_steps:
@@ -56,7 +37,7 @@ def _lr_at(step: int, main_steps: int, recipe: CollectRecipe) -> float:
 
 
 def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, arch: str,
-                     model_kwargs: Mapping[str, Any], recipe: CollectRecipe, seed: int, out_dir: str | Path,
+                     model_kwargs: Mapping[str, Any], recipe: CollectConfig, seed: int, out_dir: str | Path,
                      evaluators: Mapping[str, ImageEvaluator], img_size: int = 32, pretrained: bool = False,
                      pretrained_file: str | None = None, device: torch.device | str = "cpu", run: int = 0,
                      progress: bool = True) -> pd.DataFrame:

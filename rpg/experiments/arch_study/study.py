@@ -21,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import jsonschema
 import pandas as pd
 import torch
 
 from rpg.vision.architectures import build_model, count_parameters
 from rpg.checkpoint import load_rpg
-from rpg.experiments.arch_study.collect import CollectRecipe, collection_files, train_collection
+from rpg.experiments.arch_study.collect import collection_files, train_collection
 from rpg.vision.evaluate import ImageEvaluator
-from rpg.config import Config, ModelConfig, TrainConfig, config_to_yaml, load_schema, paper_size, resolve_model_config
+from rpg.config import CollectConfig, Config, ModelConfig, TrainConfig, config_to_yaml, paper_size, resolve_model_config
 from rpg.data import load_cifar10, split_train_val
 from rpg.tracking import start_tracking
 from rpg.generate import sample_models
@@ -57,7 +56,7 @@ class ArchSpec:
     img_size: int
     pretrained: bool
     pretrained_file: str | None
-    recipe: CollectRecipe
+    recipe: CollectConfig
     rpg: dict  # raw generator section (sizes resolved per variant)
     train: TrainConfig
 
@@ -84,45 +83,21 @@ class Variant:
         return cls(rec, pos, perm == "perm", int(runs), int(tok))
 
 
-def _section_schema(name: str) -> dict:
-    return load_schema()["properties"]["architectures"]["properties"][name]
-
-
-def _merged(defaults: dict, overrides: dict, schema_name: str | None, where: str) -> dict:
-    merged = {**defaults, **overrides}
-    if schema_name is not None:
-        try:
-            jsonschema.validate(merged, _section_schema(schema_name))
-        except jsonschema.ValidationError as err:
-            raise ValueError(f"config error at {where}: {err.message}") from None
-    return merged
-
-
 def arch_spec(cfg: Config, name: str, study: str = "main") -> ArchSpec:
     """The architecture `name` of `architectures.models` with the global collect / rpg / train sections applied
-    (and, for study "ablation", `architectures.ablations.train`)."""
+    (and, for study "ablation", `architectures.ablations.train`). The schema has checked every override's keys."""
     if study not in STUDIES:
         raise ValueError(f"unknown study '{study}' (expected one of {', '.join(STUDIES)})")
     section = cfg.architectures
-    models = section["models"]
-    if name not in models:
-        raise ValueError(f"unknown architecture '{name}' (configured: {', '.join(models)})")
-    entry = models[name]
-    where = f"architectures.models.{name}"
-    recipe = _merged(section["collect"], entry.get("collect", {}), "collect", f"{where}.collect")
-    recipe.pop("runs")
-    train_raw = {**cfg.raw["train"], **section["train"], **entry.get("train", {}),
-                 **(section["ablations"]["train"] if study == "ablation" else {})}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(train_raw) - fields
-    if unknown:
-        raise ValueError(f"config error at {where}.train: unknown keys {sorted(unknown)}")
+    if name not in section.models:
+        raise ValueError(f"unknown architecture '{name}' (configured: {', '.join(section.models)})")
+    entry = section.models[name]
+    train = {**section.train, **entry.train, **(section.ablations.train if study == "ablation" else {})}
     return ArchSpec(
-        name=name, arch=entry["arch"], model_kwargs=dict(entry.get("model_kwargs", {})),
-        img_size=int(entry.get("img_size", 32)), pretrained=bool(entry.get("pretrained", False)),
-        pretrained_file=entry.get("pretrained_file"), recipe=CollectRecipe(**recipe),
-        rpg={**section["rpg"], **entry.get("rpg", {})},
-        train=TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in train_raw.items()}),
+        name=name, arch=entry.arch, model_kwargs=dict(entry.model_kwargs), img_size=entry.img_size,
+        pretrained=entry.pretrained, pretrained_file=entry.pretrained_file,
+        recipe=dataclasses.replace(section.collect, **entry.collect), rpg={**section.rpg, **entry.rpg},
+        train=dataclasses.replace(cfg.train, **{k: tuple(v) if isinstance(v, list) else v for k, v in train.items()}),
     )
 
 
@@ -138,8 +113,7 @@ def main_variant(cfg: Config, name: str, n_params: int) -> Variant:
     """The Table 1 setting of an architecture, as a variant."""
     spec = arch_spec(cfg, name)
     m = base_model_config(spec, n_params)
-    return Variant(m.recurrent, m.position, m.permutation_state, int(cfg.architectures["collect"]["runs"]),
-                   m.token_size)
+    return Variant(m.recurrent, m.position, m.permutation_state, cfg.architectures.collect.runs, m.token_size)
 
 
 def variant_model_config(spec: ArchSpec, variant: Variant, n_params: int) -> ModelConfig:
@@ -150,16 +124,16 @@ def variant_model_config(spec: ArchSpec, variant: Variant, n_params: int) -> Mod
 
 def ablation_variants(cfg: Config, n_params: int) -> dict[str, list[tuple[str, Variant]]]:
     """family -> [(setting label, variant)] for the ablation architecture."""
-    ab = cfg.architectures["ablations"]
-    base = main_variant(cfg, ab["arch"], n_params)
+    ab = cfg.architectures.ablations
+    base = main_variant(cfg, ab.arch, n_params)
     rep = dataclasses.replace
     return {
-        "recurrent": [(r, rep(base, recurrent=r)) for r in ab["recurrent"]],
-        "position": [(p, rep(base, position=p)) for p in ab["position"]],
+        "recurrent": [(r, rep(base, recurrent=r)) for r in ab.recurrent],
+        "position": [(p, rep(base, position=p)) for p in ab.position],
         "permutation": [(f"{'with' if on else 'without'} permutation state, {r} run{'s' * (r > 1)}",
                          rep(base, permutation_state=on, runs=r))
-                        for r in ab["permutation_runs"] for on in (True, False)],
-        "token_size": [(str(t), rep(base, token_size=t)) for t in ab["token_size"]],
+                        for r in ab.permutation_runs for on in (True, False)],
+        "token_size": [(str(t), rep(base, token_size=t)) for t in ab.token_size],
     }
 
 
@@ -186,7 +160,7 @@ def load_image_data(cfg: Config, img_size: int, device: torch.device) -> ImageDa
     `architectures.val_images` of those for validation, and the full test set."""
     data = load_cifar10(cfg.data.root, download=cfg.data.download)
     train_idx, val_idx = split_train_val(data, cfg.data.val_images, cfg.seed)
-    val_idx = val_idx[: cfg.architectures["val_images"]]
+    val_idx = val_idx[: cfg.architectures.val_images]
     return ImageData(
         data.train_images[train_idx], data.train_labels[train_idx],
         ImageEvaluator(data.train_images[val_idx], data.train_labels[val_idx], img_size=img_size, device=device),
@@ -261,7 +235,7 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     device = resolve_device(cfg.device)
     data = load_image_data(cfg, spec.img_size, device)
     model, tokenizer, diffusion_cfg, meta = load_rpg(rpg_path, device)
-    n = int(cfg.architectures["samples"])
+    n = cfg.architectures.samples
     start = time.perf_counter()
     sds = sample_models(model, tokenizer, diffusion_cfg, n, seed=cfg.seed + 29, mode=cfg.generate.mode,
                         tokens_per_call=cfg.generate.tokens_per_call, bf16=spec.train.bf16)

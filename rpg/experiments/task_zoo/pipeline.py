@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--features", default=None, help="features.safetensors (batched_heads mode)")
     t.add_argument("--out", required=True, help="output folder for best/last checkpoints")
     args = p.parse_args(argv)
-    train_conditional_rpg(load_config(args.config), args.zoo, args.split, args.features, args.out)
+    cfg = load_config(args.config)
+    torch.set_num_threads(cfg.threads)  # this process's entry point: the one place its threads are set
+    train_conditional_rpg(cfg, args.zoo, args.split, args.features, args.out)
 
 
 if __name__ == "__main__":
