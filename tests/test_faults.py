@@ -5,6 +5,7 @@ non-finite is written; a run owns its folder."""
 from __future__ import annotations
 
 import csv
+import errno
 import importlib
 import os
 import time
@@ -281,6 +282,29 @@ def test_stale_temp_files_are_removed_on_the_next_write(tmp_path):
     with atomic_path(tmp_path / "x.bin") as tmp:
         tmp.write_bytes(b"1")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, other.name, "summary.json", "x.bin"])
+
+
+def test_disk_full_keeps_the_old_file_and_no_temp_file(tmp_path):
+    target = tmp_path / "best.safetensors"
+    target.write_bytes(b"the old checkpoint")
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a checkp")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"the old checkpoint" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_disk_full_in_the_cli_is_one_line(gens, capsys, tmp_path, monkeypatch):
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("rpg.utils.save_file", full_disk)
+    out = tmp_path / "o"
+    rc = main(["generate", "--checkpoint", str(gens / "uncond.safetensors"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "disk full" in err, err
+    assert list(out.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

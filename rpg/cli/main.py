@@ -7,13 +7,14 @@
     rpg generate --checkpoint my_rpg/best.safetensors --samples 10 --out my_generated/
 
 User mistakes (bad embedding, unknown class, unreadable or inconsistent checkpoints, bad --eval, ...) print one line
-and exit with status 2. `rpg <command> --help` documents each command.
+and exit with status 2; a full disk prints one line and exits with status 1. `rpg <command> --help` documents each command.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import warnings
@@ -377,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"rpg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # not the user's input but the machine's: status 1, still one line
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"rpg {args.command}: error: disk full ({err}); files are written atomically, so nothing half-written "
+              "was kept: free space and run the command again", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
