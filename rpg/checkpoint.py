@@ -13,7 +13,8 @@ import torch
 from rpg.config import DiffusionConfig, ModelConfig
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer
-from rpg.utils import CheckpointError, atomic_path, load_safetensors, save_safetensors_atomic
+from rpg.utils import (CheckpointError, atomic_path, check_finite, load_safetensors, save_safetensors_atomic,
+                       state_dict_mismatch)
 
 FORMAT = "rpg-generator/1"
 
@@ -47,10 +48,12 @@ def load_rpg(path: str | Path, device: str | torch.device = "cpu") -> tuple[RPG,
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: metadata is incomplete or from another version: {err}") from err
     model = RPG(model_cfg, tokenizer.layer_index, tokenizer.token_index, int(meta["n_permutation_states"]))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match the stored config: {err}") from err
+    mismatch = state_dict_mismatch(model.state_dict(), tensors)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not match the stored config: {mismatch}")
+    # A diverged or corrupted generator would write all-NaN models that still "score"; refuse it here.
+    check_finite(tensors, f"generator {path}")
+    model.load_state_dict(tensors, strict=True)
     return model.to(device), tokenizer, diffusion_cfg, meta
 
 

@@ -10,20 +10,29 @@ and collapsed), so training calls a user-supplied `validate(model) -> {"score": 
 keeps the checkpoint with the best score as `best.safetensors`. `last.opt.pt` (weights, optimizer, data and noise
 generators) allows resuming, so a resumed run ends with the same weights as an uninterrupted one; `last.safetensors`
 is a loadable copy of the same weights, written after it. Under `torchrun` with several processes, training is data parallel (DDP).
+
+A run owns its folder: a lock file refuses a second run into it, `train_log.csv` is appended step by step (a resumed
+run first drops the rows after the step it resumes from), a run asked for another step count than the one in the
+folder is refused unless `force`, and a NaN/Inf loss, gradient or weight stops training (TrainingDivergedError)
+before a non-finite weight is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -36,9 +45,18 @@ from rpg.diffusion import GaussianDiffusion, create_diffusion
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker
-from rpg.utils import seed_everything
+from rpg.utils import CheckpointError, first_non_finite, read_safetensors_metadata, seed_everything, write_csv_rows
 
 Validator = Callable[[RPG], dict[str, float]]
+LOCK_FILE = ".rpg.lock"
+
+
+class RunConflictError(ValueError):
+    """The output folder belongs to another run (one still writing, or one of another step count)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss, a gradient or a weight became NaN/Inf; the last checkpoint written before it is kept."""
 
 
 class DiffusionObjective(nn.Module):
@@ -86,11 +104,52 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on OUT/.rpg.lock while training; a second writer into the folder is refused.
+
+    flock: the kernel drops the lock when its process dies, so a killed run never leaves a stale lock.
+    Only rank 0 of a torchrun job (RANK unset or 0) writes, so only it takes the lock.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / LOCK_FILE).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise RunConflictError(f"{out_dir} is in use by another training run ({owner}); wait for it to end or "
+                                   "train into another folder") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _holding_run_lock(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run `fn` (train_rpg) inside run_lock(out_dir)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        out_dir = Path(inspect.signature(fn).bind(*args, **kwargs).arguments["out_dir"])
+        with run_lock(out_dir):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_holding_run_lock
 def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, tokenizer: Tokenizer,
               tokens: torch.Tensor, out_dir: str | Path, *, cond: torch.Tensor | None = None, seed: int = 0,
               device: torch.device | str = "cpu", validate: Validator | None = None,
               tracker: Tracker | None = None, progress: bool = True,
-              stop_after: int | None = None) -> dict[str, Any]:
+              stop_after: int | None = None, force: bool = False) -> dict[str, Any]:
     """Train (or resume) a generator on `tokens` and write best/last checkpoints to `out_dir`.
 
     Args:
@@ -98,6 +157,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         cond: (K, condition_dim) task bits per checkpoint, for task-conditioned models.
         validate: called every `eval_every` steps on the (EMA) model; must return {"score": higher-is-better, ...}.
         stop_after: stop (as if killed) after this many steps of this call; for tests of resuming.
+        force: train from scratch over a run of another step count in `out_dir` (refused otherwise).
     Returns:
         summary dict (best step and score, final loss, seconds, peak memory).
     """
@@ -127,7 +187,10 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
 
     last_path, state_path = out_dir / "last.safetensors", out_dir / "last.opt.pt"
     fingerprint = _fingerprint(model_cfg, diffusion_cfg, cfg, tokens, cond, seed, world)
+    run_fingerprint = _fingerprint(model_cfg, diffusion_cfg, cfg, tokens, cond, seed, world, ignore_steps=True)
     state = load_training_state(state_path) if state_path.exists() else None
+    if not force:
+        _refuse_other_step_count(state, fingerprint, run_fingerprint, cfg.steps, out_dir)
     if state is not None and not (state.get("fingerprint") == fingerprint and
                                   (int(state["best_step"]) < 0 or (out_dir / "best.safetensors").exists())):
         # A leftover of a run on other data / settings (e.g. Snakemake re-running the rule after its inputs
@@ -150,6 +213,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
             ema.load_state_dict(state["ema"])
         if rank == 0:
             print(f"resumed from {state_path} at step {start}")
+            _truncate_log(out_dir / "train_log.csv", start)  # rows of steps after the checkpoint are redone
 
     tokens_dev = tokens.to(device)
     cond_dev = cond.to(device) if cond is not None else None
@@ -163,12 +227,14 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
                desc="train RPG", dynamic_ncols=True)
 
     def checkpoint(step: int) -> None:
+        _check_weights(model, step, out_dir)
         if rank != 0:
             return
         save_training_state(state_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "data_gen": data_gen.get_state(),
             "noise_gen": noise_gen.get_state(), "step": step, "best_score": best["score"],
-            "best_step": best["step"], "fingerprint": fingerprint,
+            "best_step": best["step"], "fingerprint": fingerprint, "run_fingerprint": run_fingerprint,
+            "total_steps": cfg.steps,
             **({"ema": ema.state_dict()} if ema is not None else {}),
         })
         save_rpg(last_path, model, tokenizer, diffusion_cfg, step=step)  # a loadable copy of the same weights
@@ -187,6 +253,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        _check_step(loss.item(), float(grad_norm), step + 1, out_dir)  # before the update: weights stay finite
         optimizer.step()
         if ema is not None:
             with torch.no_grad():
@@ -198,6 +265,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}")
         record: dict[str, float] = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)}
         if validate is not None and rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+            _check_weights(model, done, out_dir)
             metrics = validate(ema if ema is not None else model)
             record.update({f"val/{key}": float(v) for key, v in metrics.items()})
             if metrics["score"] > best["score"]:
@@ -208,6 +276,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         if rank == 0:
             tracker.log(record, step=done)
             history.append(record)
+            _append_history(out_dir / "train_log.csv", [record])  # as we go: the log survives a kill
         if done % cfg.save_every == 0 or done == cfg.steps:
             checkpoint(done)
     bar.close()
@@ -219,7 +288,6 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
             save_rpg(out_dir / "best.safetensors", ema if ema is not None else model, tokenizer, diffusion_cfg,
                      step=final_step)
             best = {"score": best["score"], "step": final_step}
-        _append_history(out_dir / "train_log.csv", history)
     summary = {
         "best_step": best["step"], "best_score": best["score"], "final_loss_ema": loss_ema,
         "steps": final_step, "seconds": time.time() - t0, "n_checkpoints": k, "n_tokens": n,
@@ -233,9 +301,13 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
 
 
 def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, tokens: torch.Tensor,
-                 cond: torch.Tensor | None, seed: int, world: int) -> str:
-    """Hash of everything a run's trajectory depends on; a run resumes only from a state with the same hash."""
-    h = hashlib.sha256(json.dumps([asdict(model_cfg), asdict(diffusion_cfg), asdict(cfg), seed, world],
+                 cond: torch.Tensor | None, seed: int, world: int, *, ignore_steps: bool = False) -> str:
+    """Hash of everything a run's trajectory depends on; a run resumes only from a state with the same hash.
+
+    ignore_steps: the hash of "the same run but for its step count" (to refuse, not retrain, a changed count).
+    """
+    train = {**asdict(cfg), **({"steps": None} if ignore_steps else {})}
+    h = hashlib.sha256(json.dumps([asdict(model_cfg), asdict(diffusion_cfg), train, seed, world],
                                   sort_keys=True, default=str).encode())
     for t in (tokens, cond):
         if t is not None:
@@ -244,17 +316,70 @@ def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tr
     return h.hexdigest()
 
 
+def _refuse_other_step_count(state: dict | None, fingerprint: str, run_fingerprint: str, steps: int,
+                             out_dir: Path) -> None:
+    """A folder holding this run with another step count would be retrained from scratch (its trajectory, the
+    learning-rate schedule included, depends on the count), overwriting best.safetensors: refuse instead."""
+    if state is None or state.get("fingerprint") == fingerprint or state.get("run_fingerprint") != run_fingerprint:
+        return
+    raise RunConflictError(
+        f"{out_dir} holds this run with {state.get('total_steps')} steps (at step {state['step']}); asking for "
+        f"{steps} steps would retrain it from scratch and overwrite its best.safetensors. Pass --force "
+        "(force=True) to do that, or train into another folder")
+
+
+def _last_good(out_dir: Path) -> str:
+    last = out_dir / "last.safetensors"
+    try:
+        return f"the last good checkpoint, {last} (step {read_safetensors_metadata(last)['step']}), is kept"
+    except (CheckpointError, KeyError):
+        return "no checkpoint was written before it"
+
+
+def _check_step(loss: float, grad_norm: float, step: int, out_dir: Path) -> None:
+    """Divergence guard before the optimizer step: a NaN/Inf loss or gradient norm ends training."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} (not finite); the weights "
+            f"were not updated and {_last_good(out_dir)}. Lower train.lr or set train.grad_clip, then train again")
+
+
+def _check_weights(model: nn.Module, step: int, out_dir: Path) -> None:
+    """Divergence guard before a checkpoint or a validation: no non-finite weight is ever written."""
+    bad = first_non_finite(model.state_dict())
+    if bad is not None:
+        raise TrainingDivergedError(f"training diverged by step {step}: weight '{bad}' is not finite; nothing of "
+                                    f"this step was written and {_last_good(out_dir)}. Lower train.lr, then train again")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows after `step` (steps a killed run did after its last checkpoint; a resume redoes them)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    kept = [r for r in rows if r.get("step") and int(float(r["step"])) <= step]
+    if len(kept) < len(rows):
+        write_csv_rows(path, header, kept)
+
+
 def _append_history(path: Path, rows: list[dict[str, float]]) -> None:
+    """Append rows; a row with a column the file lacks (the first validation) rewrites it with the wider header."""
     if not rows:
         return
     keys = sorted({key for row in rows for key in row}, key=lambda x: (x != "step", x))
-    exists = path.exists()
-    if exists:
-        with path.open() as f:
+    header: list[str] = []
+    if path.exists():
+        with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-        keys = header + [key for key in keys if key not in header]
+    if header and set(keys) - set(header):
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
+        write_csv_rows(path, header + [k for k in keys if k not in header], old + rows)
+        return
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        if not exists:
+        writer = csv.DictWriter(f, fieldnames=header or keys, extrasaction="ignore")
+        if not header:
             writer.writeheader()
         writer.writerows(rows)

@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 import random
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -36,19 +38,56 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# Temporary files of atomic_path: ".<name>.<8 random characters>.tmp" (tempfile.mkstemp's pattern).
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# A temporary file not modified for this long belongs to a killed write (a live one is being written, or is renamed
+# within a moment of its last write), so the next write to its folder removes it.
+STALE_TMP_SECONDS = 600.0
+
+
+def current_umask() -> int:
+    """The process umask: from /proc on Linux (no race with other threads), else by setting it and back at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temp_files(folder: str | Path, older_than: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Delete atomic_path temporary files in `folder` left by killed writes; return what was removed."""
+    removed = []
+    now = time.time()
+    for entry in Path(folder).iterdir():
+        if not _TMP_NAME.match(entry.name):
+            continue
+        try:
+            if entry.is_file() and now - entry.stat().st_mtime > older_than:
+                entry.unlink()
+                removed.append(entry)
+        except FileNotFoundError:  # another process cleaned it up (or renamed it) first
+            continue
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the destination folder; rename it onto `path` only if the block succeeds.
 
-    A crash (or an exception) leaves no half-written file at `path`.
+    A crash (or an exception) leaves no half-written file at `path`. The file gets the permissions of a plain
+    `open()` (0666 less the umask), not mkstemp's private 0600, so collaborators on a shared file system can read
+    results. Temporary files of earlier killed writes in the folder (see STALE_TMP_SECONDS) are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # after the block: some writers (safetensors) recreate the file
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -70,6 +109,16 @@ def write_csv_atomic(path: str | Path, frame) -> None:
         frame.to_csv(tmp, index=False)
 
 
+def write_csv_rows(path: str | Path, header: list[str], rows: list[Mapping[str, Any]]) -> None:
+    """Write dict rows under `header` (missing values empty) to a CSV file atomically."""
+    import csv
+
+    with atomic_path(path) as tmp, Path(tmp).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, Any]) -> None:
     """Save tensors with JSON-encoded metadata (safetensors metadata values must be strings).
 
@@ -80,6 +129,37 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Pat
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=meta)
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or an Inf (None if all are finite)."""
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise CheckpointError naming `what` and the first tensor with NaN/Inf values."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{what} holds non-finite values (NaN or Inf) in '{bad}'; it is not a usable model")
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """One line naming the keys and shapes by which `given` does not fit `expected` ('' if it fits)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"'{k}' has shape {tuple(given[k].shape)}, expected {tuple(v.shape)}"
+              for k, v in expected.items() if k in given and tuple(given[k].shape) != tuple(v.shape)]
+
+    def names(keys: list[str]) -> str:
+        shown = ", ".join(f"'{k}'" for k in keys[:3])
+        return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = ([f"missing {names(missing)}"] if missing else []) + \
+            ([f"unexpected {names(unexpected)}"] if unexpected else []) + shapes[:3]
+    return "; ".join(parts)
 
 
 def _decode_meta(meta: Mapping[str, str] | None) -> dict[str, Any]:

@@ -7,13 +7,14 @@
     rpg generate --checkpoint my_rpg/best.safetensors --samples 10 --out my_generated/
 
 User mistakes (bad embedding, unknown class, unreadable or inconsistent checkpoints, bad --eval, ...) print one line
-and exit with status 2. `rpg <command> --help` documents each command.
+and exit with status 2; a full disk prints one line and exits with status 1. `rpg <command> --help` documents each command.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import warnings
@@ -22,41 +23,70 @@ from typing import Any
 
 import torch
 
+from rpg import __version__
 from rpg.checkpoint import load_rpg
 from rpg.collection import format_report, inspect_collection, load_collection
 from rpg.config import ConfigError, config_from_dict, deep_update, load_config
+from rpg.data import CorruptDataError
 from rpg.diffusion import create_diffusion
 from rpg.generate import GENERATION_MODES, generate_tokens
 from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, embedding_bits, embedding_to_id, id_to_embedding,
                        parse_embedding, positive_classes)
 from rpg.cli.user_eval import load_score_function
-from rpg.utils import (CheckpointError, load_safetensors, resolve_device, save_safetensors_atomic,
-                       write_json_atomic)
+from rpg.train import RunConflictError, TrainingDivergedError
+from rpg.utils import (CheckpointError, check_finite, load_safetensors, read_safetensors_metadata, resolve_device,
+                       save_safetensors_atomic, state_dict_mismatch, write_json_atomic)
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, evaluate_heads, stack_state_dicts
 
-USER_ERRORS = (TaskError, CheckpointError, ConfigError, FileNotFoundError, ValueError)
+# FileExistsError / NotADirectoryError: --out names a file; CorruptDataError: a truncated or malformed CIFAR-10 archive.
+USER_ERRORS = (TaskError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               ValueError, CorruptDataError, RunConflictError, TrainingDivergedError)
 # `rpg train` without --config: the schema defaults, made unconditional with one permutation state per checkpoint.
 BYO_DEFAULTS = {"rpg": {"condition": "none", "permutation_state": True}}
 COLLECTION_INFO = "collection.json"  # beside the generator: where its checkpoints came from, how to build them
 
 
 def _task_from_args(args: argparse.Namespace) -> str:
-    if bool(args.embedding) == bool(args.classes):
+    if (args.embedding is None) == (args.classes is None):
         raise TaskError("give exactly one of --embedding (10 bits) or --classes (comma-separated names)")
-    if args.embedding:
+    if args.embedding is not None:
         return parse_embedding(args.embedding)
-    return classes_to_embedding([c for c in args.classes.split(",") if c.strip()])
+    names = [c for c in args.classes.split(",") if c.strip()]
+    if not names:
+        raise TaskError(f"--classes {args.classes!r} names no class: give comma-separated CIFAR-10 classes, "
+                        "e.g. --classes ship,truck")
+    return classes_to_embedding(names)
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Numbers the sampler cannot work with, refused before anything is loaded or written."""
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps} (0 steps would write the initial noise)")
+    if args.tokens_per_call < 1:
+        raise ValueError(f"--tokens-per-call must be at least 1, got {args.tokens_per_call}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder")
+
+
+def _check_generated(states: list[dict[str, torch.Tensor]], checkpoint: str) -> None:
+    """Refuse to write models with NaN/Inf weights (a diverged or corrupted generator)."""
+    for s, state in enumerate(states):
+        check_finite(state, f"generated model {s} of {checkpoint} (nothing was written)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    _check_generate_args(args)
     device = resolve_device(args.device)
     model, tokenizer, dcfg, meta = load_rpg(args.checkpoint, device)
     if model.task_encoder is None:
         return _generate_unconditional(args, model, tokenizer, dcfg, meta)
     embedding = _task_from_args(args)
     task_id = embedding_to_id(embedding)
+    if args.evaluate and not Path(args.features).is_file():
+        raise FileNotFoundError(f"--evaluate needs the features file {args.features} (not found); pass --features")
     steps = args.steps if args.steps is not None else dcfg.sample_steps
     sampler = args.sampler or dcfg.sampler
     tokens = generate_tokens(model, create_diffusion(dcfg), args.samples,
@@ -65,8 +95,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              tokens_per_call=args.tokens_per_call, generator=torch.Generator().manual_seed(args.seed))
     out_dir = Path(args.out)
     generated: dict[Path, dict[str, torch.Tensor]] = {}
-    for s, t in enumerate(tokens):
-        sd = tokenizer.detokenize(t)
+    states = [tokenizer.detokenize(t) for t in tokens]
+    _check_generated(states, args.checkpoint)
+    for s, sd in enumerate(states):
         path = out_dir / f"{task_id:04d}_s{s}.safetensors"
         d = sd["0.weight"].shape[1] if "0.weight" in sd else None
         save_safetensors_atomic(sd, path, {
@@ -86,7 +117,7 @@ def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, me
     """Whole models from a generator trained by `rpg train --checkpoints` (no task: --embedding/--classes refused)."""
     from rpg.generate import sample_models
 
-    if args.embedding or args.classes:
+    if args.embedding is not None or args.classes is not None:
         raise TaskError(f"{args.checkpoint} is an unconditional generator (trained on a checkpoint collection); "
                         "it takes no --embedding or --classes")
     dcfg = dataclasses.replace(dcfg, sampler=args.sampler or dcfg.sampler,
@@ -98,6 +129,8 @@ def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, me
     architecture = json.loads(info_path.read_text()).get("architecture", {}) if info_path.is_file() else {}
     states = sample_models(model, tokenizer, dcfg, args.samples, seed=args.seed, mode=args.mode,
                            tokens_per_call=args.tokens_per_call)
+    _check_generated(states, args.checkpoint)
+    _clear_earlier_models(Path(args.out))
     for s, state in enumerate(states):
         path = Path(args.out) / f"model_{s:03d}.safetensors"
         save_safetensors_atomic(state, path, {
@@ -109,6 +142,30 @@ def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, me
             line += f": score {score_fn(state):.4f}"
         print(line)
     return 0
+
+
+def _clear_earlier_models(out: Path) -> None:
+    """The rule for whole models: `rpg generate` owns the names model_NNN.safetensors in --out.
+
+    Earlier ones written by `rpg generate` (their metadata names a 'generator') are removed, so the folder holds
+    exactly this call's models; a model_NNN.safetensors written by anything else is never touched: refused.
+    """
+    if not out.is_dir():
+        return
+    earlier = sorted(out.glob("model_[0-9][0-9][0-9].safetensors"))
+    foreign = [p for p in earlier if "generator" not in _metadata_or_empty(p)]
+    if foreign:
+        raise FileExistsError(f"{foreign[0]} was not written by rpg generate; it would be overwritten or mixed with "
+                              "the new models: choose another --out or move it")
+    for p in earlier:
+        p.unlink()
+
+
+def _metadata_or_empty(path: Path) -> dict:
+    try:
+        return read_safetensors_metadata(path)
+    except CheckpointError:
+        return {}
 
 
 def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_id: int) -> None:
@@ -125,6 +182,7 @@ def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     tensors, meta = load_safetensors(args.model)
+    check_finite(tensors, args.model)
     if args.eval:
         print(f"{args.model}: score {load_score_function(args.eval)(tensors):.4f}")
         return 0
@@ -151,11 +209,17 @@ def _cifar10_accuracy(tensors: dict[str, torch.Tensor], meta: dict, data: str, d
     from rpg.data import load_cifar10
     from rpg.vision.architectures import model_from_metadata
     from rpg.vision.evaluate import ImageEvaluator
+    import timm
 
+    if not timm.is_model(str(meta["arch"])):
+        raise CheckpointError(f"architecture '{meta['arch']}' is not a timm model, so rpg evaluate cannot build it; "
+                              "pass --eval module:function to score the state dict")
     try:
         model = model_from_metadata(meta, tensors)
     except RuntimeError as err:  # load_state_dict: keys or shapes do not fit the named architecture
-        raise CheckpointError(f"the weights do not fit architecture {meta['arch']}: {str(err).splitlines()[0]}") from err
+        expected = model_from_metadata(meta).state_dict()
+        raise CheckpointError(f"the weights do not fit architecture {meta['arch']}: "
+                              f"{state_dict_mismatch(expected, tensors) or str(err).splitlines()[0]}") from err
     cifar = load_cifar10(data)
     dev = resolve_device(device)
     evaluator = ImageEvaluator(cifar.test_images, cifar.test_labels, img_size=int(meta.get("img_size", 32)), device=dev)
@@ -178,6 +242,8 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from rpg.unconditional import train_on_collection
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; give a folder")
     cfg = _train_config(args)
     if cfg.model.condition != "none":
         raise ConfigError(f"{args.config}: rpg train makes an unconditional generator; set rpg.condition: none "
@@ -204,7 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             collection.state_dicts, out, model_cfg=cfg.model, diffusion_cfg=cfg.diffusion, train_cfg=cfg.train,
             seed=seed, device=resolve_device(args.device or cfg.device), score_fn=score_fn,
             val_samples=cfg.train.val_samples, names=[p.name for p in collection.paths],
-            progress=cfg.logging.progress, stop_after=args.stop_after)
+            progress=cfg.logging.progress, stop_after=args.stop_after, force=args.force)
     except KeyboardInterrupt:
         print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.safetensors'}",
               file=sys.stderr)
@@ -217,11 +283,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default shown after its help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rpg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="rpg", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"rpg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate models: heads for a task, or whole models of a collection",
+    g = sub.add_parser("generate", formatter_class=_HelpFormatter,
+                       help="generate models: heads for a task, or whole models of a collection",
                        description="Generate weights with a trained RPG. A task-conditioned generator needs "
                                    "--embedding or --classes and writes binary heads; an unconditional one (from "
                                    "`rpg train --checkpoints`) writes whole state dicts model_NNN.safetensors whose "
@@ -229,47 +301,54 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True, help="trained RPG generator (best.safetensors)")
     g.add_argument("--embedding", help="10-bit task embedding, e.g. 0100010111 (bit i = CIFAR-10 class i)")
     g.add_argument("--classes", help="comma-separated positive classes, e.g. ship,truck (case-insensitive)")
-    g.add_argument("--samples", type=int, default=1, help="models to generate (default 1)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=None, help="sampler steps (default: the generator's config)")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    g.add_argument("--mode", choices=GENERATION_MODES, default="partial")
-    g.add_argument("--tokens-per-call", type=int, default=256)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--out", default="results/generated/cli", help="output folder (default results/generated/cli)")
+    g.add_argument("--samples", type=int, default=1, help="models to generate")
+    g.add_argument("--seed", type=int, default=0, help="seed of all sampling noise (same seed, same models)")
+    g.add_argument("--steps", type=int, default=None, help="sampler steps, at least 1 (None: the generator's config)")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="None: the generator's config")
+    g.add_argument("--mode", choices=GENERATION_MODES, default="partial",
+                   help="tokens per denoiser call: sequential 1, partial --tokens-per-call, full all (memory vs speed)")
+    g.add_argument("--tokens-per-call", type=int, default=256, help="tokens per denoiser call in --mode partial")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    g.add_argument("--out", default="results/generated/cli",
+                   help="output folder; whole models replace the model_NNN files an earlier rpg generate wrote there")
     g.add_argument("--evaluate", action="store_true",
                    help="print test accuracy (heads: needs --features; whole models: needs --eval)")
-    g.add_argument("--features", default="results/features/cifar10_binary/features.safetensors")
+    g.add_argument("--features", default="results/features/cifar10_binary/features.safetensors",
+                   help="features of the CIFAR-10 test images, for --evaluate of heads")
     g.add_argument("--eval", metavar="MODULE:FUNCTION", help="score function of a state dict, for --evaluate of "
                    "whole models (e.g. examples/mlp_eval.py:test_accuracy)")
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("evaluate", help="accuracy of a binary head, a full CIFAR-10 model, or any model by --eval",
+    e = sub.add_parser("evaluate", formatter_class=_HelpFormatter,
+                       help="accuracy of a binary head, a full CIFAR-10 model, or any model by --eval",
                        description="Binary heads: accuracy and balanced accuracy on their task (--features). Full "
                                    "models whose metadata names a timm/rpg architecture ('arch', 'model_kwargs'): "
                                    "CIFAR-10 test accuracy (--data). Anything else: the score of --eval.")
     e.add_argument("model", help="a generated or zoo checkpoint (.safetensors)")
-    e.add_argument("--features", default="results/features/cifar10_binary/features.safetensors")
-    e.add_argument("--embedding", help="task to score against (default: from the file's metadata)")
-    e.add_argument("--data", default="data", help="folder with cifar-10-python.tar.gz, for full models (default data)")
+    e.add_argument("--features", default="results/features/cifar10_binary/features.safetensors",
+                   help="features of the CIFAR-10 test images, for binary heads")
+    e.add_argument("--embedding", help="task to score against (None: from the file's metadata)")
+    e.add_argument("--data", default="data", help="folder with cifar-10-python.tar.gz, for full models")
     e.add_argument("--eval", metavar="MODULE:FUNCTION", help="score the state dict with this function instead "
                    "(module:function or path/to/file.py:function)")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     e.set_defaults(func=cmd_evaluate)
 
-    i = sub.add_parser("inspect", help="report a folder of checkpoints: count, layers, tokens, problems",
+    i = sub.add_parser("inspect", formatter_class=_HelpFormatter,
+                       help="report a folder of checkpoints: count, layers, tokens, problems",
                        description="What RPG would train on: checkpoints found, parameters generated vs. copied, "
                                    "each layer's shape and tokens, bad files and why, a metadata summary. "
                                    "Exit status 0 if `rpg train` would accept the folder (with the same --skip-bad), "
                                    "1 if not.")
     i.add_argument("directory", help="folder of *.safetensors / *.pt / *.pth / *.bin state dicts of one architecture")
-    i.add_argument("--token-size", type=int, default=256, help="token length to count tokens for (default 256)")
+    i.add_argument("--token-size", type=int, default=256, help="token length to count tokens for")
     i.add_argument("--skip-bad", action="store_true", help="judge usability as `rpg train --skip-bad` would")
     i.add_argument("--pattern", help="only files whose name matches this glob, e.g. 'epoch_*.pt'")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    t = sub.add_parser("train", help="train an unconditional RPG on your own folder of checkpoints",
+    t = sub.add_parser("train", formatter_class=_HelpFormatter,
+                       help="train an unconditional RPG on your own folder of checkpoints",
                        description="Train RPG (with one permutation state per checkpoint) on a folder of state dicts "
                                    "of one architecture. Killed or interrupted? Run the same command again: it "
                                    "resumes from OUT/last.safetensors and ends with the same weights.")
@@ -282,9 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights are kept")
     t.add_argument("--skip-bad", action="store_true", help="skip unusable checkpoints with a warning instead of failing")
     t.add_argument("--pattern", help="only files whose name matches this glob, e.g. 'epoch_*.pt'")
-    t.add_argument("--seed", type=int, default=None, help="default: the config's seed")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: the config's device")
-    t.add_argument("--steps", type=int, default=None, help="training steps (overrides train.steps)")
+    t.add_argument("--seed", type=int, default=None, help="None: the config's seed")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="None: the config's device")
+    t.add_argument("--steps", type=int, default=None, help="training steps (None: the config's train.steps)")
+    t.add_argument("--force", action="store_true", help="train from scratch into an OUT_DIR that holds a run of "
+                   "another step count (without it such a run is refused, never overwritten)")
     t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop as if killed
     t.set_defaults(func=cmd_train)
     return parser
@@ -297,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"rpg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # not the user's input but the machine's: status 1, still one line
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"rpg {args.command}: error: disk full ({err}); files are written atomically, so nothing half-written "
+              "was kept: free space and run the command again", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
