@@ -82,7 +82,7 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
     summary = train_rpg(model_cfg, diffusion_cfg, train_cfg, tokenizer, tokens, out_dir, seed=seed, device=device,
                         validate=validate, tracker=tracker, progress=progress, stop_after=stop_after)
     summary = {**summary, "peak_rss_mb": peak_rss_mb()}
-    if summary["steps"] == train_cfg.steps:
+    if summary["finished"]:
         write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
