@@ -258,8 +258,12 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
 
 def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, tokens: torch.Tensor,
                  cond: torch.Tensor | None, seed: int, world: int) -> str:
-    """Hash of everything a run's trajectory depends on; a run resumes only from a state with the same hash."""
-    h = hashlib.sha256(json.dumps([asdict(model_cfg), asdict(diffusion_cfg), asdict(cfg), seed, world],
+    """Hash of everything a run's trajectory depends on; a run resumes only from a state with the same hash.
+
+    `patience` decides only where a run ends, so a run stopped early resumes when it is raised (or turned off).
+    """
+    train = {key: v for key, v in asdict(cfg).items() if key != "patience"}
+    h = hashlib.sha256(json.dumps([asdict(model_cfg), asdict(diffusion_cfg), train, seed, world],
                                   sort_keys=True, default=str).encode())
     for t in (tokens, cond):
         if t is not None:

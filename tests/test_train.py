@@ -293,6 +293,12 @@ def test_early_stop_after_patience_validations_without_improvement(mlp_checkpoin
     again = train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=0, progress=False, validate=again_validate)
     assert again_calls == [] and again["steps"] == 40 and again["stopped_early"] and again["best_step"] == 20
     assert len(_log_rows(tmp_path)) == 40
+    # patience off: the same run resumes from step 40 and uses the rest of its budget
+    more_validate, more_calls = _scripted([0.1] * 5 + [0.9])
+    more = train_rpg(mcfg, dcfg, TrainConfig(**{**tcfg.__dict__, "patience": None}), tok, tokens, tmp_path, seed=0,
+                     progress=False, validate=more_validate)
+    assert len(more_calls) == 6 and more["steps"] == 100 and more["hit_max_steps"] and more["best_step"] == 100
+    assert [int(r["step"]) for r in _log_rows(tmp_path)] == list(range(1, 101))
 
 
 @pytest.mark.parametrize("patience, scores", [(2, [0.1 * i for i in range(1, 7)]),  # keeps improving
