@@ -165,6 +165,7 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     val_samples: int = 3
+    patience: int | None = None  # validations without a better score before stopping; None = run all `steps`
 
 
 @dataclass(frozen=True)

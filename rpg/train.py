@@ -9,7 +9,9 @@ The diffusion loss is no proxy for the quality of generated weights (a calibrati
 and collapsed), so training calls a user-supplied `validate(model) -> {"score": ...}` every `eval_every` steps and
 keeps the checkpoint with the best score as `best.safetensors`. `last.opt.pt` (weights, optimizer, data and noise
 generators) allows resuming, so a resumed run ends with the same weights as an uninterrupted one; `last.safetensors`
-is a loadable copy of the same weights, written after it. Under `torchrun` with several processes, training is data parallel (DDP).
+is a loadable copy of the same weights, written after it. With `patience`, training stops once that many validations
+in a row have not beaten the best score (a plateau), `steps` being the maximum budget; the validation curve is the
+`val/*` columns of `train_log.csv`. Under `torchrun` with several processes, training is data parallel (DDP).
 
 A run owns its folder: a lock file refuses a second run into it, `train_log.csv` is appended step by step (a resumed
 run first drops the rows after the step it resumes from), a run asked for another step count than the one in the
@@ -84,6 +86,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def plateaued(step: int, best_step: int, cfg: TrainConfig) -> bool:
+    """Whether `cfg.patience` validations (at multiples of `eval_every`) after the best one have passed by `step`.
+
+    Computed from the best step alone, so a resumed run of a run that stopped early stops again at once.
+    """
+    if cfg.patience is None or best_step < 0:
+        return False
+    return step // cfg.eval_every - best_step // cfg.eval_every >= cfg.patience
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -223,6 +235,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     t0 = time.time()
     loss_ema = None
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    stopped_early = validate is not None and plateaued(start, best["step"], cfg)
+    end = start if stopped_early else end
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                desc="train RPG", dynamic_ncols=True)
 
@@ -277,8 +291,16 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
             tracker.log(record, step=done)
             history.append(record)
             _append_history(out_dir / "train_log.csv", [record])  # as we go: the log survives a kill
-        if done % cfg.save_every == 0 or done == cfg.steps:
+        stopped_early = validate is not None and done < cfg.steps and plateaued(done, best["step"], cfg)
+        if world > 1 and done % cfg.eval_every == 0:  # only rank 0 validates: all ranks stop together
+            flag = torch.tensor(float(stopped_early), device=device)
+            dist.broadcast(flag, 0)
+            stopped_early = bool(flag.item())
+        if done % cfg.save_every == 0 or done == cfg.steps or stopped_early:
             checkpoint(done)
+        if stopped_early:
+            end = done
+            break
     bar.close()
 
     final_step = end
@@ -290,7 +312,9 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
             best = {"score": best["score"], "step": final_step}
     summary = {
         "best_step": best["step"], "best_score": best["score"], "final_loss_ema": loss_ema,
-        "steps": final_step, "seconds": time.time() - t0, "n_checkpoints": k, "n_tokens": n,
+        "steps": final_step, "max_steps": cfg.steps, "stopped_early": stopped_early,
+        "hit_max_steps": final_step == cfg.steps, "finished": stopped_early or final_step == cfg.steps,
+        "seconds": time.time() - t0, "n_checkpoints": k, "n_tokens": n,
         "token_size": length, "n_params_generated": tokenizer.n_params,
         "generator_params": sum(p.numel() for p in model.parameters()),
         "peak_cuda_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
@@ -305,8 +329,11 @@ def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tr
     """Hash of everything a run's trajectory depends on; a run resumes only from a state with the same hash.
 
     ignore_steps: the hash of "the same run but for its step count" (to refuse, not retrain, a changed count).
+    `patience` decides only where a run ends, so a run stopped early resumes when it is raised (or turned off).
     """
-    train = {**asdict(cfg), **({"steps": None} if ignore_steps else {})}
+    train = {key: v for key, v in asdict(cfg).items() if key != "patience"}
+    if ignore_steps:
+        train["steps"] = None
     h = hashlib.sha256(json.dumps([asdict(model_cfg), asdict(diffusion_cfg), train, seed, world],
                                   sort_keys=True, default=str).encode())
     for t in (tokens, cond):

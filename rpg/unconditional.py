@@ -84,7 +84,7 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
                         validate=validate, tracker=tracker, progress=progress, stop_after=stop_after,
                         force=force)
     summary = {**summary, "peak_rss_mb": peak_rss_mb()}
-    if summary["steps"] == train_cfg.steps:
+    if summary["finished"]:
         write_json_atomic(out_dir / "summary.json", summary)
     return summary
 

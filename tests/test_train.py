@@ -28,7 +28,7 @@ from rpg.config import DiffusionConfig, TrainConfig
 from rpg.diffusion import create_diffusion
 from rpg.generate import generate_state_dicts
 from rpg.tokenize import Tokenizer
-from rpg.train import lr_at, train_rpg
+from rpg.train import lr_at, plateaued, train_rpg
 from rpg.utils import load_safetensors
 
 N_CKPT = 4
@@ -249,6 +249,76 @@ def test_validate_hook_keeps_best(mlp_checkpoints, tmp_path):
     assert summary["best_step"] == 20 and summary["best_score"] == pytest.approx(0.9)
     _, meta = load_safetensors(tmp_path / "best.safetensors")
     assert meta["step"] == 20 and meta["extra"]["val"]["score"] == pytest.approx(0.9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Early stopping on the validation score (patience, with `steps` as the maximum budget)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _scripted(scores):
+    """A validate() returning the given scores in turn, counting its calls."""
+    it = iter(scores)
+    calls = []
+
+    def validate(model):
+        calls.append(1)
+        return {"score": next(it)}
+
+    return validate, calls
+
+
+def _log_rows(out):
+    with (out / "train_log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_early_stop_after_patience_validations_without_improvement(mlp_checkpoints, tmp_path):
+    """Best at the 2nd validation (step 20), then 2 worse ones: with patience 2 the run stops at step 40 of 100,
+    says so, keeps the step-20 generator, logs the validation curve; running it again trains no further."""
+    mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, None)
+    tcfg = TrainConfig(**{**tcfg.__dict__, "steps": 100, "eval_every": 10, "save_every": 50, "patience": 2})
+    validate, calls = _scripted([0.3, 0.8, 0.7, 0.79] + [0.0] * 6)
+    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=0, progress=False, validate=validate)
+    assert len(calls) == 4
+    assert summary["steps"] == 40 and summary["max_steps"] == 100 and summary["best_step"] == 20
+    assert summary["stopped_early"] and not summary["hit_max_steps"] and summary["finished"]
+    _, meta = load_safetensors(tmp_path / "best.safetensors")
+    assert meta["step"] == 20
+    rows = _log_rows(tmp_path)
+    assert len(rows) == 40
+    curve = [(int(r["step"]), float(r["val/score"])) for r in rows if r["val/score"]]
+    assert curve == [(10, 0.3), (20, 0.8), (30, 0.7), (40, 0.79)]
+    again_validate, again_calls = _scripted([1.0] * 10)
+    again = train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=0, progress=False, validate=again_validate)
+    assert again_calls == [] and again["steps"] == 40 and again["stopped_early"] and again["best_step"] == 20
+    assert len(_log_rows(tmp_path)) == 40
+    # patience off: the same run resumes from step 40 and uses the rest of its budget
+    more_validate, more_calls = _scripted([0.1] * 5 + [0.9])
+    more = train_rpg(mcfg, dcfg, TrainConfig(**{**tcfg.__dict__, "patience": None}), tok, tokens, tmp_path, seed=0,
+                     progress=False, validate=more_validate)
+    assert len(more_calls) == 6 and more["steps"] == 100 and more["hit_max_steps"] and more["best_step"] == 100
+    assert [int(r["step"]) for r in _log_rows(tmp_path)] == list(range(1, 101))
+
+
+@pytest.mark.parametrize("patience, scores", [(2, [0.1 * i for i in range(1, 7)]),  # keeps improving
+                                              (None, [0.9, 0.1, 0.1, 0.1, 0.1, 0.1])])  # early stop off
+def test_no_early_stop_while_improving_or_without_patience(mlp_checkpoints, tmp_path, patience, scores):
+    """A score that keeps improving (or patience None) runs the whole budget: hit_max_steps, not stopped_early."""
+    mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, None)
+    tcfg = TrainConfig(**{**tcfg.__dict__, "steps": 60, "eval_every": 10, "save_every": 30, "patience": patience})
+    validate, calls = _scripted(scores)
+    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=0, progress=False, validate=validate)
+    assert len(calls) == 6 and summary["steps"] == 60
+    assert summary["hit_max_steps"] and not summary["stopped_early"] and summary["finished"]
+    assert summary["best_step"] == (60 if patience else 10)
+
+
+def test_plateau_counts_validations_since_the_best():
+    cfg = TrainConfig(eval_every=10, patience=3)
+    assert not plateaued(40, 20, cfg) and plateaued(50, 20, cfg)
+    assert not plateaued(50, -1, cfg)  # no validation yet
+    assert not plateaued(10_000, 20, TrainConfig(eval_every=10))  # patience None: never
 
 
 # ---------------------------------------------------------------------------------------------------------------

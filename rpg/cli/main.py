@@ -275,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.safetensors'}",
               file=sys.stderr)
         return 130
-    if summary["steps"] < cfg.train.steps:
+    if not summary["finished"]:
         print(f"stopped at step {summary['steps']} of {cfg.train.steps}; run the same command again to resume")
         return 0
     score = f", validation score {summary['best_score']:.4f}" if score_fn is not None else ""

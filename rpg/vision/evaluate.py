@@ -68,3 +68,12 @@ class ImageEvaluator:
             return self.accuracy(model)
 
         return score
+
+    def state_dict_predictor(self, model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+        """state dict -> predicted classes (N,), loading each into `model`; for accuracy *and* mistake overlap."""
+
+        def predict_classes(state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            model.load_state_dict(dict(state_dict), strict=True)
+            return self.predict(model)
+
+        return predict_classes

@@ -2,7 +2,9 @@
 
 collect_run       train run r of an architecture, save its checkpoint collection (rpg.experiments.arch_study.collect)
 train_variant     train an unconditional RPG on a collection (rpg.unconditional), validated on held-out images
-generate_variant  sample full models, evaluate them and the originals on the test set
+generate_variant  sample full models, evaluate them and the originals on the test set, beside the baselines
+                  (noise at the samples' novelty, average of 16, per-parameter Gaussian) and every model's novelty
+                  (rpg.experiments.arch_study.baselines)
 write_table1 / write_ablation   the tables
 
 A *variant* is one generator setting on one architecture's collection, named by what the ablations vary:
@@ -26,6 +28,7 @@ import torch
 
 from rpg.vision.architectures import build_model, count_parameters
 from rpg.checkpoint import load_rpg
+from rpg.experiments.arch_study.baselines import compare_with_collection, summary_columns
 from rpg.experiments.arch_study.collect import collection_files, train_collection
 from rpg.vision.evaluate import ImageEvaluator
 from rpg.config import CollectConfig, Config, ModelConfig, TrainConfig, config_to_yaml, paper_size, resolve_model_config
@@ -227,8 +230,11 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
                      out_dir: str | Path, study: str = "main") -> pd.DataFrame:
     """Sample `architectures.samples` models, save them ready to load, and score them and the originals (test set).
 
-    Writes ``samples.csv`` (kind original / generated, accuracy) and ``models/{i:02d}.safetensors`` (weights plus the
-    architecture metadata `rpg.vision.architectures.model_from_metadata` rebuilds them from).
+    Writes ``samples.csv`` (kind original / generated / a baseline of `baselines.BASELINES`, accuracy and the
+    novelty columns l2_nearest, max_iou: see rpg.experiments.arch_study.baselines) and
+    ``models/{i:02d}.safetensors`` (weights plus the architecture metadata
+    `rpg.vision.architectures.model_from_metadata` rebuilds them from). The baselines cost one test-set evaluation
+    per collection checkpoint (for the mistake overlap) and 3 x `architectures.samples` more.
     """
     spec = arch_spec(cfg, name, study)
     variant = Variant.parse(variant_id)
@@ -241,30 +247,42 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
                         tokens_per_call=cfg.generate.tokens_per_call, bf16=spec.train.bf16)
     gen_seconds = (time.perf_counter() - start) / n
     template = build_model(spec.arch, spec.model_kwargs).to(device)
-    score = data.test.state_dict_scorer(template)
 
     files = _collection(spec, run_dirs, variant.runs)
     arch_meta = {k: v for k, v in read_safetensors_metadata(files[0]).items()
                  if k in ("arch", "model_kwargs", "img_size", "num_classes")}
-    rows: list[dict[str, Any]] = []
-    for f in files:
-        m = read_safetensors_metadata(f)
-        rows.append({"kind": "original", "index": len(rows), "run": int(m["run"]), "file": str(f),
-                     "accuracy": float(m["test_accuracy"])})
     models_dir = Path(out_dir) / "models"
     for i, sd in enumerate(sds):
-        path = models_dir / f"{i:02d}.safetensors"
-        save_safetensors_atomic(sd, path, {**arch_meta, "generator": str(rpg_path), "sample": i})
-        rows.append({"kind": "generated", "index": i, "run": -1, "file": str(path), "accuracy": score(sd)})
-    table = pd.DataFrame(rows)
+        save_safetensors_atomic(sd, models_dir / f"{i:02d}.safetensors",
+                                {**arch_meta, "generator": str(rpg_path), "sample": i})
+    table, baseline_settings = compare_with_collection(
+        [load_safetensors(f)[0] for f in files], sds, data.test.state_dict_predictor(template), data.test.labels,
+        seed=cfg.seed + 31)
+    table = _with_sources(table, files, models_dir)
     table["architecture"], table["variant"] = name, variant_id
     write_json_atomic(Path(out_dir) / "summary.json", {
         "training": read_json(Path(rpg_path).parent / "summary.json"), "seconds_per_model": gen_seconds,
+        "baselines": baseline_settings,
         "sampler": diffusion_cfg.sampler,
         "sample_steps": diffusion_cfg.sample_steps if diffusion_cfg.sampler == "ddim" else diffusion_cfg.timesteps,
         "mode": cfg.generate.mode, "peak_rss_mb": peak_rss_mb(), "rpg_step": meta.get("step")})
     write_csv_atomic(Path(out_dir) / "samples.csv", table)
     return table
+
+
+def _with_sources(table: pd.DataFrame, files: Sequence[Path], models_dir: Path) -> pd.DataFrame:
+    """Add run and file to the rows of `compare_with_collection`; an original's accuracy is the one measured when
+    it was collected (its metadata; the same evaluator), baselines have no file (run -1)."""
+    table = table.copy()
+    table["run"], table["file"] = -1, ""
+    orig = (table.kind == "original").to_numpy()
+    meta = [read_safetensors_metadata(f) for f in files]
+    table.loc[orig, "run"] = [int(m["run"]) for m in meta]
+    table.loc[orig, "file"] = [str(f) for f in files]
+    table.loc[orig, "accuracy"] = [float(m["test_accuracy"]) for m in meta]
+    gen = (table.kind == "generated").to_numpy()
+    table.loc[gen, "file"] = [str(models_dir / f"{i:02d}.safetensors") for i in table.loc[gen, "index"]]
+    return table[["kind", "index", "run", "file", "accuracy", "l2_nearest", "max_iou"]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,9 +311,12 @@ def summarise_variant(samples_csv: str | Path) -> dict[str, Any]:
         "gap_best": orig.max() - gen.max(), "gap_avg": orig.mean() - gen.mean(),
         "sampler": timing["sampler"], "sample_steps": int(timing["sample_steps"]),
         "train_steps": int(train["steps"]), "best_step": int(train["best_step"]),
+        "max_steps": train.get("max_steps"), "hit_max_steps": train.get("hit_max_steps"),
+        "stopped_early": train.get("stopped_early"),
         "train_seconds": float(train["seconds"]), "train_peak_rss_mb": float(train["peak_rss_mb"]),
         "generator_params": int(train["generator_params"]),
         "seconds_per_model": float(timing["seconds_per_model"]),
+        **(summary_columns(samples) if "l2_nearest" in samples.columns else {}),
     }
 
 

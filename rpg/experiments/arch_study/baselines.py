@@ -1,0 +1,104 @@
+"""What every generated Table 1 / ablation row is compared with (spec §2d, unconditional): the baselines of
+Zeng et al. 2025 and the novelty of every sample.
+
+Baselines, each sampled as many times as the generator was and scored by the same evaluator:
+  noise      a random collection checkpoint plus isotropic Gaussian noise whose L2 norm is the generated samples'
+             mean distance to their nearest collection checkpoint (same novelty as the generator's samples)
+  average16  the average of 16 random collection checkpoints (all of them when there are fewer)
+  gaussian   an independent Gaussian per parameter with the collection's mean and std
+Novelty of every model (generated, baseline, and each original against the *other* originals):
+  l2_nearest  L2 distance to the nearest collection checkpoint (for originals: their own nearest-neighbour distance)
+  max_iou     maximum IoU of its misclassified test images against any collection checkpoint's
+A generator whose samples are no better than `noise` at the same novelty, or than an average, has learnt no more than
+to copy or to average its training checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from rpg.vision.similarity import max_iou_to_reference
+from rpg.weightspace import flatten, gaussian_samples, nearest_distance, noise_at_distance, random_averages, unflatten
+
+StateDict = Mapping[str, torch.Tensor]
+Predictor = Callable[[StateDict], torch.Tensor]  # state dict -> predicted classes (N,)
+BASELINES = ("noise", "average16", "gaussian")
+AVERAGE_OF = 16
+
+
+def baseline_points(points: torch.Tensor, n: int, novelty: float, seed: int) -> dict[str, torch.Tensor]:
+    """kind -> (n, P) baseline models as flat vectors, from the collection's points (K, P)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"noise": noise_at_distance(points, n, novelty, gen),
+            "average16": random_averages(points, n, AVERAGE_OF, gen),
+            "gaussian": gaussian_samples(points, n, gen)}
+
+
+def model_rows(kind: str, points: torch.Tensor, preds: torch.Tensor, reference: torch.Tensor,
+               reference_preds: torch.Tensor, labels: torch.Tensor, of_reference: bool = False) -> pd.DataFrame:
+    """One row per model: kind, index, accuracy, l2_nearest, max_iou (against the reference = the collection).
+
+    With of_reference the models are the collection itself and each is compared with the others (NaN for a
+    collection of one). Shapes: points (A, P), preds (A, N), reference (B, P), reference_preds (B, N), labels (N,).
+    """
+    lonely = of_reference and len(reference) < 2
+    nan = torch.full((len(points),), float("nan"))
+    return pd.DataFrame({
+        "kind": kind, "index": range(len(points)),
+        "accuracy": (preds == labels).float().mean(1).numpy(),
+        "l2_nearest": (nan if lonely else nearest_distance(points, reference, exclude_self=of_reference)).numpy(),
+        "max_iou": (nan if lonely else max_iou_to_reference(preds, reference_preds, labels,
+                                                             exclude_self=of_reference)).numpy(),
+    })
+
+
+def compare_with_collection(collection: Sequence[StateDict], generated: Sequence[StateDict], predict: Predictor,
+                            labels: torch.Tensor, seed: int) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Rows for the originals, the generated models and `len(generated)` models of each baseline, and the settings
+    the baselines were drawn with (noise norm, number averaged).
+
+    The noise norm is the generated models' mean `l2_nearest`, so `noise` has their novelty by construction.
+    """
+    points, gen_points = flatten(collection), flatten(generated)
+    ref_preds = torch.stack([predict(sd) for sd in collection])
+    gen_preds = torch.stack([predict(sd) for sd in generated])
+    frames = [model_rows("original", points, ref_preds, points, ref_preds, labels, of_reference=True),
+              model_rows("generated", gen_points, gen_preds, points, ref_preds, labels)]
+    novelty = float(frames[1]["l2_nearest"].mean())
+    for kind, kind_points in baseline_points(points, len(generated), novelty, seed).items():
+        models = [unflatten(p, collection[0]) for p in kind_points]
+        # back from the state dicts: a clipped running_var is what was scored, so it is what is measured
+        kind_points = flatten(models)
+        preds = torch.stack([predict(sd) for sd in models])
+        frames.append(model_rows(kind, kind_points, preds, points, ref_preds, labels))
+    settings = {"noise_l2": novelty, "average_of": min(AVERAGE_OF, len(collection))}
+    return pd.concat(frames, ignore_index=True), settings
+
+
+def summary_columns(samples: pd.DataFrame) -> dict[str, float]:
+    """Table columns from a samples table with baseline and novelty columns (accuracies in percent).
+
+    Per baseline: best / avg / min accuracy, mean l2_nearest and max_iou. Novelty: the originals' mean
+    nearest-neighbour distance and max IoU among themselves, the generated models' mean distance to the collection
+    relative to it (`generated_novelty_ratio`), and the generated average minus the best baseline's average.
+    """
+    out: dict[str, float] = {}
+    by_kind = {kind: part for kind, part in samples.groupby("kind")}
+    for kind in ("generated", *BASELINES):
+        part = by_kind.get(kind)
+        if part is None:
+            continue
+        if kind in BASELINES:
+            acc = part["accuracy"] * 100
+            out.update({f"{kind}_best": acc.max(), f"{kind}_avg": acc.mean(), f"{kind}_min": acc.min()})
+        out.update({f"{kind}_l2_nearest": part["l2_nearest"].mean(), f"{kind}_max_iou": part["max_iou"].mean()})
+    orig = by_kind["original"]
+    out.update({"original_nn_l2": orig["l2_nearest"].mean(), "original_max_iou": orig["max_iou"].mean()})
+    out["generated_novelty_ratio"] = out["generated_l2_nearest"] / out["original_nn_l2"]
+    baseline_avgs = [out[f"{kind}_avg"] for kind in BASELINES if f"{kind}_avg" in out]
+    out["generated_minus_best_baseline"] = (
+        by_kind["generated"]["accuracy"].mean() * 100 - max(baseline_avgs))
+    return out

@@ -1,0 +1,175 @@
+"""Baselines and novelty beside every generated Table 1 row (spec §2d): each checked against an independent
+computation on small synthetic collections (seconds on one CPU thread)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rpg.experiments.arch_study import study as ax
+from rpg.experiments.arch_study.baselines import BASELINES, compare_with_collection, summary_columns
+from rpg.tokenize import VAR_FLOOR
+from rpg.utils import save_safetensors_atomic
+from rpg.vision.evaluate import ImageEvaluator
+from rpg.weightspace import (flatten, gaussian_samples, nearest_distance, noise_at_distance, random_averages,
+                             unflatten)
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _collection(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """k state dicts of one architecture (with BatchNorm buffers and an integer num_batches_tracked)."""
+    torch.manual_seed(seed)
+    sds = []
+    for i in range(k):
+        net = _bn_net()
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[1].num_batches_tracked.fill_(7)
+        sds.append({key: v.detach().clone() for key, v in net.state_dict().items()})
+    return sds
+
+
+def test_flatten_round_trip_keeps_non_coordinates_and_clips_running_var():
+    sds = _collection(2)
+    points = flatten(sds)
+    assert points.shape == (2, 24 + 6 + 4 * 6 + 18 + 3)  # Linear, BN weight/bias/mean/var, Linear
+    back = unflatten(points[1], sds[0])
+    assert all(torch.equal(back[k], sds[1][k]) for k in sds[1] if k != "1.num_batches_tracked")
+    assert back["1.num_batches_tracked"].dtype == torch.long and int(back["1.num_batches_tracked"]) == 7
+    negative = unflatten(points[0] - 100.0, sds[0])
+    assert float(negative["1.running_var"].min()) == pytest.approx(VAR_FLOOR)
+    with pytest.raises(ValueError, match="entries"):
+        unflatten(points[0][:-1], sds[0])
+
+
+def test_nearest_distance_matches_cdist_and_an_exact_copy_is_zero():
+    gen = torch.Generator().manual_seed(0)
+    ref, pts = torch.randn(7, 50, generator=gen), torch.randn(4, 50, generator=gen)
+    assert torch.allclose(nearest_distance(pts, ref), torch.cdist(pts.double(), ref.double()).min(1).values.float(),
+                          atol=1e-5)
+    assert torch.equal(nearest_distance(ref[[2, 5]], ref), torch.zeros(2))  # copies: exactly 0
+    own = torch.cdist(ref.double(), ref.double()) + torch.diag(torch.full((7,), float("inf")))
+    assert torch.allclose(nearest_distance(ref, ref, exclude_self=True), own.min(1).values.float(), atol=1e-5)
+
+
+def test_average_of_16_is_the_mean_of_16_random_checkpoints():
+    """Same seed, drawn independently: torch.randperm picks 16 of 20, their torch.stack mean is the baseline;
+    with 5 checkpoints every sample is the mean of all 5."""
+    sds = _collection(20)
+    points = flatten(sds)
+    got = random_averages(points, 3, 16, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    for row in got:
+        picked = torch.randperm(20, generator=gen)[:16].tolist()
+        direct = torch.stack([sds[i]["0.weight"] for i in picked]).mean(0)
+        assert torch.allclose(unflatten(row, sds[0])["0.weight"], direct, atol=1e-6)
+    few = random_averages(points[:5], 2, 16, torch.Generator().manual_seed(0))
+    assert torch.allclose(few, points[:5].mean(0).expand(2, -1), atol=1e-6)
+
+
+def test_gaussian_matches_the_collections_mean_and_std_per_parameter():
+    """20,000 draws: sample mean within 5 standard errors, sample std within 3 % of the collection's."""
+    points = flatten(_collection(6))
+    draws = gaussian_samples(points, 20_000, torch.Generator().manual_seed(1))
+    mean, std = points.mean(0), points.std(0)
+    assert ((draws.mean(0) - mean).abs() <= 5 * std / 20_000 ** 0.5 + 1e-7).all()
+    assert torch.allclose(draws.std(0), std, rtol=0.03)
+    assert torch.equal(gaussian_samples(points[:1], 3, torch.Generator()), points[:1].expand(3, -1))  # std 0
+
+
+def test_noise_sits_at_the_requested_distance_from_its_source():
+    points = flatten(_collection(10)) * 10  # checkpoints far apart relative to the noise
+    noisy = noise_at_distance(points, 8, 0.25, torch.Generator().manual_seed(2))
+    assert torch.allclose(nearest_distance(noisy, points), torch.full((8,), 0.25), atol=1e-4)
+
+
+class _Predictor:
+    """A fixed-input 'evaluator': the argmax of the network on 200 fixed points."""
+
+    def __init__(self) -> None:
+        self.x = torch.randn(200, 4, generator=torch.Generator().manual_seed(9))
+        self.net = _bn_net().eval()
+
+    def __call__(self, sd) -> torch.Tensor:
+        self.net.load_state_dict(sd)
+        with torch.no_grad():
+            return self.net(self.x).argmax(1)
+
+
+def test_compare_with_collection_rows_and_novelty():
+    """Exact copies of checkpoints have novelty 0 (L2) and max IoU 1; noise gets the generated models' mean
+    novelty; every baseline is sampled as often as the generator; originals are compared with the others."""
+    sds = _collection(12)
+    predict = _Predictor()
+    labels = predict(sds[0])  # checkpoint 0 is "perfect": its wrong set is empty
+    generated = [sds[3], sds[7], sds[3]]
+    table, settings = compare_with_collection(sds, generated, predict, labels, seed=0)
+    assert table.kind.value_counts().to_dict() == {"original": 12, "generated": 3, **{k: 3 for k in BASELINES}}
+    gen = table[table.kind == "generated"]
+    assert (gen.l2_nearest == 0).all() and (gen.max_iou == 1).all()
+    assert settings == {"noise_l2": 0.0, "average_of": 12}
+    assert torch.allclose(torch.tensor(table[table.kind == "noise"].l2_nearest.to_numpy()), torch.zeros(3))
+    orig = table[table.kind == "original"]
+    points = flatten(sds).double()
+    own = (torch.cdist(points, points) + torch.diag(torch.full((12,), float("inf")))).min(1).values
+    assert torch.allclose(torch.tensor(orig.l2_nearest.to_numpy()).double(), own, rtol=1e-4)
+    accuracy = [float((predict(sd) == labels).float().mean()) for sd in sds]
+    assert orig.accuracy.tolist() == pytest.approx(accuracy) and orig.accuracy.iloc[0] == 1.0
+    # perturbed copies: the noise baseline is matched to their mean novelty
+    moved = [{k: v + 0.01 * torch.randn(v.shape) if v.is_floating_point() else v for k, v in sd.items()}
+             for sd in generated]
+    table, settings = compare_with_collection(sds, moved, predict, labels, seed=0)
+    novelty = table[table.kind == "generated"].l2_nearest.mean()
+    assert novelty > 0 and settings["noise_l2"] == pytest.approx(novelty)
+    assert table[table.kind == "noise"].l2_nearest.to_numpy() == pytest.approx([novelty] * 3, rel=1e-3)
+
+
+def test_state_dict_predictor_equals_predict_on_the_loaded_model():
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=gen), torch.arange(6) % 2
+    ev = ImageEvaluator(images, labels, img_size=8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    other = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    assert torch.equal(ev.state_dict_predictor(other)(model.state_dict()), ev.predict(model))
+
+
+def test_samples_csv_and_table_row_carry_baselines_novelty_and_the_training_budget(tmp_path):
+    """_with_sources fills run / file / the collected accuracy; summarise_variant turns a samples.csv into a row
+    with every baseline's accuracy, novelty columns, best_step, train_steps and whether the maximum was hit."""
+    sds = _collection(4)
+    files = []
+    for i, sd in enumerate(sds):
+        files.append(tmp_path / f"{i:02d}.safetensors")
+        save_safetensors_atomic(sd, files[-1], {"run": i // 2, "test_accuracy": 0.5 + i / 100})
+    predict = _Predictor()
+    labels = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(3))  # nobody is perfect
+    table, settings = compare_with_collection(sds, sds[:2], predict, labels, seed=1)
+    table = ax._with_sources(table, files, tmp_path / "models")
+    orig, gen = table[table.kind == "original"], table[table.kind == "generated"]
+    assert orig.run.tolist() == [0, 0, 1, 1] and orig.accuracy.tolist() == pytest.approx([0.5, 0.51, 0.52, 0.53])
+    assert gen.file.tolist() == [str(tmp_path / "models" / f"{i:02d}.safetensors") for i in range(2)]
+    assert (table[table.kind.isin(BASELINES)].run == -1).all()
+    table["architecture"], table["variant"] = "mlp", "mamba-2d-perm-runs2-tok16"
+    table.to_csv(tmp_path / "samples.csv", index=False)
+    training = {"n_params_generated": 93, "n_tokens": 8, "token_size": 16, "steps": 300, "max_steps": 1000,
+                "best_step": 200, "hit_max_steps": False, "stopped_early": True, "seconds": 1.0,
+                "peak_rss_mb": 1.0, "generator_params": 10}
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "training": training, "seconds_per_model": 0.1, "sampler": "ddim", "sample_steps": 50,
+        "baselines": settings}))
+    row = ax.summarise_variant(tmp_path / "samples.csv")
+    assert (row["best_step"], row["train_steps"], row["max_steps"]) == (200, 300, 1000)
+    assert row["hit_max_steps"] is False and row["stopped_early"] is True
+    for kind in BASELINES:
+        acc = table[table.kind == kind].accuracy * 100
+        assert row[f"{kind}_avg"] == pytest.approx(acc.mean()) and row[f"{kind}_best"] == pytest.approx(acc.max())
+    assert row["generated_l2_nearest"] == 0 and row["generated_max_iou"] == 1
+    assert row["original_nn_l2"] == pytest.approx(orig.l2_nearest.mean()) and row["generated_novelty_ratio"] == 0
+    best_baseline = max(row[f"{k}_avg"] for k in BASELINES)
+    assert row["generated_minus_best_baseline"] == pytest.approx(row["generated_avg"] - best_baseline)
+    assert summary_columns(table)["original_max_iou"] == pytest.approx(orig.max_iou.mean())
