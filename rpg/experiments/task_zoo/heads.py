@@ -194,6 +194,31 @@ def evaluate_heads(params: dict[str, torch.Tensor], task_ids: Sequence[int], fea
     return task_metrics(predict(params, features), class_labels, task_ids)
 
 
+def misclassified_iou(pred_a: torch.Tensor, pred_b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of the misclassified sets, for every pair of rows.
+
+    Shapes: pred_a (A, N), pred_b (B, N), target (N,) or (A, N) broadcastable -> (A, B).
+    """
+    wrong_a = (pred_a != target).float()  # (A, N)
+    wrong_b = (pred_b != target).float()  # (B, N)
+    inter = wrong_a @ wrong_b.T  # (A, B)
+    union = wrong_a.sum(1)[:, None] + wrong_b.sum(1)[None, :] - inter
+    return inter / union.clamp_min(1.0)
+
+
+def max_iou_to_reference(pred: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
+                         exclude_self: bool = False) -> torch.Tensor:
+    """Each model's maximum IoU against a set of reference models (its nearest neighbour).
+
+    Shapes: pred (A, N), reference (B, N), target (N,) -> (A,). With exclude_self (pred is reference), the
+    diagonal is ignored.
+    """
+    iou = misclassified_iou(pred, reference, target)
+    if exclude_self:
+        iou = iou - 2.0 * torch.eye(len(pred), len(reference))
+    return iou.max(dim=1).values
+
+
 class HeadEvaluator:
     """Scores head state dicts on cached features of one split (train/val/test)."""
 
