@@ -23,6 +23,7 @@ the nearest *other* one: the zoo's own spread).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -65,10 +66,15 @@ class TrainingZoo:
     n_checkpoints: int
     shapes: dict[str, torch.Size]
 
-    @property
+    @cached_property
     def mean_heads(self) -> torch.Tensor:
         """(T, P): each training task's mean over its checkpoints."""
         return self.checkpoints.view(len(self.task_ids), self.n_checkpoints, -1).mean(1)
+
+    @cached_property
+    def checkpoints64(self) -> torch.Tensor:
+        """(T * K, P) float64, converted once: the novelty distances of every group use it."""
+        return self.checkpoints.double()
 
 
 def load_training_zoo(zoo_dir: str | Path, split: TaskSplit, n_checkpoints: int) -> TrainingZoo:
@@ -184,7 +190,7 @@ def l2_to_nearest(heads: torch.Tensor, zoo: TrainingZoo, exclude_self: bool = Fa
     distance) is skipped. Shapes: (n, P) -> (n,)."""
     if not len(heads):
         return torch.empty(0)
-    dist = torch.cdist(heads.double(), zoo.checkpoints.double())
+    dist = torch.cdist(heads.double(), zoo.checkpoints64)
     if exclude_self:
         dist = dist.masked_fill(dist <= SELF_TOLERANCE * heads.double().norm(dim=1, keepdim=True), float("inf"))
     return dist.min(1).values.float()
