@@ -243,7 +243,7 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
             preds = compose_predictions(classifier, evaluator.features, task_ids)
             scored.append(ScoredModels("compose", list(task_ids), [0] * len(task_ids), preds,
                                        torch.full((len(task_ids),), float("nan"))))
-        # Originals are read only now, after the generator and the baselines have been built.
+        # The task's originals are read only now; the baselines come from `train_zoo`, read before any of them.
         orig_sds, _ = load_task_checkpoints(zoo_dir, task_ids, k)
         originals = _score(evaluator, "original", orig_sds, [t for t in task_ids for _ in range(k)],
                            list(range(k)) * len(task_ids), train_zoo)
