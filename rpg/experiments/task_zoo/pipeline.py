@@ -20,7 +20,8 @@ from rpg.config import Config
 from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
-from rpg.experiments.task_zoo.tasks import ALL_TASK_IDS, TaskSplit, binary_labels, embedding_bits, embedding_to_id, id_to_embedding, make_split
+from rpg.experiments.task_zoo.tasks import (ALL_TASK_IDS, TaskSplit, binary_labels, embedding_bits, embedding_to_id,
+                                            id_to_embedding, make_split)
 from rpg.tokenize import Tokenizer
 from rpg.tracking import start_tracking
 from rpg.train import train_rpg
