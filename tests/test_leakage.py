@@ -1,6 +1,8 @@
 """No leakage: training the task-conditioned RPG (rpg.experiments.task_zoo.pipeline.train_conditional_rpg) never opens an unseen task's
 checkpoint. Shown twice: (a) by recording every file the safetensors readers open, (b) by deleting the unseen
 tasks' files before training: training still succeeds and gives bit-identical generator weights.
+The baselines (rpg.experiments.task_zoo.baselines) read the training split only, shown the same two ways (the
+end-to-end check, unseen files rewritten, is in tests/test_baselines.py).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import pytest
 import torch
 
 import rpg.checkpoint
+import rpg.experiments.task_zoo.baselines
 import rpg.experiments.task_zoo.features
 import rpg.experiments.task_zoo.pipeline
 import rpg.utils
 import rpg.experiments.task_zoo.heads
 from rpg.config import load_config
+from rpg.experiments.task_zoo.baselines import baseline_heads, load_training_zoo
 from rpg.experiments.task_zoo.pipeline import read_split, train_conditional_rpg, write_split
 from rpg.utils import load_safetensors, save_safetensors_atomic
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, checkpoint_path, save_zoo
@@ -65,9 +69,8 @@ def _task_of(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def test_training_never_opens_unseen_checkpoints(synthetic_zoo, monkeypatch):
-    """Every path handed to the safetensors readers (at every level and in every module) is recorded; none is an
-    unseen task's checkpoint, while all training- and validation-task checkpoints were read."""
+def record_reads(monkeypatch) -> list[str]:
+    """Record every path handed to the safetensors readers (at every level and in every module)."""
     opened: list[str] = []
 
     def recording(fn):
@@ -82,10 +85,17 @@ def test_training_never_opens_unseen_checkpoints(synthetic_zoo, monkeypatch):
     monkeypatch.setattr(rpg.utils, "safe_open", recording(rpg.utils.safe_open))
     monkeypatch.setattr(torch, "load", recording(torch.load))
     # high level: load_safetensors wherever it was imported by name
-    for module in (rpg.utils, rpg.experiments.task_zoo.heads, rpg.experiments.task_zoo.features, rpg.checkpoint, rpg.experiments.task_zoo.pipeline):
+    for module in (rpg.utils, rpg.experiments.task_zoo.heads, rpg.experiments.task_zoo.features, rpg.checkpoint,
+                   rpg.experiments.task_zoo.pipeline, rpg.experiments.task_zoo.baselines):
         if hasattr(module, "load_safetensors"):
             monkeypatch.setattr(module, "load_safetensors", recording(getattr(module, "load_safetensors")))
+    return opened
 
+
+def test_training_never_opens_unseen_checkpoints(synthetic_zoo, monkeypatch):
+    """Every path handed to the safetensors readers is recorded; none is an unseen task's checkpoint, while all
+    training- and validation-task checkpoints were read."""
+    opened = record_reads(monkeypatch)
     z = synthetic_zoo
     summary = train_conditional_rpg(z["cfg"], z["zoo"], z["split"], z["features"], z["tmp"] / "rpg")
     assert summary["steps"] == 12 and (z["tmp"] / "rpg" / "best.safetensors").is_file()
@@ -126,3 +136,19 @@ def test_unseen_checkpoints_are_excluded_from_the_tokenizer_statistics(synthetic
             save_safetensors_atomic({key: 1000 * tensors[key] for key in HEAD_KEYS}, path, meta)
     train_conditional_rpg(z["cfg"], z["zoo"], z["split"], z["features"], z["tmp"] / "b")
     assert (z["tmp"] / "a" / "layout.json").read_text() == (z["tmp"] / "b" / "layout.json").read_text()
+
+
+def test_baselines_read_only_the_training_split(synthetic_zoo, monkeypatch):
+    """Building every head baseline for the unseen tasks opens exactly the training tasks' checkpoints (no
+    validation or unseen file), and gives the same heads with the unseen files deleted."""
+    opened = record_reads(monkeypatch)
+    z = synthetic_zoo
+    split = read_split(z["split"])
+    heads = baseline_heads(load_training_zoo(z["zoo"], split, K), split.unseen, noise_l2=1.0, seed=0)
+    assert {_task_of(p) for p in opened} - {None} == set(split.train)
+    for t in UNSEEN:
+        for k in range(K):
+            checkpoint_path(z["zoo"], t, k).unlink()
+    again = baseline_heads(load_training_zoo(z["zoo"], split, K), split.unseen, noise_l2=1.0, seed=0)
+    assert set(heads) == set(again)
+    assert all(torch.allclose(heads[name], again[name], rtol=0, atol=0, equal_nan=True) for name in heads)

@@ -33,6 +33,11 @@ TASK_TABLE_COLUMNS = [
     "original_acc", "rpg_best_acc", "rpg_mean_acc", "rpg_min_acc", "rpg_std_acc",
     "original_bal_acc", "rpg_best_bal_acc", "rpg_mean_bal_acc", "rpg_min_bal_acc", "rpg_std_bal_acc",
     "gap_best", "gap_mean", "n_samples",
+    "original_best_acc", "original_best_bal_acc",
+    *[f"{b}_{m}" for b in ("affine", "nearest", "complement", "mean", "noise", "compose") for m in ("acc", "bal_acc")],
+    "best_baseline_acc", "rpg_best_minus_baseline_acc", "best_baseline_bal_acc", "rpg_best_minus_baseline_bal_acc",
+    "best_baseline",
+    *[f"{kind}_{name}" for kind in ("rpg", "original") for name in ("l2_novelty", "max_iou_original", "pairwise_iou")],
 ]
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -75,8 +80,9 @@ def test_tables_exist_with_expected_columns(workflow_run):
     frames = {name: pd.read_csv(res / f"{name}.csv", dtype={"embedding": str}) for name in TABLES}
     for name in ("table11", "table16", "seen_summary"):
         assert list(frames[name].columns) == TASK_TABLE_COLUMNS, name
-        numeric = frames[name][[c for c in TASK_TABLE_COLUMNS if c.endswith("_acc")]]
-        assert ((numeric >= 0) & (numeric <= 100)).all().all(), name
+        numeric = frames[name][[c for c in TASK_TABLE_COLUMNS if c.endswith("_acc") and "minus" not in c]]
+        assert ((numeric.fillna(0) >= 0) & (numeric.fillna(0) <= 100)).all().all(), name
+        assert frames[name][["affine_acc", "nearest_acc", "compose_acc", "rpg_l2_novelty"]].notna().all().all()
         assert frames[name].embedding.iloc[-1] == "mean"
         expected = cfg.generate.seen_samples if name == "seen_summary" else cfg.generate.samples
         assert (frames[name].n_samples == expected).all(), name
@@ -93,8 +99,11 @@ def test_tables_exist_with_expected_columns(workflow_run):
     t12 = frames["table12"]
     assert list(t12.columns) == ["embedding", "task_id", "model", "n_models", "accuracy", "balanced_accuracy",
                                  *CLASS_NAMES]
-    assert t12.embedding.tolist() == [cfg.tasks.flip_pair[0]] * 2 + [cfg.tasks.flip_pair[1]] * 2
-    assert t12.model.tolist() == ["original", "rpg"] * 2
+    assert t12.embedding.drop_duplicates().tolist() == list(cfg.tasks.flip_pair)
+    assert t12.model.tolist()[:2] == ["original", "rpg"]
+    for emb in cfg.tasks.flip_pair:  # originals, RPG, then the baselines that exist for the task
+        models = t12[t12.embedding == emb].model.tolist()
+        assert models[:2] == ["original", "rpg"] and {"affine", "nearest", "mean", "noise", "compose"} <= set(models)
 
 
 def test_table1_family(workflow_run):

@@ -1,4 +1,5 @@
-# Generate models for unseen, sampled seen and flip-pair tasks; evaluate them and their originals on the test set.
+# Generate models for unseen, sampled seen and flip-pair tasks; evaluate them, their originals and the baselines
+# (built from the training split only) on the test set.
 
 
 rule generate:
@@ -7,6 +8,12 @@ rule generate:
         rpg=rules.train_rpg.output.best,
         split=SPLIT,
         index=ZOO_INDEX,
+        # the backbone's 10-class classifier: the `compose` baseline (default profile only)
+        backbone=lambda wc: (
+            out("backbone", "backbone.safetensors")
+            if CFG.zoo.mode == "batched_heads"
+            else []
+        ),
     output:
         samples=out("generated", "samples.csv"),
         timing=out("generated", "timing.json"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,14 +20,19 @@ from rpg.config import Config
 from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
-from rpg.experiments.task_zoo.tasks import ALL_TASK_IDS, TaskSplit, embedding_bits, embedding_to_id, id_to_embedding, make_split
+from rpg.experiments.task_zoo.tasks import (ALL_TASK_IDS, TaskSplit, binary_labels, embedding_bits, embedding_to_id,
+                                            id_to_embedding, make_split)
 from rpg.tokenize import Tokenizer
 from rpg.tracking import start_tracking
 from rpg.train import train_rpg
 from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetensors_atomic, write_csv_atomic,
                        write_json_atomic)
-from rpg.experiments.task_zoo.heads import (HeadEvaluator, checkpoint_path, evaluate_heads, load_task_checkpoints, save_steps, save_zoo,
-                     task_metrics, train_heads)
+from rpg.experiments.task_zoo.baselines import (NOISE_SEED_OFFSET, TrainingZoo, baseline_heads, compose_predictions,
+                                                flatten_heads, l2_to_nearest, load_backbone_classifier,
+                                                load_training_zoo, unflatten_heads)
+from rpg.experiments.task_zoo.heads import (HeadEvaluator, checkpoint_path, evaluate_heads, load_task_checkpoints,
+                                            save_steps, save_zoo, task_metrics, train_heads)
+from rpg.vision.similarity import max_iou_to_reference, misclassified_iou
 
 
 def configured_task_ids(cfg: Config) -> list[int]:
@@ -181,13 +187,28 @@ def generation_plan(cfg: Config, split: TaskSplit) -> dict[str, list[int]]:
     return {"unseen": list(split.unseen), "seen": sorted(split.train[i] for i in pick.tolist()), "flip": flip}
 
 
-def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | Path,
-                          features_path: str | Path | None, zoo_dir: str | Path, out_dir: str | Path) -> pd.DataFrame:
-    """Generate `generate.samples` models per unseen / flip-pair task (`seen_samples` per seen task), save them,
-    and evaluate originals and samples.
+@dataclass
+class ScoredModels:
+    """Test-set predictions of one kind of model (rpg, original or a baseline) for one group's tasks."""
 
-    Writes `samples.csv` (one row per generated or original model: group, kind, task, accuracy, balanced accuracy,
-    per-class accuracies), `timing.json`, and the generated state dicts as safetensors under `models/`.
+    kind: str
+    task_ids: list[int]
+    index: list[int]
+    preds: torch.Tensor  # (M, N)
+    l2_novelty: torch.Tensor  # (M,), NaN where not measured
+
+
+def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | Path,
+                          features_path: str | Path | None, zoo_dir: str | Path, out_dir: str | Path,
+                          backbone_path: str | Path | None = None) -> pd.DataFrame:
+    """Generate `generate.samples` models per unseen / flip-pair task (`seen_samples` per seen task), save them,
+    and evaluate them beside their originals and the baselines of `rpg.experiments.task_zoo.baselines`.
+
+    Writes `samples.csv` (one row per generated, original or baseline model: group, kind, task, accuracy, balanced
+    accuracy, per-class accuracies, and novelty: L2 to the nearest training checkpoint, max wrong-prediction IoU
+    against the task's originals, mean IoU against the task's other models of the same kind), `timing.json`, and
+    the generated state dicts as safetensors under `models/`. Head baselines and L2 novelty exist for the head zoo
+    (batched_heads mode) only; `compose` needs the backbone's 10-class classifier (`backbone_path`).
     """
     device = resolve_device(cfg.device)
     split = read_split(split_path)
@@ -195,6 +216,9 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     model, tokenizer, _, meta = load_rpg(rpg_path, device)
     out_dir = Path(out_dir)
     k = cfg.zoo.n_checkpoints
+    # The baselines see the training split only, read here before any other task's file.
+    train_zoo = load_training_zoo(zoo_dir, split, k) if cfg.zoo.mode == "batched_heads" else None
+    classifier = load_backbone_classifier(backbone_path) if backbone_path and train_zoo is not None else None
     rows, timing = [], {}
     for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
         if not task_ids:
@@ -204,7 +228,6 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
         sds = generate_models(model, tokenizer, cfg, task_ids, n, seed=cfg.seed + 1000 * (g + 1))
         timing[group] = (time.time() - start) / len(sds)
         ids_rep = [t for t in task_ids for _ in range(n)]
-        rows += _rows(evaluate(evaluator, sds, ids_rep), ids_rep, group, "rpg", list(range(n)) * len(task_ids))
         # The flip pair repeats an unseen (and maybe a sampled seen) task: its samples go to models/flip/.
         models_dir = out_dir / "models" / ("flip" if group == "flip" else "")
         for i, (t, sd) in enumerate(zip(ids_rep, sds)):
@@ -212,11 +235,21 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
                                     {"arch": cfg.backbone.arch if cfg.zoo.mode == "finetune" else "binary_head",
                                      "task_id": t, "embedding": id_to_embedding(t), "sample": i % n,
                                      "generator": str(rpg_path), "generator_step": meta["step"]})
-        # Originals are read only now, after the generator has been trained and loaded.
+        scored = [_score(evaluator, "rpg", sds, ids_rep, list(range(n)) * len(task_ids), train_zoo)]
+        if train_zoo is not None:
+            noise_l2 = float(scored[0].l2_novelty.mean())
+            heads = baseline_heads(train_zoo, task_ids, noise_l2, seed=cfg.seed + NOISE_SEED_OFFSET + g)
+            found = [_score_flat(evaluator, name, flat, task_ids, train_zoo) for name, flat in heads.items()]
+            scored += [s for s in found if s is not None]
+        if classifier is not None:
+            preds = compose_predictions(classifier, evaluator.features, task_ids)
+            scored.append(ScoredModels("compose", list(task_ids), [0] * len(task_ids), preds,
+                                       torch.full((len(task_ids),), float("nan"))))
+        # The task's originals are read only now; the baselines come from `train_zoo`, read before any of them.
         orig_sds, _ = load_task_checkpoints(zoo_dir, task_ids, k)
-        orig_ids = [t for t in task_ids for _ in range(k)]
-        rows += _rows(evaluate(evaluator, orig_sds, orig_ids), orig_ids, group, "original",
-                      list(range(k)) * len(task_ids))
+        originals = _score(evaluator, "original", orig_sds, [t for t in task_ids for _ in range(k)],
+                           list(range(k)) * len(task_ids), train_zoo)
+        rows += [row for s in [originals, *scored] for row in _rows(evaluator, s, originals, group)]
     frame = pd.DataFrame(rows)
     write_csv_atomic(out_dir / "samples.csv", frame)
     write_json_atomic(out_dir / "timing.json", {"seconds_per_generated_model": timing,
@@ -226,12 +259,58 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     return frame
 
 
-def _rows(m: dict, task_ids: list[int], group: str, kind: str, index: list[int]) -> list[dict]:
+def _score(evaluator, kind: str, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids: list[int],
+           index: list[int], train_zoo: TrainingZoo | None) -> ScoredModels:
+    """Predictions and (head zoo only) L2 novelty of state dicts; originals skip themselves in the training zoo."""
+    if train_zoo is None:
+        l2 = torch.full((len(state_dicts),), float("nan"))
+    else:
+        l2 = l2_to_nearest(flatten_heads(state_dicts), train_zoo, exclude_self=kind == "original")
+    return ScoredModels(kind, task_ids, index, evaluator.predict(state_dicts), l2)
+
+
+def _score_flat(evaluator, kind: str, flat: torch.Tensor, task_ids: Sequence[int],
+                train_zoo: TrainingZoo) -> ScoredModels | None:
+    """One baseline head per task (flattened); tasks where the baseline does not exist (NaN rows) are left out,
+    None when it exists for none."""
+    keep = [i for i in range(len(task_ids)) if not bool(flat[i].isnan().any())]
+    if not keep:
+        return None
+    sds = unflatten_heads(flat[keep], train_zoo.shapes)
+    return _score(evaluator, kind, sds, [task_ids[i] for i in keep], [0] * len(keep), train_zoo)
+
+
+def _similarity(scored: ScoredModels, originals: ScoredModels, classes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per model: max wrong-prediction IoU against its task's originals (originals: against the *other* ones) and
+    mean IoU against the task's other models of the same kind (NaN for a single model). Shapes: -> (M,) each."""
+    out = {"max_iou_original": torch.full((len(scored.task_ids),), float("nan")),
+           "mean_iou_same_kind": torch.full((len(scored.task_ids),), float("nan"))}
+    ids, orig_ids = torch.tensor(scored.task_ids), torch.tensor(originals.task_ids)
+    for t in sorted(set(scored.task_ids)):
+        rows, ref = ids == t, orig_ids == t
+        target = binary_labels(classes, [t])[0]
+        own = scored.kind == "original"
+        if not own or int(ref.sum()) > 1:
+            out["max_iou_original"][rows] = max_iou_to_reference(scored.preds[rows], originals.preds[ref], target,
+                                                                 exclude_self=own)
+        m = int(rows.sum())
+        if m > 1:
+            iou = misclassified_iou(scored.preds[rows], scored.preds[rows], target)
+            out["mean_iou_same_kind"][rows] = (iou.sum(1) - iou.diag()) / (m - 1)
+    return out
+
+
+def _rows(evaluator, scored: ScoredModels, originals: ScoredModels, group: str) -> list[dict]:
+    m = task_metrics(scored.preds, evaluator.classes, scored.task_ids)
+    sim = _similarity(scored, originals, evaluator.classes)
     rows = []
-    for i, t in enumerate(task_ids):
-        row = {"group": group, "kind": kind, "task_id": t, "embedding": id_to_embedding(t), "index": index[i],
-               "accuracy": float(m["accuracy"][i]), "balanced_accuracy": float(m["balanced_accuracy"][i])}
+    for i, t in enumerate(scored.task_ids):
+        row = {"group": group, "kind": scored.kind, "task_id": t, "embedding": id_to_embedding(t),
+               "index": scored.index[i], "accuracy": float(m["accuracy"][i]),
+               "balanced_accuracy": float(m["balanced_accuracy"][i])}
         row.update({f"class_{c}": float(m["per_class"][i, c]) for c in range(10)})
+        row.update({"l2_nearest_train": float(scored.l2_novelty[i]),
+                    **{name: float(v[i]) for name, v in sim.items()}})
         rows.append(row)
     return rows
 

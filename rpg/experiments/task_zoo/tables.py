@@ -2,8 +2,12 @@
 
 - table11: the paper's 10 unseen embeddings, in its order; table16: all unseen tasks.
   Columns: original (mean over the task's own checkpoints) and RPG best / mean / min / std over the samples, for
-  plain and balanced accuracy, plus the gaps.
-- table12: the flip pair (a seen embedding and its bitwise flip): per-class accuracy of originals and generated.
+  plain and balanced accuracy, plus the gaps; then original_best, every baseline of
+  `rpg.experiments.task_zoo.baselines` (`<name>_acc`, `<name>_bal_acc`), the best baseline and
+  `rpg_best_minus_baseline_*`, and the novelty of the samples beside the originals' own (`rpg_l2_novelty` vs
+  `original_l2_novelty`, `*_max_iou_original`, `*_pairwise_iou`).
+- table12: the flip pair (a seen embedding and its bitwise flip): per-class accuracy of originals, generated and
+  the baselines that exist for the task.
 - seen_summary: generated vs. original accuracy over the sampled training (seen) tasks.
 """
 
@@ -15,8 +19,14 @@ from typing import Sequence
 import pandas as pd
 
 from rpg.config import Config, config_to_yaml
+from rpg.experiments.task_zoo.baselines import BASELINES
 from rpg.experiments.task_zoo.tasks import CIFAR10_CLASSES, embedding_to_id, positive_classes
 from rpg.utils import write_csv_atomic, write_text_atomic
+
+METRICS = (("accuracy", "acc"), ("balanced_accuracy", "bal_acc"))
+# summary column suffix -> per-model column of samples.csv
+NOVELTY = {"l2_novelty": "l2_nearest_train", "max_iou_original": "max_iou_original",
+           "pairwise_iou": "mean_iou_same_kind"}
 
 
 def _task_rows(samples: pd.DataFrame, task_ids: Sequence[int]) -> pd.DataFrame:
@@ -28,7 +38,7 @@ def _task_rows(samples: pd.DataFrame, task_ids: Sequence[int]) -> pd.DataFrame:
             raise ValueError(f"task {t} has no {'original' if orig.empty else 'generated'} models in samples.csv")
         emb = orig.embedding.iloc[0]
         row = {"embedding": emb, "task_id": t, "positive_classes": ", ".join(positive_classes(emb))}
-        for metric, short in (("accuracy", "acc"), ("balanced_accuracy", "bal_acc")):
+        for metric, short in METRICS:
             g = 100 * gen[metric]
             row[f"original_{short}"] = 100 * orig[metric].mean()
             row[f"rpg_best_{short}"] = g.max()
@@ -38,12 +48,40 @@ def _task_rows(samples: pd.DataFrame, task_ids: Sequence[int]) -> pd.DataFrame:
         row["gap_best"] = row["original_acc"] - row["rpg_best_acc"]
         row["gap_mean"] = row["original_acc"] - row["rpg_mean_acc"]
         row["n_samples"] = len(gen)
+        row.update(_baseline_columns(samples[samples.task_id == t], row))
+        row.update(_novelty_columns(orig, gen))
         rows.append(row)
     frame = pd.DataFrame(rows)
-    mean = frame.drop(columns=["embedding", "task_id", "positive_classes"]).mean()
-    summary = {"embedding": "mean", "task_id": "", "positive_classes": "", **mean.to_dict()}
+    mean = frame.drop(columns=["embedding", "task_id", "positive_classes", "best_baseline"]).mean()
+    summary = {"embedding": "mean", "task_id": "", "positive_classes": "", **mean.to_dict(), "best_baseline": ""}
     summary["n_samples"] = int(frame.n_samples.min())
     return pd.concat([frame, pd.DataFrame([summary])], ignore_index=True).round(3)
+
+
+def _baseline_columns(task_samples: pd.DataFrame, row: dict) -> dict:
+    """`original_best_*`, each baseline's accuracy and balanced accuracy (NaN where it does not exist), the best
+    baseline's score per metric, `rpg_best_minus_baseline_*` (RPG's best sample minus the best baseline, in points)
+    and the name of the baseline best in plain accuracy."""
+    orig = task_samples[task_samples.kind == "original"]
+    cols = {f"original_best_{short}": 100 * orig[metric].max() for metric, short in METRICS}
+    for name in BASELINES:
+        part = task_samples[task_samples.kind == name]
+        cols.update({f"{name}_{short}": 100 * part[metric].mean() if len(part) else float("nan")
+                     for metric, short in METRICS})
+    for _, short in METRICS:
+        scores = pd.Series({name: cols[f"{name}_{short}"] for name in BASELINES}, dtype=float)
+        cols[f"best_baseline_{short}"] = scores.max()  # NaN only if no baseline exists
+        cols[f"rpg_best_minus_baseline_{short}"] = row[f"rpg_best_{short}"] - scores.max()
+    accs = pd.Series({name: cols[f"{name}_acc"] for name in BASELINES}, dtype=float).dropna()
+    return {**cols, "best_baseline": accs.idxmax() if len(accs) else ""}
+
+
+def _novelty_columns(orig: pd.DataFrame, gen: pd.DataFrame) -> dict:
+    """Means over the task's RPG samples and, for reference, over its originals: L2 to the nearest training
+    checkpoint (for originals: the zoo's own nearest-neighbour spread), max wrong-prediction IoU against the task's
+    (other) originals, and mean pairwise IoU among the task's models of the same kind."""
+    return {f"{kind}_{name}": frame[column].mean() for kind, frame in (("rpg", gen), ("original", orig))
+            for name, column in NOVELTY.items()}
 
 
 def unseen_table(samples: pd.DataFrame, embeddings: Sequence[str] | None = None,
@@ -57,10 +95,12 @@ def flip_table(samples: pd.DataFrame, pair: Sequence[str]) -> pd.DataFrame:
     for emb in pair:
         t = embedding_to_id(emb)
         sub = samples[(samples.task_id == t) & (samples.group == "flip")]
-        for kind in ("original", "rpg"):
+        for kind in ("original", "rpg", *BASELINES):
             part = sub[sub.kind == kind]
-            if part.empty:
+            if part.empty and kind in ("original", "rpg"):
                 raise ValueError(f"no {kind} models for flip-pair embedding {emb}")
+            if part.empty:
+                continue
             row = {"embedding": emb, "task_id": t, "model": kind, "n_models": len(part),
                    "accuracy": 100 * part.accuracy.mean(), "balanced_accuracy": 100 * part.balanced_accuracy.mean()}
             row.update({name: 100 * part[f"class_{c}"].mean() for c, name in enumerate(CIFAR10_CLASSES)})

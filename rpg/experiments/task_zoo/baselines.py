@@ -1,0 +1,196 @@
+"""What every generated head is compared with (spec §2d): non-generative baselines and the novelty of samples.
+
+A generated head's accuracy means little alone: on the shared-init zoo a least-squares map or a neighbour average
+already matches the originals. Every baseline here is built from the *training split* of the zoo only (the same
+checkpoints RPG trains on; `load_training_zoo` opens no other file) and scored by the same evaluator as RPG's samples.
+
+Head baselines, for any target task (flattened heads in `HEAD_KEYS` order):
+- `affine`: least squares from `[1, ±1 bits]` to each training task's head (the mean of its checkpoints);
+- `nearest`: the mean head of the training tasks at the smallest Hamming distance (the task itself if it is a
+  training task: for seen tasks the baseline is a lookup table, which is what a generator must beat there);
+- `complement`: the bitwise complement's head with its two output rows swapped (the same classifier, relabelled),
+  when the complement is a training task; absent otherwise;
+- `mean`: the mean training head;
+- `noise`: the last checkpoint of the (lowest-id) Hamming-nearest training task plus Gaussian noise whose L2 norm is
+  the mean novelty of RPG's samples (Zeng et al. 2025: generators often do not beat a checkpoint plus noise).
+Function-space baseline, `compose`: no per-task weights at all; the backbone's own 10-class classifier on the cached
+features, p(positive) = sum of its softmax over the task's positive classes (every task is a union of classes).
+
+Novelty: L2 distance of a head to the nearest training checkpoint (for a checkpoint of the training split itself,
+the nearest *other* one: the zoo's own spread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from rpg.experiments.task_zoo.heads import HEAD_KEYS, load_task_checkpoints
+from rpg.experiments.task_zoo.tasks import N_BITS, TaskSplit, embedding_bits
+from rpg.utils import load_safetensors
+
+HEAD_BASELINES = ("affine", "nearest", "complement", "mean", "noise")
+BASELINES = (*HEAD_BASELINES, "compose")
+# Seed offset (added to cfg.seed) of the noise baseline's draws; a module constant, not a config key.
+NOISE_SEED_OFFSET = 29
+ALL_BITS = 2**N_BITS - 1
+SELF_TOLERANCE = 1e-6  # relative L2 distance under which a checkpoint is the head itself
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flat heads and the training zoo
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flatten_heads(state_dicts: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Shapes: n head state dicts -> (n, P) float32, parameters in `HEAD_KEYS` order."""
+    return torch.stack([torch.cat([sd[k].float().flatten() for k in HEAD_KEYS]) for sd in state_dicts])
+
+
+def unflatten_heads(flat: torch.Tensor, shapes: dict[str, torch.Size]) -> list[dict[str, torch.Tensor]]:
+    """Inverse of `flatten_heads`. Shapes: (n, P) -> n state dicts with `shapes`."""
+    sizes = [shapes[k].numel() for k in HEAD_KEYS]
+    return [{k: part.reshape(shapes[k]).clone() for k, part in zip(HEAD_KEYS, row.split(sizes))} for row in flat]
+
+
+@dataclass(frozen=True)
+class TrainingZoo:
+    """The training split's checkpoints, flattened: what every head baseline and the novelty measure see."""
+
+    task_ids: tuple[int, ...]
+    checkpoints: torch.Tensor  # (T * K, P), task-major
+    n_checkpoints: int
+    shapes: dict[str, torch.Size]
+
+    @cached_property
+    def mean_heads(self) -> torch.Tensor:
+        """(T, P): each training task's mean over its checkpoints."""
+        return self.checkpoints.view(len(self.task_ids), self.n_checkpoints, -1).mean(1)
+
+    @cached_property
+    def checkpoints64(self) -> torch.Tensor:
+        """(T * K, P) float64, converted once: the novelty distances of every group use it."""
+        return self.checkpoints.double()
+
+
+def load_training_zoo(zoo_dir: str | Path, split: TaskSplit, n_checkpoints: int) -> TrainingZoo:
+    """Read the checkpoints of `split.train` only (never a validation or unseen task's file)."""
+    sds, _ = load_task_checkpoints(zoo_dir, split.train, n_checkpoints)
+    return TrainingZoo(tuple(split.train), flatten_heads(sds), n_checkpoints,
+                       {k: sds[0][k].shape for k in HEAD_KEYS})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head baselines
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def task_design(task_ids: Sequence[int]) -> torch.Tensor:
+    """The affine map's inputs. Shapes: (T,) ids -> (T, 11) float64 rows [1, ±1 bits]."""
+    bits = 2 * embedding_bits(task_ids).double() - 1
+    return torch.cat([torch.ones(len(task_ids), 1, dtype=torch.float64), bits], dim=1)
+
+
+def hamming(a: Sequence[int], b: Sequence[int]) -> torch.Tensor:
+    """Shapes: (A,), (B,) ids -> (A, B) number of differing bits."""
+    return (embedding_bits(a)[:, None, :] != embedding_bits(b)[None, :, :]).sum(-1)
+
+
+def affine_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+    """Least-squares affine map from [1, ±1 bits] to the training tasks' mean heads. Shapes: -> (n, P)."""
+    coef = torch.linalg.lstsq(task_design(zoo.task_ids), zoo.mean_heads.double(), driver="gelsd").solution
+    return (task_design(targets) @ coef).float()
+
+
+def nearest_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+    """Mean of the mean heads of the Hamming-nearest training tasks (all ties). Shapes: -> (n, P)."""
+    dist = hamming(targets, zoo.task_ids)
+    weights = (dist == dist.min(1, keepdim=True).values).float()
+    return (weights / weights.sum(1, keepdim=True)) @ zoo.mean_heads
+
+
+def complement_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+    """The complement task's mean head with output rows 0 <-> 1 swapped; NaN rows where the complement is not a
+    training task. Shapes: -> (n, P)."""
+    row = {t: i for i, t in enumerate(zoo.task_ids)}
+    heads = torch.full((len(targets), zoo.checkpoints.shape[1]), float("nan"))
+    for i, t in enumerate(targets):
+        if ALL_BITS - t in row:
+            sd = unflatten_heads(zoo.mean_heads[row[ALL_BITS - t]][None], zoo.shapes)[0]
+            heads[i] = flatten_heads([{**sd, "2.weight": sd["2.weight"].flip(0)}])[0]
+    return heads
+
+
+def mean_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+    """The mean training head, for every target. Shapes: -> (n, P)."""
+    return zoo.mean_heads.mean(0, keepdim=True).expand(len(targets), -1).clone()
+
+
+def noise_heads(zoo: TrainingZoo, targets: Sequence[int], l2: float, seed: int) -> torch.Tensor:
+    """Last checkpoint of the lowest-id Hamming-nearest training task plus Gaussian noise of L2 norm `l2`.
+
+    Shapes: -> (n, P).
+    """
+    nearest = hamming(targets, zoo.task_ids).argmin(1)  # first minimum = lowest id (task_ids are sorted)
+    source = zoo.checkpoints.view(len(zoo.task_ids), zoo.n_checkpoints, -1)[nearest, -1]
+    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(seed))
+    return source + l2 * noise / noise.norm(dim=1, keepdim=True)
+
+
+def baseline_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int) -> dict[str, torch.Tensor]:
+    """Every head baseline for `targets`: {name: (n, P)}, NaN rows where a baseline does not exist."""
+    makers: dict[str, Callable[[], torch.Tensor]] = {
+        "affine": lambda: affine_heads(zoo, targets), "nearest": lambda: nearest_heads(zoo, targets),
+        "complement": lambda: complement_heads(zoo, targets), "mean": lambda: mean_heads(zoo, targets),
+        "noise": lambda: noise_heads(zoo, targets, noise_l2, seed),
+    }
+    return {name: makers[name]() for name in HEAD_BASELINES}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Function-space baseline: the backbone's 10-class classifier
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_backbone_classifier(backbone_path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The backbone's 10-class linear classifier on its features (`head.weight` (10, d), `head.bias` (10,)), as
+    `CifarCNN.forward_head` applies it; None for a backbone without one (a timm model loaded with num_classes=0)."""
+    tensors, _ = load_safetensors(backbone_path)
+    weight, bias = tensors.get("head.weight"), tensors.get("head.bias")
+    if weight is None or bias is None or weight.shape[0] != N_BITS:
+        return None
+    return {"weight": weight.float(), "bias": bias.float()}
+
+
+@torch.no_grad()
+def compose_predictions(classifier: dict[str, torch.Tensor], features: torch.Tensor,
+                        task_ids: Sequence[int]) -> torch.Tensor:
+    """Binary predictions with no per-task weights: positive iff the softmax mass on the positive classes > 1/2.
+
+    The cached features average an image and its mirror; the classifier is linear, so this equals averaging the
+    two logit vectors. Shapes: features (N, d) -> (T, N) long.
+    """
+    probs = torch.softmax(features.float() @ classifier["weight"].T + classifier["bias"], dim=-1)  # (N, 10)
+    p_pos = embedding_bits(task_ids) @ probs.T  # (T, N)
+    return (p_pos > 0.5).long()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Novelty
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def l2_to_nearest(heads: torch.Tensor, zoo: TrainingZoo, exclude_self: bool = False) -> torch.Tensor:
+    """L2 distance of each head to the nearest training checkpoint. With exclude_self (the heads are themselves
+    originals), an identical checkpoint (the head itself: zero up to the rounding of the float64 matrix-product
+    distance) is skipped. Shapes: (n, P) -> (n,)."""
+    if not len(heads):
+        return torch.empty(0)
+    dist = torch.cdist(heads.double(), zoo.checkpoints64)
+    if exclude_self:
+        dist = dist.masked_fill(dist <= SELF_TOLERANCE * heads.double().norm(dim=1, keepdim=True), float("inf"))
+    return dist.min(1).values.float()
