@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -386,6 +385,8 @@ def validate_config(raw: Mapping) -> dict:
     """
     schema = load_schema()
     instance = _fill_defaults(schema, coerce_strings(schema, copy.deepcopy(dict(raw))))
+    import jsonschema  # ~3 s to import (format checkers): only where a config is validated
+
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
@@ -414,9 +415,13 @@ def _architectures(raw: Mapping) -> ArchitecturesConfig:
     return _section(ArchitecturesConfig, values)
 
 
-def config_from_dict(raw: Mapping) -> Config:
-    """Build a validated `Config` from a (possibly partial) dict."""
-    full = validate_config(raw)
+def config_from_dict(raw: Mapping, *, validated: bool = False) -> Config:
+    """Build a validated `Config` from a (possibly partial) dict.
+
+    validated: `raw` is already the complete output of `validate_config` (a workflow job's config, validated once
+        when Snakemake loaded the workflow), so it is not validated again.
+    """
+    full = dict(raw) if validated else validate_config(raw)
     return Config(
         experiment=full["experiment"],
         seed=full["seed"],

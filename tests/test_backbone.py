@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-import rpg.vision  # noqa: F401  (registration)
+import rpg.vision.cifar_cnn  # noqa: F401  (registration)
 from rpg.experiments.task_zoo.backbone import extract_features, train_backbone
 from rpg.vision.preprocess import augment
 from rpg.data import Cifar10, load_cifar10, write_synthetic_cifar10

@@ -444,7 +444,7 @@ def test_evaluate_full_cifar10_model_named_by_its_metadata(tmp_path, capsys):
     """A whole model saved with its timm/rpg architecture gets 10-class accuracy on (here synthetic) CIFAR-10."""
     import timm
 
-    import rpg.vision  # noqa: F401  (registers rpg_cnn_s)
+    import rpg.vision.cifar_cnn  # noqa: F401  (registers rpg_cnn_s)
     from rpg.data import write_synthetic_cifar10
 
     write_synthetic_cifar10(tmp_path / "data", n_train=20, n_test=30)

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-import rpg.vision  # noqa: F401
+import rpg.vision.cifar_cnn  # noqa: F401
 from rpg.experiments.task_zoo.backbone import extract_features
 from rpg.config import load_config
 from rpg.data import load_cifar10, write_synthetic_cifar10

@@ -19,7 +19,7 @@ def run_rule(smk: Any, job: Callable[[Config], Any]) -> Any:
     The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them).
     """
     torch.set_num_threads(max(1, int(smk.threads)))
-    cfg = config_from_dict(smk.config)
+    cfg = config_from_dict(smk.config, validated=True)  # common.smk validated and completed it
     log_path = smk.log[0] if len(smk.log) else os.devnull
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:

@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-import rpg.vision  # noqa: F401  (registers the rpg_* models with timm)
+import rpg.vision.cifar_cnn  # noqa: F401  (registers the rpg_* models with timm)
 from rpg.utils import load_state_dict_file, read_safetensors_metadata
 
 

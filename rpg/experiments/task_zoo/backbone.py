@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-import rpg.vision  # noqa: F401  (registers the rpg_* models with timm)
+import rpg.vision.cifar_cnn  # noqa: F401  (registers the rpg_* models with timm)
 from rpg.data import Cifar10
 from rpg.vision.evaluate import batched_outputs
 from rpg.vision.preprocess import Preprocess, resolve_amp

@@ -11,17 +11,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 
-import rpg.vision  # noqa: F401  (registers the rpg_* models with timm)
-from rpg.experiments.task_zoo.backbone import extract_features, train_backbone
 from rpg.config import Config
 from rpg.data import load_cifar10, split_train_val
 from rpg.utils import load_safetensors, resolve_device, save_safetensors_atomic, write_json_atomic
 
 FEATURE_KEYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
+
+def _timm():
+    """timm with the project's models registered, imported only where a model is built: it takes ~5 s to import,
+    and the rules that only read cached features (split, train_rpg, generate, tables) never pay for it."""
+    import timm
+
+    import rpg.vision.cifar_cnn  # noqa: F401  (registers the rpg_* models with timm)
+
+    return timm
 
 
 def build_backbone(cfg: Config, out_path: str | Path) -> dict:
@@ -35,6 +42,8 @@ def build_backbone(cfg: Config, out_path: str | Path) -> dict:
         data = load_cifar10(cfg.data.root, download=cfg.data.download)
         train_idx, _ = split_train_val(data, cfg.data.val_images, cfg.seed)  # the RPG validation images stay unseen
         start = time.time()
+        from rpg.experiments.task_zoo.backbone import train_backbone
+
         model, metrics = train_backbone(
             data, arch=bb.arch, feature_dim=bb.feature_dim, epochs=bb.epochs, batch_size=bb.batch_size, lr=bb.lr,
             weight_decay=bb.weight_decay, label_smoothing=bb.label_smoothing, seed=cfg.seed, device=str(device),
@@ -49,10 +58,10 @@ def build_backbone(cfg: Config, out_path: str | Path) -> dict:
 
 def _pretrained_timm(arch: str, pretrained_file: str | None) -> torch.nn.Module:
     if pretrained_file:
-        model = timm.create_model(arch, pretrained=True, num_classes=0,
+        model = _timm().create_model(arch, pretrained=True, num_classes=0,
                                   pretrained_cfg_overlay={"file": str(pretrained_file)})
     else:
-        model = timm.create_model(arch, pretrained=True, num_classes=0)
+        model = _timm().create_model(arch, pretrained=True, num_classes=0)
     return model.eval()
 
 
@@ -60,9 +69,9 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The frozen backbone (eval mode) and its metadata (arch, source, feature_dim, metrics)."""
     tensors, meta = load_safetensors(path)
     if meta["source"] == "timm_pretrained":
-        model = timm.create_model(meta["arch"], pretrained=False, num_classes=0)
+        model = _timm().create_model(meta["arch"], pretrained=False, num_classes=0)
     else:
-        model = timm.create_model(meta["arch"], num_classes=10, feature_dim=meta["feature_dim"])
+        model = _timm().create_model(meta["arch"], num_classes=10, feature_dim=meta["feature_dim"])
     model.load_state_dict(tensors)
     return model.eval(), meta
 
@@ -71,7 +80,7 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
 def _timm_features(model: torch.nn.Module, images: torch.Tensor, img_size: int, device: torch.device,
                    batch_size: int = 256) -> torch.Tensor:
     """Pooled pre-logit features of a timm model at its own resolution and normalisation."""
-    dcfg = timm.data.resolve_data_config({}, model=model)
+    dcfg = _timm().data.resolve_data_config({}, model=model)
     mean = torch.tensor(dcfg["mean"], device=device)[None, :, None, None]
     std = torch.tensor(dcfg["std"], device=device)[None, :, None, None]
     model = model.to(device)
@@ -92,6 +101,8 @@ def cache_features(cfg: Config, backbone_path: str | Path, out_path: str | Path)
     def feats(images: torch.Tensor) -> torch.Tensor:
         if meta["source"] == "timm_pretrained":
             return _timm_features(model, images, cfg.backbone.img_size, device)
+        from rpg.experiments.task_zoo.backbone import extract_features
+
         return extract_features(model, images, device=str(device), flip_average=cfg.backbone.flip_average)
 
     start = time.time()

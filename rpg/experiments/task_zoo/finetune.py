@@ -18,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-import rpg.vision  # noqa: F401  (registers rpg_* models)
+import rpg.vision.cifar_cnn  # noqa: F401  (registers rpg_* models)
 from rpg.config import Config
 from rpg.data import load_cifar10, split_train_val
 from rpg.experiments.task_zoo.tasks import binary_labels, id_to_embedding, positive_classes

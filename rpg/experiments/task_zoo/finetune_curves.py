@@ -25,7 +25,7 @@ import timm
 import torch
 from torch import nn
 
-import rpg.vision  # noqa: F401  (registers rpg_* models with timm)
+import rpg.vision.cifar_cnn  # noqa: F401  (registers rpg_* models with timm)
 from rpg.vision.evaluate import predict
 from rpg.vision.preprocess import Preprocess, resolve_amp
 from rpg.vision.training import make_optimizer, train_classifier
