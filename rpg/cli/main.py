@@ -28,8 +28,7 @@ from rpg.checkpoint import load_rpg
 from rpg.collection import format_report, inspect_collection, load_collection
 from rpg.config import ConfigError, config_from_dict, deep_update, load_config
 from rpg.data import CorruptDataError
-from rpg.diffusion import create_diffusion
-from rpg.generate import GENERATION_MODES, generate_tokens
+from rpg.generate import GENERATION_MODES, sample_models
 from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, embedding_bits, embedding_to_id, id_to_embedding,
                        parse_embedding, positive_classes)
 from rpg.cli.user_eval import load_score_function
@@ -71,6 +70,12 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise NotADirectoryError(f"--out {out} is a file; give a folder")
 
 
+def _sampler_config(args: argparse.Namespace, dcfg):
+    """The generator's own sampler settings with --sampler / --steps applied."""
+    return dataclasses.replace(dcfg, sampler=args.sampler or dcfg.sampler,
+                               sample_steps=args.steps if args.steps is not None else dcfg.sample_steps)
+
+
 def _check_generated(states: list[dict[str, torch.Tensor]], checkpoint: str) -> None:
     """Refuse to write models with NaN/Inf weights (a diverged or corrupted generator)."""
     for s, state in enumerate(states):
@@ -87,15 +92,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     task_id = embedding_to_id(embedding)
     if args.evaluate and not Path(args.features).is_file():
         raise FileNotFoundError(f"--evaluate needs the features file {args.features} (not found); pass --features")
-    steps = args.steps if args.steps is not None else dcfg.sample_steps
-    sampler = args.sampler or dcfg.sampler
-    tokens = generate_tokens(model, create_diffusion(dcfg), args.samples,
-                             cond=embedding_bits([task_id]).repeat(args.samples, 1), sampler=sampler, steps=steps,
-                             eta=dcfg.eta, clip_x0=dcfg.clip_x0, mode=args.mode,
-                             tokens_per_call=args.tokens_per_call, generator=torch.Generator().manual_seed(args.seed))
+    dcfg = _sampler_config(args, dcfg)
+    sampler, steps = dcfg.sampler, dcfg.sample_steps
+    states = sample_models(model, tokenizer, dcfg, args.samples, seed=args.seed, mode=args.mode,
+                           cond=embedding_bits([task_id]).repeat(args.samples, 1),
+                           tokens_per_call=args.tokens_per_call)
     out_dir = Path(args.out)
     generated: dict[Path, dict[str, torch.Tensor]] = {}
-    states = [tokenizer.detokenize(t) for t in tokens]
     _check_generated(states, args.checkpoint)
     for s, sd in enumerate(states):
         path = out_dir / f"{task_id:04d}_s{s}.safetensors"
@@ -115,13 +118,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, meta: dict) -> int:
     """Whole models from a generator trained by `rpg train --checkpoints` (no task: --embedding/--classes refused)."""
-    from rpg.generate import sample_models
-
     if args.embedding is not None or args.classes is not None:
         raise TaskError(f"{args.checkpoint} is an unconditional generator (trained on a checkpoint collection); "
                         "it takes no --embedding or --classes")
-    dcfg = dataclasses.replace(dcfg, sampler=args.sampler or dcfg.sampler,
-                               sample_steps=args.steps if args.steps is not None else dcfg.sample_steps)
+    dcfg = _sampler_config(args, dcfg)
     score_fn = load_score_function(args.eval) if args.eval else None
     if args.evaluate and score_fn is None:
         raise ValueError("--evaluate of whole models needs --eval module:function (a score of a state dict)")
