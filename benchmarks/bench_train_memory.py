@@ -53,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diffusion-batch", type=int, default=256, help="tokens per step through the denoiser")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only, as rpg.train does)")
+    p.add_argument("--checkpointing", choices=["off", "on", "both"], default="off",
+                   help="activation checkpointing in the Mamba stack (rpg.checkpoint_activations); both = each size "
+                        "with and without, side by side in one run")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -82,7 +85,8 @@ def run_size(job: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(job["device"])
     torch.manual_seed(job["seed"])
     rss_start = rss_mb()
-    section = {"size": job["size"], "condition": "none", "permutation_state": True}
+    section = {"size": job["size"], "condition": "none", "permutation_state": True,
+               "checkpoint_activations": job["checkpoint_activations"]}
     if job["token_size"]:
         section["token_size"] = job["token_size"]
     cfg = resolve_model_config(section)
@@ -140,12 +144,8 @@ def fit_exponent(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(run_size(json.loads(args.worker))))
-        return []
-    job_base = {k: v for k, v in vars(args).items() if k not in ("params", "out", "worker")}
+def measure_sizes(args: argparse.Namespace, job_base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One fresh process per size; rows with the fitted and local exponents, then a summary row, printed."""
     rows = []
     for n_params in args.params:
         job = {**job_base, "n_params": n_params}
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if proc.returncode != 0:
             raise RuntimeError(f"size {n_params} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"row": "size", **res})
+        rows.append({"row": "size", "checkpoint_activations": job_base["checkpoint_activations"], **res})
         print(f"  {res['n_params']:>10} params, {res['n_tokens']} tokens: step {res['step_s']:.3f} s, "
               f"train peak {res['train_peak_mb']:.0f} MB", flush=True)
 
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for r, s in zip(rows[1:], local):
         r["local_exponent"] = s
     n_gen = rows[0]["generator_params"]
-    rows.append({"row": "baseline", "generator_params": n_gen, "model_mb": n_gen * 4 / 2**20,
+    rows.append({"row": "baseline", "checkpoint_activations": job_base["checkpoint_activations"], "generator_params": n_gen, "model_mb": n_gen * 4 / 2**20,
                  "model_grad_adamw_mb": 4 * n_gen * 4 / 2**20,
                  "rss_at_start_mb": rows[0]["rss_at_start_mb"]})
     for r in rows:
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     print(f"\nRPG training step vs generated parameters: preset {args.size}, {n_gen:,} generator params, batch "
           f">= {args.batch_size} checkpoint(s), diffusion batch {args.diffusion_batch}, device {args.device}, "
-          f"{args.threads} torch thread(s){', bf16' if args.bf16 else ''}")
+          f"{args.threads} torch thread(s){', bf16' if args.bf16 else ''}, activation checkpointing "
+          f"{'on' if job_base['checkpoint_activations'] else 'off'}")
     print(f"{'params':>10} {'tokens':>7} {'batch':>5} {'step s':>7} {'CPU s':>7} {'train peak MB':>13} "
           f"{'proc peak MB':>12} {'data MB':>8} "
           f"{'local k':>7}")
@@ -191,7 +192,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           f"{4 * n_gen * 4 / 2**20:.1f} MB; process after imports {rows[0]['rss_at_start_mb']:.0f} MB")
     print(f"fitted exponent (memory ~ params^k, log-log least squares): train peak k = {exponent:.3f}, process peak "
           f"k = {exponent_total:.3f}; step CPU time k = {exponent_time:.3f}")
-    config = {**job_base, "params": args.params,
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(run_size(json.loads(args.worker))))
+        return []
+    job_base = {k: v for k, v in vars(args).items() if k not in ("params", "out", "worker", "checkpointing")}
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    rows = []
+    for ckpt in variants:
+        rows += measure_sizes(args, {**job_base, "checkpoint_activations": ckpt})
+    config = {**job_base, "params": args.params, "checkpointing": args.checkpointing,
               "measured": "train peak = VmHWM during warm-up + timed steps minus RSS before them, fresh process per "
                           "size; CUDA: max_memory_allocated delta; step time = median of timed steps"}
     write_results(args.out, rows, config, args.device)

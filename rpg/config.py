@@ -93,6 +93,7 @@ class ModelConfig:
     permutation_state: bool = False
     condition: str = "task"  # none | task
     condition_dim: int = 10
+    checkpoint_activations: bool = False  # recompute the recurrent blocks in the backward pass (memory for time)
 
 
 # ----------------------------------------------------------------------------------------------------------------

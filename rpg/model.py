@@ -45,7 +45,7 @@ class RPG(nn.Module):
         self.permutation = nn.Embedding(n_permutation_states, cfg.d_model) if n_permutation_states > 0 else None
         self.task_encoder = TaskEncoder(cfg.condition_dim, cfg.d_model) if cfg.condition == "task" else None
         self.recurrent = build_recurrent(cfg.recurrent, cfg.d_model, cfg.n_layers, cfg.d_state, cfg.d_conv,
-                                         cfg.expand, cfg.headdim)
+                                         cfg.expand, cfg.headdim, cfg.checkpoint_activations)
         self.denoiser = ConvDenoiser(cfg.token_size, cfg.denoiser_channels, cfg.d_model, cfg.kernel_size)
         if self.permutation is not None:
             nn.init.normal_(self.permutation.weight, std=0.02)

@@ -334,7 +334,8 @@ def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tr
     train = {key: v for key, v in asdict(cfg).items() if key != "patience"}
     if ignore_steps:
         train["steps"] = None
-    h = hashlib.sha256(json.dumps([asdict(model_cfg), asdict(diffusion_cfg), train, seed, world],
+    model = {key: v for key, v in asdict(model_cfg).items() if key != "checkpoint_activations"}  # same trajectory
+    h = hashlib.sha256(json.dumps([model, asdict(diffusion_cfg), train, seed, world],
                                   sort_keys=True, default=str).encode())
     for t in (tokens, cond):
         if t is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rpg.nn.mamba import Mamba2
 
@@ -21,8 +22,18 @@ RECURRENT_KINDS = ("mamba", "lstm", "transformer", "none")
 
 
 class MambaStack(nn.Module):
-    def __init__(self, d_model: int, n_layers: int, d_state: int, d_conv: int, expand: int, headdim: int):
+    """Pre-norm residual Mamba2 blocks.
+
+    With `checkpoint_activations`, training keeps only each block's input and recomputes the block in the backward
+    pass (`torch.utils.checkpoint`): the recurrent stack runs over every token of a step's checkpoints, so its
+    activations (~100 KB per token at d_model 256 in the pure-PyTorch Mamba2) are what grows with the size of the
+    generated model; the denoiser sees only the diffusion batch.
+    """
+
+    def __init__(self, d_model: int, n_layers: int, d_state: int, d_conv: int, expand: int, headdim: int,
+                 checkpoint_activations: bool = False):
         super().__init__()
+        self.checkpoint_activations = checkpoint_activations
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
         self.layers = nn.ModuleList(
             Mamba2(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, layer_idx=i)
@@ -31,8 +42,12 @@ class MambaStack(nn.Module):
         self.final_norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for norm, layer in zip(self.norms, self.layers):
-            x = x + layer(norm(x))  # (B, N, D)
+            if recompute:
+                x = x + checkpoint(lambda y, n=norm, f=layer: f(n(y)), x, use_reentrant=False)
+            else:
+                x = x + layer(norm(x))  # (B, N, D)
         return self.final_norm(x)
 
 
@@ -75,10 +90,10 @@ class PerTokenMLP(nn.Module):
 
 
 def build_recurrent(kind: str, d_model: int, n_layers: int, d_state: int = 32, d_conv: int = 4, expand: int = 2,
-                    headdim: int = 64) -> nn.Module:
-    """Build the sequence model named `kind` (one of RECURRENT_KINDS)."""
+                    headdim: int = 64, checkpoint_activations: bool = False) -> nn.Module:
+    """Build the sequence model named `kind` (one of RECURRENT_KINDS); activation checkpointing is for mamba."""
     if kind == "mamba":
-        return MambaStack(d_model, n_layers, d_state, d_conv, expand, headdim)
+        return MambaStack(d_model, n_layers, d_state, d_conv, expand, headdim, checkpoint_activations)
     if kind == "lstm":
         return LSTMStack(d_model, n_layers)
     if kind == "transformer":
