@@ -194,7 +194,7 @@ def test_zoo_training_deterministic_on_workflow_features(workflow_run):
 def test_snakemake_lint():
     """`snakemake --lint` exits 0 (default config and test config)."""
     for extra in ([], ["--configfile", "config/test.yaml"]):
-        proc = _run_snakemake("--lint", *extra, timeout=120)
+        proc = _run_snakemake("--lint", *extra, timeout=300)
         assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
 
 
