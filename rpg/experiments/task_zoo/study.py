@@ -44,7 +44,7 @@ def _read_yaml(path: str | Path) -> dict:
         raise FileNotFoundError(f"study regime file not found: {path}")
     loaded = yaml.safe_load(path.read_text()) or {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path} must hold a mapping at the top level")
+        raise TypeError(f"{path} must hold a mapping at the top level")
     return loaded
 
 
