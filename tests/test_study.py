@@ -292,3 +292,47 @@ def test_unseen_study_dry_run(tmp_path):
     assert counts["study_zoo"] == 1  # every per_task regime shares one zoo; shared_init regimes use the workflow's
     assert counts["zoo"] == 1 and counts["notebook_unseen_study"] == 1
     assert "rule tables:" not in proc.stdout  # the study is its own target, not part of table11
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A per-task, canonicalised regime end to end (tiny): zoo -> split -> RPG -> generate -> tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sort", "match"])
+def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, method):
+    from rpg.experiments.task_zoo.features import load_features
+    from rpg.experiments.task_zoo.study import run_stage
+    from rpg.utils import save_safetensors_atomic
+
+    x, y = _features(300)
+    feats = {"train_x": x, "train_y": y, "val_x": x[:100].clone(), "val_y": y[:100].clone(), "test_x": x[100:].clone(),
+             "test_y": y[100:].clone()}
+    save_safetensors_atomic(feats, tmp_path / "features.safetensors", {"feature_dim": D})
+    seen, unseen = [3, 5, 12, 33, 100, 255, 256, 300, 709, 744], [279, 314]
+    cfg = load_config([repo_root / "config" / "config.yaml", repo_root / "config" / "test.yaml"], overrides={
+        "results_dir": str(tmp_path / "results"),
+        "tasks": {"ids": seen + unseen, "unseen": unseen, "table11": ["0100010111"], "n_val": 2, "n_seen_eval": 2,
+                  "n_seen": 6},
+        "zoo": {"init": "per_task", "steps": 20, "batch_size": 32, "save_every": 2, "task_chunk": 4},
+        "train": {"steps": 4, "eval_every": 4, "save_every": 4, "batch_size": 4, "diffusion_batch": 16,
+                  "canonicalise": method},
+        "generate": {"samples": 2, "seen_samples": 1},
+        "logging": {"wandb": False, "progress": False},
+    })
+    inputs = {"features": str(tmp_path / "features.safetensors"), "index": str(tmp_path / "zoo" / "index.csv"),
+              "split": str(tmp_path / "split.json"), "rpg": str(tmp_path / "rpg" / "best.safetensors"),
+              "samples": str(tmp_path / "gen" / "samples.csv")}
+    run_stage("zoo", cfg, inputs, {"index": inputs["index"]})
+    split = run_stage("split", cfg, inputs, {"split": inputs["split"]})
+    assert len(split.train) == 6
+    run_stage("train", cfg, inputs, {"best": inputs["rpg"]})
+    run_stage("generate", cfg, inputs, {"samples": inputs["samples"]})
+    tables = run_stage("tables", cfg, inputs, {"table16": str(tmp_path / "t16.csv")})
+    assert (tmp_path / "t16.csv").is_file() and len(tables["table16"]) == len(unseen) + 1
+    samples = pd.read_csv(inputs["samples"])
+    # originals of training tasks are their own nearest checkpoint in the canonical gauge too: the zoo's spread is
+    # measured between *other* checkpoints, so it is > 0 and finite
+    orig = samples[(samples.kind == "original") & (samples.group == "seen")]
+    assert (orig.l2_nearest_train > 0).all() and orig.l2_nearest_train.notna().all()
+    assert load_features(inputs["features"])["test_x"].shape[0] == 200
