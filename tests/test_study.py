@@ -232,7 +232,8 @@ def _samples(offset: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_gather_study_summarises_every_method(tmp_path):
+def _gathered(tmp_path):
+    """Two regimes' tables from synthetic samples, gathered; returns the frame and the CSV path."""
     paths = {}
     for name, offset in (("a", 0.0), ("b", 0.1)):
         samples = _samples(offset)
@@ -243,7 +244,11 @@ def test_gather_study_summarises_every_method(tmp_path):
                                                 '"best_score": 0.5, "val_original_accuracy": 0.9}')
         paths[name] = {"table16": tmp_path / name / "t16.csv", "seen_summary": tmp_path / name / "seen.csv",
                        "rpg_summary": tmp_path / name / "s.json"}
-    out = S.write_study(paths, None, tmp_path / "study.csv")
+    return S.write_study(paths, None, tmp_path / "study.csv"), tmp_path / "study.csv"
+
+
+def test_gather_study_summarises_every_method(tmp_path):
+    out, _ = _gathered(tmp_path)
     assert set(out.regime) == {"a", "b"} and set(out.group) == {"unseen", "seen"}
     assert set(out.method) == set(S.METHODS)
 
@@ -265,6 +270,32 @@ def test_gather_study_summarises_every_method(tmp_path):
     assert get("a", "rpg_best", group="seen") == pytest.approx(80.5)
     assert get("a", "rpg_best", "val_score") == 50.0
     assert pd.read_csv(tmp_path / "study.csv").shape == out.shape
+
+
+def _kernel_available() -> bool:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return "rpg" in KernelSpecManager().find_kernel_specs()
+
+
+def test_unseen_study_notebook_committed_clean_and_executes(tmp_path):
+    import nbformat
+
+    nb = nbformat.read(REPO / "notebooks" / "unseen_study.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []) and "require_inputs" in code[1].source
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    if not _kernel_available():
+        pytest.skip("Jupyter kernel 'rpg' not installed (make install)")
+    from rpg.experiments.notebooks import execute_notebook
+
+    _, study_csv = _gathered(tmp_path)
+    execute_notebook(REPO / "notebooks" / "unseen_study.ipynb", tmp_path / "nb.ipynb",
+                     {"study_csv": str(study_csv), "out_dir": str(tmp_path / "figures")})
+    png = tmp_path / "figures" / "unseen_study.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert list(pd.read_csv(tmp_path / "figures" / "unseen_study.csv").regime) == ["a", "b"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
