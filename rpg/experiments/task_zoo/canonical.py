@@ -115,6 +115,10 @@ def alignment_report(zoo_dir, split, n_checkpoints: int, method: str, evaluator)
         relative_neighbour_distance: the same neighbour distance over the mean head norm;
         affine_val_acc / nearest_val_acc: mean accuracy (percent, on the evaluator's images) of the `affine` and
             `nearest` baselines built in this gauge for the validation tasks (never unseen tasks);
+        affine_plus_residual_val_acc: the affine head plus a random training task's residual from its own affine
+            head (what an ideal sampler adds to the conditional mean: the zoo's per-task spread, init noise included);
+        affine_plus_coordinate_residual_val_acc: the same with each coordinate's residual from an independent random
+            task (a sampler that gets every marginal right and no correlation between parameters);
         val_original_acc: the validation tasks' own checkpoints.
     """
     from rpg.experiments.task_zoo.baselines import (
@@ -137,7 +141,13 @@ def alignment_report(zoo_dir, split, n_checkpoints: int, method: str, evaluator)
               "neighbour_ratio": float((neighbour[has] / ((dist * off).sum(1)[has] / off.sum(1)[has])).mean()),
               "relative_neighbour_distance": float(neighbour[has].mean() / heads.norm(dim=1).mean())}
     val = list(split.val)
-    for name, flat in (("affine", affine_heads(zoo, val)), ("nearest", nearest_heads(zoo, val))):
+    affine = affine_heads(zoo, val)
+    residual = zoo.mean_heads - affine_heads(zoo, zoo.task_ids)  # (T, P)
+    gen = torch.Generator().manual_seed(0)
+    other = residual[torch.randint(0, len(residual), (len(val),), generator=gen)]
+    coordinate = residual.gather(0, torch.randint(0, len(residual), (len(val), residual.shape[1]), generator=gen))
+    for name, flat in (("affine", affine), ("nearest", nearest_heads(zoo, val)),
+                       ("affine_plus_residual", affine + other), ("affine_plus_coordinate_residual", affine + coordinate)):
         preds = evaluator.predict(unflatten_heads(flat, zoo.shapes))
         report[f"{name}_val_acc"] = 100 * float(task_metrics(preds, evaluator.classes, val)["accuracy"].mean())
     sds, _ = load_task_checkpoints(zoo_dir, val, n_checkpoints)
