@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from rpg.config import DiffusionConfig, ModelConfig, TrainConfig
-from rpg.generate import generate_tokens
 from rpg.diffusion import create_diffusion
+from rpg.generate import generate_tokens
 from rpg.tokenize import Tokenizer
 from rpg.train import train_rpg
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO_ROOT, tiny_model_config
+
 from rpg.config import ZooConfig, load_config
 from rpg.experiments.task_zoo.finetune import finetune_lr
 from rpg.model import RPG
