@@ -86,3 +86,41 @@ def test_finetune_lr_schedule():
     assert math.isclose(lr(0), 1e-4) and math.isclose(lr(65), 6e-5) and math.isclose(lr(130), 2e-5)
     assert all(math.isclose(lr(s), 2e-5) for s in range(130, 135))
     assert finetune_lr(ZooConfig(lr=3e-4), 10)(50) == 3e-4  # min_lr null: constant, as before
+
+
+def test_finetune_task_with_the_reference_recipe(tmp_path):
+    """finetune_task runs the paper recipe end to end on a tiny synthetic CIFAR-10 and a small CNN: head-only epochs
+    (backbone frozen), then all parameters with focal loss, flips + AutoAugment, cosine lr and final single steps;
+    the 3 checkpoints are the last 3 steps, scored on clean test images."""
+    from rpg.data import write_synthetic_cifar10
+    from rpg.experiments.task_zoo import finetune
+    from rpg.utils import load_safetensors
+
+    write_synthetic_cifar10(tmp_path / "data", n_train=120, n_test=40)
+    cfg = load_config([REPO_ROOT / "config" / "test.yaml"], overrides={
+        "device": "cpu", "data": {"root": str(tmp_path / "data"), "val_images": 20},
+        "backbone": {"arch": "rpg_cifar_cnn", "feature_dim": 16, "img_size": 32},
+        "zoo": {"mode": "finetune", "batch_size": 25, "loss": "focal", "augment": "flip_autoaugment",
+                "head_epochs": 1, "head_lr": 0.01, "epochs": 1, "lr": 1e-3, "min_lr": 1e-4, "final_steps": 2,
+                "n_checkpoints": 3, "save_every": 1, "weight_decay": 0.1},
+        "logging": {"progress": False, "wandb": False}})
+    seen = []
+    real = finetune.train_classifier
+
+    def spy(model, *args, **kwargs):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        seen.append((kwargs["steps"], trainable, kwargs["focal_gamma"], kwargs["autoaugment"]))
+        return real(model, *args, **kwargs)
+
+    finetune.train_classifier = spy
+    try:
+        out = [tmp_path / f"ckpt{k}.safetensors" for k in range(3)]
+        result = finetune.finetune_task(cfg, 3, out)
+    finally:
+        finetune.train_classifier = real
+    (head_steps, head_params, gamma, autoaug), (steps, all_params, *_) = seen
+    assert head_steps == 4 and steps == 4 + 2  # 100 images / 25 per step; then 1 epoch + 2 final steps
+    assert head_params == {"head.0.weight", "head.0.bias", "head.2.weight"} and len(all_params) > len(head_params)
+    assert gamma == 2.0 and autoaug
+    assert [c["step"] for c in result["checkpoints"]] == [4, 5, 6]
+    assert all(load_safetensors(p)[1]["task_id"] == 3 for p in out)
