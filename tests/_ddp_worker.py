@@ -6,7 +6,7 @@ RPG with permutation states (Mamba2 d_model 32, denoiser 1-8-16-8-1, token 16), 
 checkpoints, diffusion batch 24 tokens, a validation (generation in eval mode, rank 0 only) every 4 steps.
 
 Under torchrun the worker runs, in one launch: a whole run into RUNS/full; a run stopped after 6 steps into
-RUNS/resumed, then its resumption to the end. Processes other than rank 0 record, with an audit hook, every file
+RUNS/resumed, then its resumption to the end; a run with one token per step into RUNS/sparse. Processes other than rank 0 record, with an audit hook, every file
 they open for writing, create, rename or delete under RUNS, and write the list to AUDIT/rank<r>.json.
 """
 
@@ -30,8 +30,9 @@ STEPS, STOP_AFTER = 12, 6
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
-def problem() -> dict:
-    """Tokens, task bits, tokenizer and configs of the shared training problem."""
+def problem(sparse: bool = False) -> dict:
+    """Tokens, task bits, tokenizer and configs of the shared training problem. `sparse`: 2 checkpoints and 1
+    token per step, so one process has no token of the diffusion batch (an empty shard) at every step."""
     gen = torch.Generator().manual_seed(0)
     sds = [{"0.weight": torch.randn(8, 6, generator=gen), "0.bias": torch.randn(8, generator=gen),
             "2.weight": torch.randn(3, 8, generator=gen)} for _ in range(6)]  # 48 + 8 + 24: padded tokens
@@ -41,8 +42,8 @@ def problem() -> dict:
     model_cfg = ModelConfig(token_size=16, recurrent="mamba", d_model=32, n_layers=2, d_state=16, d_conv=4, expand=2,
                             headdim=16, denoiser_channels=(1, 8, 16, 8, 1), kernel_size=7, position="2d",
                             permutation_state=True, condition="task", condition_dim=10)
-    train_cfg = TrainConfig(steps=STEPS, batch_size=4, diffusion_batch=24, lr=3e-3, warmup_steps=2, bf16=False,
-                            save_every=4, eval_every=4, grad_clip=1.0)
+    train_cfg = TrainConfig(steps=STEPS, batch_size=2 if sparse else 4, diffusion_batch=1 if sparse else 24, lr=3e-3,
+                            warmup_steps=2, bf16=False, save_every=4, eval_every=4, grad_clip=1.0)
     return {"tokens": tokens, "cond": cond, "tokenizer": tokenizer, "model_cfg": model_cfg, "train_cfg": train_cfg,
             "diffusion_cfg": DiffusionConfig(sample_steps=2)}
 
@@ -98,6 +99,7 @@ def main() -> None:
     train(p, args.runs / "full")
     train(p, args.runs / "resumed", stop_after=STOP_AFTER)
     train(p, args.runs / "resumed")
+    train(problem(sparse=True), args.runs / "sparse")
     if rank != 0:
         args.audit.mkdir(parents=True, exist_ok=True)
         (args.audit / f"rank{rank}.json").write_text(json.dumps(writes))

@@ -29,6 +29,23 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: the gradient of a sum shared by all processes is the sum of their
+    gradients (torch.distributed.nn.functional.all_reduce does the same but is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class BatchNorm1d(nn.BatchNorm1d):
     """`nn.BatchNorm1d` whose training statistics are those of the whole data-parallel batch.
 
@@ -41,9 +58,7 @@ class BatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        # differentiable: its backward all-reduces the gradients of the statistics too
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         xf = x.float()  # (M, C, T); M may differ between processes, even be 0
         count = xf.new_tensor([float(xf.shape[0] * xf.shape[2])])
         total = all_reduce(torch.cat([xf.sum((0, 2)), count]))  # (C + 1,)
