@@ -11,7 +11,9 @@ keeps the checkpoint with the best score as `best.safetensors`. `last.opt.pt` (w
 generators) allows resuming, so a resumed run ends with the same weights as an uninterrupted one; `last.safetensors`
 is a loadable copy of the same weights, written after it. With `patience`, training stops once that many validations
 in a row have not beaten the best score (a plateau), `steps` being the maximum budget; the validation curve is the
-`val/*` columns of `train_log.csv`. Under `torchrun` with several processes, training is data parallel (DDP).
+`val/*` columns of `train_log.csv`. Under `torchrun` with several processes, training is data parallel (DDP):
+`batch_size` and `diffusion_batch` are the global batch, every process draws the same step and trains on its share
+of the checkpoints, and the result is the one-process result up to float round-off (tests/test_ddp.py).
 
 A run owns its folder: a lock file refuses a second run into it, `train_log.csv` is appended step by step (a resumed
 run first drops the rows after the step it resumes from), a run asked for another step count than the one in the
@@ -301,7 +303,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         x0 = tokens_dev[idx.to(device)]
         perm = idx.to(device) if model.permutation is not None else None
         c = cond_dev[idx.to(device)] if cond_dev is not None else None
-        objective.train()  # validation (rank 0 only) leaves the model in eval mode; BatchNorm must agree
+        objective.train()  # a validator (rank 0 only) may leave eval mode on; all processes' BatchNorms must train
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             loss = ddp(x0, mask, picked, perm, c, t=t, noise=noise, denominator=denominator)
         optimizer.zero_grad(set_to_none=True)
