@@ -76,6 +76,14 @@ class ZooConfig:
     task_chunk: int = 1022
     epochs: int = 1
     init: str = "shared"  # shared | per_task
+    # finetune mode only (the paper profile's recipe; defaults keep the plain one)
+    loss: str = "cross_entropy"  # cross_entropy | focal
+    focal_gamma: float = 2.0
+    augment: str = "translate_flip"  # translate_flip | flip_autoaugment
+    head_epochs: int = 0
+    head_lr: float = 0.01
+    min_lr: float | None = None
+    final_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,9 @@ class ModelConfig:
     permutation_state: bool = False
     condition: str = "task"  # none | task
     condition_dim: int = 10
+    condition_hidden: int | None = None  # hidden width of the task MLP; None = d_model (the reference: 1024)
+    condition_tokens: str = "all"  # all | last_k: which token positions the task condition is added to
+    condition_k: int = 8  # last_k: the number of last positions (the reference: 8)
     checkpoint_activations: bool = False  # recompute the recurrent blocks in the backward pass (memory for time)
 
 

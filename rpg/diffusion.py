@@ -42,21 +42,35 @@ class GaussianDiffusion:
         abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)[:, None]
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
+    def draw(self, m: int, length: int, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps (m,) and noise (m, length) of a training step, drawn in this order from `generator`."""
+        t = torch.randint(0, self.timesteps, (m,), device=device, generator=generator)
+        noise = torch.randn((m, length), device=device, dtype=dtype, generator=generator)
+        return t, noise
+
     def training_loss(self, denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor,
-                      mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, generator: torch.Generator | None = None, *,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                      denominator: torch.Tensor | float | None = None) -> torch.Tensor:
         """MSE between true and predicted noise on the unmasked positions.
 
-        Shapes: x0 (M, L), cond (M, D), mask (M, L) bool -> scalar.
+        Args:
+            t, noise: given (data-parallel training: each process takes its rows of one global draw), or drawn
+                from `generator` (see `draw`).
+            denominator: what the summed squared error is divided by; default the number of unmasked positions
+                of these rows (a data-parallel process passes the global count divided by the world size, so that
+                averaging the processes' gradients gives the gradient of the global mean).
+        Shapes: x0 (M, L), cond (M, D), mask (M, L) bool, t (M,), noise (M, L) -> scalar.
         """
-        m = x0.shape[0]
-        t = torch.randint(0, self.timesteps, (m,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        if t is None or noise is None:
+            t, noise = self.draw(x0.shape[0], x0.shape[1], x0.device, x0.dtype, generator)
         eps = denoiser(self.q_sample(x0, t, noise), t, cond)
         err = (eps.float() - noise.float()) ** 2
         if mask is None:
-            return err.mean()
+            return err.mean() if denominator is None else err.sum() / denominator
         mask = mask.to(err.dtype)
-        return (err * mask).sum() / mask.sum().clamp_min(1.0)
+        return (err * mask).sum() / (mask.sum().clamp_min(1.0) if denominator is None else denominator)
 
     # ------------------------------------------------------------------------------------------------------------
     def _timesteps(self, steps: int) -> list[int]:

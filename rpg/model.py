@@ -15,11 +15,16 @@ from rpg.nn.position import PositionEmbedding
 from rpg.nn.recurrent import build_recurrent
 
 class TaskEncoder(nn.Module):
-    """10-bit task embedding (0/1) -> MLP -> d_model. Bits are mapped to -1/+1 first."""
+    """10-bit task embedding (0/1) -> Linear(condition_dim, hidden) -> SiLU -> Linear(hidden, d_model).
 
-    def __init__(self, condition_dim: int, d_model: int):
+    Bits are mapped to -1/+1 first. `hidden` defaults to d_model; the reference code uses 1024 (its output width,
+    the token size, equals d_model there).
+    """
+
+    def __init__(self, condition_dim: int, d_model: int, hidden: int | None = None):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(condition_dim, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+        hidden = hidden or d_model
+        self.mlp = nn.Sequential(nn.Linear(condition_dim, hidden), nn.SiLU(), nn.Linear(hidden, d_model))
 
     def forward(self, bits: torch.Tensor) -> torch.Tensor:
         return self.mlp(2.0 * bits.float() - 1.0)  # (B, D)
@@ -43,7 +48,17 @@ class RPG(nn.Module):
         self.n_tokens = len(layer_index)
         self.position = PositionEmbedding(cfg.position, layer_index, token_index, cfg.d_model)
         self.permutation = nn.Embedding(n_permutation_states, cfg.d_model) if n_permutation_states > 0 else None
-        self.task_encoder = TaskEncoder(cfg.condition_dim, cfg.d_model) if cfg.condition == "task" else None
+        self.task_encoder = (TaskEncoder(cfg.condition_dim, cfg.d_model, cfg.condition_hidden)
+                             if cfg.condition == "task" else None)
+        # Which positions the task condition enters: all (ours by default) or a fixed gate on the last k (the
+        # reference code: the last 8, so that with the recurrence running forward only the final tokens - the head
+        # and final norm of a ViT - depend on the task). Not a parameter: not in the state dict.
+        if cfg.condition_tokens not in ("all", "last_k"):
+            raise ValueError(f"condition_tokens must be 'all' or 'last_k', got {cfg.condition_tokens!r}")
+        gate = torch.ones(self.n_tokens)
+        if cfg.condition_tokens == "last_k":
+            gate = (torch.arange(self.n_tokens) >= self.n_tokens - cfg.condition_k).float()
+        self.register_buffer("condition_gate", gate[:, None], persistent=False)  # (N, 1)
         self.recurrent = build_recurrent(cfg.recurrent, cfg.d_model, cfg.n_layers, cfg.d_state, cfg.d_conv,
                                          cfg.expand, cfg.headdim, cfg.checkpoint_activations)
         self.denoiser = ConvDenoiser(cfg.token_size, cfg.denoiser_channels, cfg.d_model, cfg.kernel_size)
@@ -70,5 +85,5 @@ class RPG(nn.Module):
         if self.task_encoder is not None:
             if cond is None:
                 raise ValueError("this RPG is task-conditioned: pass cond (B, condition_dim)")
-            x = x + self.task_encoder(cond)[:, None, :]
+            x = x + self.task_encoder(cond)[:, None, :] * self.condition_gate  # (B, N, D)
         return self.recurrent(x)  # (B, N, D)

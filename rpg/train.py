@@ -11,7 +11,9 @@ keeps the checkpoint with the best score as `best.safetensors`. `last.opt.pt` (w
 generators) allows resuming, so a resumed run ends with the same weights as an uninterrupted one; `last.safetensors`
 is a loadable copy of the same weights, written after it. With `patience`, training stops once that many validations
 in a row have not beaten the best score (a plateau), `steps` being the maximum budget; the validation curve is the
-`val/*` columns of `train_log.csv`. Under `torchrun` with several processes, training is data parallel (DDP).
+`val/*` columns of `train_log.csv`. Under `torchrun` with several processes, training is data parallel (DDP):
+`batch_size` and `diffusion_batch` are the global batch, every process draws the same step and trains on its share
+of the checkpoints, and the result is the one-process result up to float round-off (tests/test_ddp.py).
 
 A run owns its folder: a lock file refuses a second run into it, `train_log.csv` is appended step by step (a resumed
 run first drops the rows after the step it resumes from), a run asked for another step count than the one in the
@@ -70,13 +72,17 @@ class DiffusionObjective(nn.Module):
         self.diffusion = diffusion
 
     def forward(self, x0: torch.Tensor, mask: torch.Tensor, picked: torch.Tensor, perm: torch.Tensor | None,
-                cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-        """Shapes: x0 (B, N, L); mask (N, L); picked (M,) flat indices into B*N tokens."""
+                cond: torch.Tensor | None, generator: torch.Generator | None = None, *,
+                t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                denominator: torch.Tensor | None = None) -> torch.Tensor:
+        """Shapes: x0 (B, N, L); mask (N, L); picked (M,) flat indices into B*N tokens; t (M,), noise (M, L) (drawn
+        from `generator` when not given); see `GaussianDiffusion.training_loss` for `denominator`."""
         b, n, length = x0.shape
         proto = self.model.prototypes(b, perm, cond).reshape(b * n, -1)[picked]  # (M, D)
         x0_sel = x0.reshape(b * n, length)[picked]  # (M, L)
         mask_sel = mask.repeat(b, 1)[picked]  # (M, L)
-        return self.diffusion.training_loss(self.model.denoiser, x0_sel, proto, mask_sel, generator=generator)
+        return self.diffusion.training_loss(self.model.denoiser, x0_sel, proto, mask_sel, generator=generator,
+                                            t=t, noise=noise, denominator=denominator)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -108,6 +114,22 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def process_rank() -> int:
+    """This process's rank in a torchrun job (0 outside one): only rank 0 writes files."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def shard_step(k0: int, k1: int, picked: torch.Tensor, n: int, t: torch.Tensor, noise: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One process's part of a global step: the picked tokens (flat indices into the global batch of checkpoints,
+    `n` tokens each) that belong to its checkpoints k0..k1-1, re-indexed into them, with their timesteps and noise.
+
+    Shapes: picked (M,), t (M,), noise (M, L) -> (m,), (m,), (m, L).
+    """
+    mine = (picked >= k0 * n) & (picked < k1 * n)
+    return picked[mine] - k0 * n, t[mine], noise[mine]
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun with several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -123,7 +145,7 @@ def run_lock(out_dir: Path) -> Iterator[None]:
     flock: the kernel drops the lock when its process dies, so a killed run never leaves a stale lock.
     Only rank 0 of a torchrun job (RANK unset or 0) writes, so only it takes the lock.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
+    if process_rank() != 0:
         yield
         return
     import fcntl
@@ -174,15 +196,23 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         summary dict (best step and score, final loss, seconds, peak memory).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     rank, world = _distributed()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     k, n, length = tokens.shape
     if model_cfg.condition == "task" and cond is None:
         raise ValueError("a task-conditioned RPG needs `cond` (one task embedding per checkpoint)")
+    if cfg.batch_size < world:
+        raise ValueError(f"train.batch_size ({cfg.batch_size}) is the global batch of checkpoints per step, split "
+                         f"between the {world} processes: it must be at least {world}")
+    # Data parallel: every process draws the same global step (checkpoints, tokens, timesteps, noise) from the same
+    # generators and takes the part of it that belongs to its own share of the checkpoints; the loss is normalised
+    # by the global count, so the averaged gradient is the one-process gradient of the same global batch.
+    k0, k1 = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
 
     seed_everything(seed)
     model = RPG(model_cfg, tokenizer.layer_index, tokenizer.token_index,
@@ -192,8 +222,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     ddp = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
-    data_gen = torch.Generator().manual_seed(seed * world + rank)
-    noise_gen = torch.Generator(device=device).manual_seed(seed * world + rank + 1)
+    data_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     start, best = 0, {"score": -math.inf, "step": -1}
     history: list[dict[str, float]] = []
 
@@ -230,12 +260,17 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     tokens_dev = tokens.to(device)
     cond_dev = cond.to(device) if cond is not None else None
     mask = tokenizer.mask.to(device)
+    mask_count = mask.sum(1).to(torch.float32)  # (N,) unmasked positions of each token
     use_bf16 = cfg.bf16 and device.type == "cuda"
     tracker = tracker or Tracker()
     t0 = time.time()
     loss_ema = None
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     stopped_early = validate is not None and plateaued(start, best["step"], cfg)
+    if world > 1:  # rank 0 decides (only it needs a validator)
+        flag = torch.tensor(float(stopped_early), device=device)
+        dist.broadcast(flag, 0)
+        stopped_early = bool(flag.item())
     end = start if stopped_early else end
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                desc="train RPG", dynamic_ncols=True)
@@ -258,14 +293,25 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, k, (cfg.batch_size,), generator=data_gen)
-        picked = torch.randperm(cfg.batch_size * n, generator=data_gen)[: cfg.diffusion_batch]
+        picked = torch.randperm(cfg.batch_size * n, generator=data_gen)[: cfg.diffusion_batch].to(device)
+        t, noise = diffusion.draw(len(picked), length, device, tokens_dev.dtype, noise_gen)
+        denominator = None
+        if world > 1:
+            denominator = mask_count[picked % n].sum().clamp_min(1.0) / world
+            picked, t, noise = shard_step(k0, k1, picked, n, t, noise)
+            idx = idx[k0:k1]
         x0 = tokens_dev[idx.to(device)]
         perm = idx.to(device) if model.permutation is not None else None
         c = cond_dev[idx.to(device)] if cond_dev is not None else None
+        objective.train()  # a validator (rank 0 only) may leave eval mode on; all processes' BatchNorms must train
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = ddp(x0, mask, picked.to(device), perm, c, noise_gen)
+            loss = ddp(x0, mask, picked, perm, c, t=t, noise=noise, denominator=denominator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # the global loss, for the log (each process holds its share of the sum)
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss = loss / world
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         _check_step(loss.item(), float(grad_norm), step + 1, out_dir)  # before the update: weights stay finite
         optimizer.step()

@@ -15,7 +15,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rpg.config import ModelConfig  # noqa: E402
+from rpg.checkpoint import save_rpg  # noqa: E402
+from rpg.config import DiffusionConfig, ModelConfig  # noqa: E402
+from rpg.experiments.task_zoo.heads import initial_head  # noqa: E402
+from rpg.model import RPG  # noqa: E402
+from rpg.tokenize import Tokenizer  # noqa: E402
 
 torch.set_num_threads(1)  # the test machines have 2 cores, often shared: 1 thread is fastest
 
@@ -34,3 +38,12 @@ def tiny_model_config(**overrides) -> ModelConfig:
                   permutation_state=False, condition="none", condition_dim=10)
     values.update(overrides)
     return ModelConfig(**values)
+
+
+def save_tiny_head_generator(path: Path, sample_steps: int) -> tuple[RPG, Tokenizer]:
+    """An untrained task-conditioned generator of 8-wide binary heads (3 initial heads fit the tokenizer), saved to
+    `path`; returns the model and tokenizer (e.g. to save a corrupted copy)."""
+    tok = Tokenizer.fit([initial_head(8, seed) for seed in range(3)], 16)
+    model = RPG(tiny_model_config(condition="task"), tok.layer_index, tok.token_index)
+    save_rpg(path, model, tok, DiffusionConfig(sample_steps=sample_steps), step=0)
+    return model, tok

@@ -6,25 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model_config
-from rpg.checkpoint import save_rpg
+from conftest import save_tiny_head_generator
 from rpg.cli.main import main
-from rpg.config import DiffusionConfig
-from rpg.model import RPG
 from rpg.experiments.task_zoo.tasks import CIFAR10_CLASSES
-from rpg.tokenize import Tokenizer
 from rpg.utils import load_safetensors, save_safetensors_atomic
-from rpg.experiments.task_zoo.heads import initial_head
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """An (untrained) task-conditioned generator for 8-wide heads, and tiny features."""
     tmp = tmp_path_factory.mktemp("cli")
-    heads = [initial_head(8, seed) for seed in range(3)]
-    tok = Tokenizer.fit(heads, 16)
-    model = RPG(tiny_model_config(condition="task"), tok.layer_index, tok.token_index)
-    save_rpg(tmp / "gen.safetensors", model, tok, DiffusionConfig(sample_steps=3), step=0)
+    save_tiny_head_generator(tmp / "gen.safetensors", sample_steps=3)
     g = torch.Generator().manual_seed(0)
     feats = {f"{s}_x": torch.randn(40, 8, generator=g) for s in ("train", "val", "test")}
     feats.update({f"{s}_y": torch.arange(40) % 10 for s in ("train", "val", "test")})

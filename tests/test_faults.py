@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model_config
+from conftest import save_tiny_head_generator, tiny_model_config
 from rpg import __version__
 from rpg.checkpoint import load_rpg, save_rpg
 from rpg.cli.main import build_parser, main
@@ -49,10 +49,7 @@ def _one_line_error(capsys, rc: int, *fragments: str) -> str:
 def gens(tmp_path_factory):
     """A task-conditioned generator (heads), an unconditional one (MLPs), each also with a NaN weight."""
     tmp = tmp_path_factory.mktemp("faults")
-    heads = [initial_head(8, seed) for seed in range(3)]
-    tok = Tokenizer.fit(heads, 16)
-    task = RPG(tiny_model_config(condition="task"), tok.layer_index, tok.token_index)
-    save_rpg(tmp / "task.safetensors", task, tok, DiffusionConfig(sample_steps=2), step=0)
+    task, tok = save_tiny_head_generator(tmp / "task.safetensors", sample_steps=2)
     mlps = [_mlp_state(s) for s in range(3)]
     utok = Tokenizer.fit(mlps, 16)
     uncond = RPG(tiny_model_config(condition="none"), utok.layer_index, utok.token_index)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -28,8 +29,57 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: the gradient of a sum shared by all processes is the sum of their
+    gradients (torch.distributed.nn.functional.all_reduce does the same but is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """`nn.BatchNorm1d` whose training statistics are those of the whole data-parallel batch.
+
+    Under DDP (a process group of several processes, training mode) the per-channel mean and variance are all-reduced
+    over the processes (differentiably), so a data-parallel step normalises exactly as one process holding the whole
+    diffusion batch would, and the running statistics agree on every process. `nn.SyncBatchNorm` does the same but
+    only on GPUs; this also runs on CPU (gloo). Alone, or in eval mode, it is plain BatchNorm1d (same state dict).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        xf = x.float()  # (M, C, T); M may differ between processes, even be 0
+        count = xf.new_tensor([float(xf.shape[0] * xf.shape[2])])
+        total = all_reduce(torch.cat([xf.sum((0, 2)), count]))  # (C + 1,)
+        n = total[-1].detach()
+        mean = total[:-1] / n.clamp_min(1.0)  # (C,)
+        centred = xf - mean[None, :, None]
+        var = all_reduce((centred * centred).sum((0, 2))) / n.clamp_min(1.0)  # biased, as in normalisation
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None]
+        if self.affine:
+            y = y * self.weight[None, :, None] + self.bias[None, :, None]
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(unbiased, self.momentum)
+        return y.to(x.dtype)
+
+
 def _norm(channels: int) -> nn.Module:
-    return nn.BatchNorm1d(channels)
+    return BatchNorm1d(channels)
 
 
 class ConvDenoiser(nn.Module):

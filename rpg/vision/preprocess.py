@@ -16,7 +16,7 @@ from torch import nn
 
 from rpg.data import CIFAR10_MEAN, CIFAR10_STD
 
-__all__ = ["Preprocess", "augment", "normalize", "image_statistics", "resolve_amp"]
+__all__ = ["Preprocess", "augment", "autoaugment_cifar10", "normalize", "image_statistics", "resolve_amp"]
 
 
 def _cpu_has_bf16() -> bool:
@@ -94,3 +94,23 @@ def augment(images: torch.Tensor, translate: int, flip: bool, gen: torch.Generat
         mask = (torch.rand(b, generator=gen) < 0.5).to(images.device)  # (B,)
         images = torch.where(mask[:, None, None, None], images.flip(3), images)
     return images
+
+
+def autoaugment_cifar10(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """torchvision's AutoAugment with its CIFAR-10 policy, one policy draw per image, on a uint8 batch.
+
+    The randomness comes from ``gen`` (one seed drawn from it seeds torch's global RNG inside a forked RNG state), so
+    the data stream stays reproducible. The reference code applies it to PIL images before resizing to 224 px; here
+    it acts on the 32 px CIFAR images before the resize (its geometric magnitudes are relative to the image size).
+
+    Shapes:
+        images: (B, 3, H, W) uint8 -> (B, 3, H, W) uint8
+    """
+    # imported only where the paper recipe asks for it
+    from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+
+    policy = AutoAugment(AutoAugmentPolicy.CIFAR10)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([policy(img) for img in images.cpu()]).to(images.device)

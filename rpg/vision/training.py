@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from rpg.vision.preprocess import augment
+from rpg.vision.preprocess import augment, autoaugment_cifar10
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -25,6 +25,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017), mean over the batch: -(1 - p_t)^gamma log p_t. gamma = 0 is cross-entropy.
+
+    Shapes: logits (B, C), labels (B,) -> scalar.
+    """
+    logp = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]  # (B,) log p_t
+    return -((1.0 - logp.exp()) ** gamma * logp).mean()
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, decay_1d: bool = False,
@@ -44,8 +53,12 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      prepare: Callable[[torch.Tensor], torch.Tensor], translate: int = 2, flip: bool = True,
                      images_per_epoch: int | None = None, label_smoothing: float = 0.0, bf16: bool = False,
                      on_step: Callable[[int, nn.Module], None] | None = None, progress: bool = True,
-                     desc: str = "train") -> torch.Tensor:
+                     desc: str = "train", focal_gamma: float | None = None,
+                     autoaugment: bool = False) -> torch.Tensor:
     """Train `model` for `steps` steps of cross-entropy on uint8 `images` (N, 3, H, W) and `labels` (N,).
+
+    focal_gamma: train with the focal loss of this gamma instead of cross-entropy (label smoothing then unused).
+    autoaugment: after the shifts and flips, AutoAugment with the CIFAR-10 policy (`autoaugment_cifar10`).
 
     Returns:
         the loss of every step, (steps,) float32 on the CPU.
@@ -63,12 +76,16 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             order = torch.randperm(n, generator=gen)[:per_epoch].to(images.device)
         idx = order[pos:pos + batch_size]
         model.train()
-        x = prepare(augment(images[idx], translate, flip, gen))
+        batch = augment(images[idx], translate, flip, gen)
+        x = prepare(autoaugment_cifar10(batch, gen) if autoaugment else batch)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels[idx].to(device), label_smoothing=label_smoothing)
+        if focal_gamma is None:
+            loss = F.cross_entropy(logits.float(), labels[idx].to(device), label_smoothing=label_smoothing)
+        else:
+            loss = focal_loss(logits, labels[idx].to(device), focal_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -10,16 +10,17 @@ heads on cached features. Both return the same metrics, so the rest of the exper
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import timm
 import torch
 from torch import nn
 
 import rpg.vision.cifar_cnn  # noqa: F401  (registers rpg_* models)
-from rpg.config import Config
+from rpg.config import Config, ZooConfig
 from rpg.data import load_cifar10, split_train_val
 from rpg.experiments.task_zoo.tasks import binary_labels, id_to_embedding, positive_classes
 from rpg.utils import resolve_device, save_safetensors_atomic
@@ -56,8 +57,22 @@ def task_preprocess(cfg: Config, model: nn.Module, device: torch.device) -> Prep
     return Preprocess(img_size=cfg.backbone.img_size, mean=mean, std=std, device=device)
 
 
+def finetune_lr(z: ZooConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Learning rate of the full fine-tuning at each step: constant `lr`, or (with `min_lr`) cosine from `lr` to
+    `min_lr` over `epochs`, then `min_lr` for the `final_steps`."""
+    main = z.epochs * steps_per_epoch
+    if z.min_lr is None:
+        return lambda step: z.lr
+    return lambda step: z.min_lr + (z.lr - z.min_lr) * 0.5 * (1 + math.cos(math.pi * min(step, main) / main))
+
+
 def finetune_task(cfg: Config, task_id: int, out_paths: Sequence[str | Path]) -> dict:
-    """Fine-tune the whole model on one binary task; save its last `n_checkpoints` steps with test metrics."""
+    """Fine-tune the whole model on one binary task; save its last `n_checkpoints` steps with test metrics.
+
+    The recipe (zoo section): optionally `head_epochs` of the head alone (backbone frozen, AdamW at `head_lr`), then
+    `epochs` of all parameters (AdamW at `lr`, constant or cosine to `min_lr`), then `final_steps` single steps;
+    cross-entropy or focal loss; shifts + flips or flips + AutoAugment. Test metrics are on clean test images.
+    """
     device = resolve_device(cfg.device)
     z = cfg.zoo
     data = load_cifar10(cfg.data.root, download=cfg.data.download)
@@ -66,8 +81,8 @@ def finetune_task(cfg: Config, task_id: int, out_paths: Sequence[str | Path]) ->
     labels = binary_labels(data.train_labels[train_idx], [task_id])[0]
     model = build_task_model(cfg).to(device)
     pipe = task_preprocess(cfg, model, device)
-    opt = make_optimizer(model, "adamw", z.lr, z.weight_decay, decay_1d=True)
-    steps = z.epochs * (len(images) // z.batch_size)
+    steps_per_epoch = len(images) // z.batch_size
+    steps = z.epochs * steps_per_epoch + z.final_steps
     save_at = [steps - (z.n_checkpoints - 1 - j) * z.save_every for j in range(z.n_checkpoints)]
     test_labels = binary_labels(data.test_labels, [task_id])
     emb = id_to_embedding(task_id)
@@ -87,11 +102,30 @@ def finetune_task(cfg: Config, task_id: int, out_paths: Sequence[str | Path]) ->
 
     start = time.time()
     # Same seed for every task: the same data order and augmentation, so tasks differ only in their labels.
-    train_classifier(model, images, labels, steps=steps, batch_size=z.batch_size, optimizer=opt,
-                     lr_at=lambda step: z.lr, gen=torch.Generator().manual_seed(cfg.seed), prepare=pipe, translate=4,
-                     flip=True, bf16=bf16, on_step=save_checkpoint, progress=cfg.logging.progress,
-                     desc=f"finetune task {task_id}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    recipe = {"batch_size": z.batch_size, "gen": gen, "prepare": pipe, "bf16": bf16, "progress": cfg.logging.progress,
+              "focal_gamma": z.focal_gamma if z.loss == "focal" else None,
+              **({"translate": 0, "flip": True, "autoaugment": True} if z.augment == "flip_autoaugment"
+                 else {"translate": 4, "flip": True})}
+    if z.head_epochs:
+        head = [p for name, p in model.named_parameters() if _is_head(name, model)]
+        frozen = [p for name, p in model.named_parameters() if not _is_head(name, model)]
+        for p in frozen:
+            p.requires_grad_(False)
+        head_opt = torch.optim.AdamW(head, lr=z.head_lr, weight_decay=z.weight_decay)
+        train_classifier(model, images, labels, steps=z.head_epochs * steps_per_epoch, optimizer=head_opt,
+                         lr_at=lambda step: z.head_lr, desc=f"head of task {task_id}", **recipe)
+        for p in frozen:
+            p.requires_grad_(True)
+    opt = make_optimizer(model, "adamw", z.lr, z.weight_decay, decay_1d=True)
+    train_classifier(model, images, labels, steps=steps, optimizer=opt, lr_at=finetune_lr(z, steps_per_epoch),
+                     on_step=save_checkpoint, desc=f"finetune task {task_id}", **recipe)
     return {"task_id": task_id, "seconds": time.time() - start, "checkpoints": results}
+
+
+def _is_head(name: str, model: nn.Module) -> bool:
+    """Whether parameter `name` belongs to the binary head (timm's `head`, or the last module of our Sequential)."""
+    return name.startswith("head.") if hasattr(model, "head") else name.startswith("1.")
 
 
 class ModelEvaluator:

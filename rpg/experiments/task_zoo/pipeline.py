@@ -23,8 +23,8 @@ from rpg.model import RPG
 from rpg.experiments.task_zoo.tasks import (ALL_TASK_IDS, TaskSplit, binary_labels, embedding_bits, embedding_to_id,
                                             id_to_embedding, make_split)
 from rpg.tokenize import Tokenizer
-from rpg.tracking import start_tracking
-from rpg.train import train_rpg
+from rpg.tracking import Tracker, start_tracking
+from rpg.train import process_rank, train_rpg
 from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetensors_atomic, write_csv_atomic,
                        write_json_atomic)
 from rpg.experiments.task_zoo.canonical import Gauge
@@ -159,7 +159,8 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
     del state_dicts
 
     validate, orig = None, torch.empty(0)
-    if split.val:
+    main_process = process_rank() == 0  # under torchrun only rank 0 validates and writes
+    if split.val and main_process:
         evaluator = make_evaluator(cfg, features_path, "val")
         val_sds, _ = load_task_checkpoints(zoo_dir, split.val, k)  # seen tasks held out of training
         val_ids_rep = [t for t in split.val for _ in range(k)]
@@ -167,16 +168,18 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
         validate = make_validator(cfg, tokenizer, split.val, evaluator, orig)
 
     tracker = start_tracking(cfg.logging, name=f"{cfg.experiment}-rpg", group=cfg.experiment, job_type="train_rpg",
-                             config=cfg.raw, directory=Path(cfg.results_dir) / "wandb")
+                             config=cfg.raw, directory=Path(cfg.results_dir) / "wandb") if main_process else Tracker()
     out_dir = Path(out_dir)
-    write_json_atomic(out_dir / "layout.json", tokenizer.layout())
+    if main_process:
+        write_json_atomic(out_dir / "layout.json", tokenizer.layout())
     summary = train_rpg(model_cfg, cfg.diffusion, cfg.train, tokenizer, tokens, out_dir, cond=cond, seed=cfg.seed,
                         device=device, validate=validate, tracker=tracker, progress=cfg.logging.progress,
                         force=True)  # the workflow's config is the source of truth: a new step count retrains
     tracker.finish()
     summary = {**summary, "n_train_tasks": len(split.train), "n_val_tasks": len(split.val),
                "val_original_accuracy": float(orig.mean()) if len(orig) else None}
-    write_json_atomic(out_dir / "summary.json", summary)
+    if main_process:
+        write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
 
