@@ -60,6 +60,8 @@ class TasksConfig:
     flip_pair: tuple[str, ...] = ("1011101000", "0100010111")
     n_val: int = 20
     n_seen_eval: int = 50
+    n_seen: int | None = None  # train on a seeded random subset of this many seen tasks (None = all)
+    holdout_neighbours: bool = False  # keep unseen tasks' Hamming-1 neighbours and complements out of training
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class ZooConfig:
     save_every: int = 10
     task_chunk: int = 1022
     epochs: int = 1
+    init: str = "shared"  # shared | per_task
     # finetune mode only (the paper profile's recipe; defaults keep the plain one)
     loss: str = "cross_entropy"  # cross_entropy | focal
     focal_gamma: float = 2.0
@@ -176,6 +179,7 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     val_samples: int = 3
+    canonicalise: str = "none"  # none | sort | match: hidden-unit order of the heads before tokenising
     patience: int | None = None  # validations without a better score before stopping; None = run all `steps`
 
 
@@ -217,6 +221,16 @@ class AnalysisConfig:
     noise_magnitudes: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
     noise_repeats: int = 3
     kernel: str = "rpg"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The study of regimes (issue 13): which regime files, where, and the overrides every regime shares."""
+
+    regimes: tuple[str, ...] = ("shared_init", "per_task_init", "per_task_init_sort", "per_task_init_match", "seen16",
+                                "seen64", "seen256", "seen64_per_task", "holdout_neighbours")
+    regime_dir: str = "config/experiments/regimes"
+    common: str | None = "config/experiments/regimes/common.yaml"
 
 
 @dataclass(frozen=True)
@@ -300,6 +314,7 @@ class Config:
     architectures: ArchitecturesConfig = field(default_factory=ArchitecturesConfig)
     table13: Table13Config = field(default_factory=Table13Config)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -452,6 +467,7 @@ def config_from_dict(raw: Mapping, *, validated: bool = False) -> Config:
         architectures=_architectures(full["architectures"]),
         table13=_section(Table13Config, full["table13"]),
         analysis=_section(AnalysisConfig, full["analysis"]),
+        study=_section(StudyConfig, full["study"]),
         raw=full,
     )
 

@@ -21,6 +21,7 @@ SECTIONS = {
     ("logging",): C.LoggingConfig,
     ("table13",): C.Table13Config,
     ("analysis",): C.AnalysisConfig,
+    ("study",): C.StudyConfig,
     ("architectures",): C.ArchitecturesConfig,
     ("architectures", "collect"): C.CollectConfig,
     ("architectures", "ablations"): C.AblationsConfig,

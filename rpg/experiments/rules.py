@@ -13,13 +13,14 @@ import torch
 from rpg.config import Config, config_from_dict
 
 
-def run_rule(smk: Any, job: Callable[[Config], Any]) -> Any:
+def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] | None = None) -> Any:
     """Run `job(cfg)` with stdout/stderr appended to `smk.log[0]`; re-raise failures after logging them.
 
     The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them).
+    config: a validated config dict other than the workflow's (a regime of the study); default `smk.config`.
     """
     torch.set_num_threads(max(1, int(smk.threads)))
-    cfg = config_from_dict(smk.config, validated=True)  # common.smk validated and completed it
+    cfg = config_from_dict(smk.config if config is None else config, validated=True)  # validated by common.smk
     log_path = smk.log[0] if len(smk.log) else os.devnull
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
@@ -27,6 +28,26 @@ def run_rule(smk: Any, job: Callable[[Config], Any]) -> Any:
         except Exception:
             traceback.print_exc(file=log)
             raise
+
+
+# Keys added after results existed, with the value that reproduces those results: a rule's setting leaves them out
+# while they hold it, so adding a key never reruns a finished DAG (set to anything else, they are part of it).
+NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "zoo.init": "shared", "train.canonicalise": "none", "tasks.n_seen": None, "tasks.holdout_neighbours": False,
+}
+
+
+def _without_neutral(key: str, value: Any) -> Any:
+    """`value` of config key `key` without the sub-keys that hold their neutral default."""
+    if not isinstance(value, Mapping):
+        return value
+    out = {}
+    for sub, v in value.items():
+        path = f"{key}.{sub}"
+        if path in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[path]:
+            continue
+        out[sub] = _without_neutral(path, v)
+    return out
 
 
 def config_setting(config: Mapping[str, Any], *keys: str) -> str:
@@ -43,5 +64,7 @@ def config_setting(config: Mapping[str, Any], *keys: str) -> str:
             if not isinstance(value, Mapping) or part not in value:
                 raise KeyError(f"config has no key '{key}'")
             value = value[part]
-        chosen[key] = value
+        if key in NEUTRAL_DEFAULTS and value == NEUTRAL_DEFAULTS[key]:
+            continue
+        chosen[key] = _without_neutral(key, value)
     return json.dumps(chosen, sort_keys=True, default=str)

@@ -129,6 +129,13 @@ rule split:
     resources:
         mem_mb=500,
     params:
-        setting=setting("seed", "tasks.ids", "tasks.unseen", "tasks.n_val"),
+        setting=setting(
+            "seed",
+            "tasks.ids",
+            "tasks.unseen",
+            "tasks.n_val",
+            "tasks.n_seen",
+            "tasks.holdout_neighbours",
+        ),
     script:
         "../scripts/split.py"

@@ -163,3 +163,44 @@ def ablation_labels(wildcards):
 def setting(*keys):
     """params: the resolved config values a rule depends on (a change reruns it and everything downstream)."""
     return config_setting(config, *keys)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Study of regimes (rules/study.smk, issue 13): each regime's config, and which zoo it uses
+# ----------------------------------------------------------------------------------------------------------------
+from rpg.experiments.task_zoo import study as ST
+
+STUDY = f"{RES}/study"
+_REGIME_CFG = {}
+
+
+wildcard_constraints:
+    regime=r"[A-Za-z0-9_]+",
+    zookey=r"[a-z_]+_[0-9a-f]{8}",
+
+
+def regime_cfg(name):
+    if name not in _REGIME_CFG:
+        _REGIME_CFG[name] = ST.regime_config(config, name)
+    return _REGIME_CFG[name]
+
+
+def regime_index(wildcards):
+    """The regime's zoo index: the workflow's own zoo when its zoo settings are the same, else study/zoos/<key>/."""
+    key = ST.zoo_key(config, regime_cfg(wildcards.regime))
+    return ZOO_INDEX if key is None else f"{STUDY}/zoos/{key}/index.csv"
+
+
+def zoo_owner(key):
+    """The first regime whose zoo is study/zoos/<key>/ (its config builds that zoo)."""
+    for name in CFG.study.regimes:
+        if ST.zoo_key(config, regime_cfg(name)) == key:
+            return name
+    raise WorkflowError(f"no regime of study.regimes has zoo '{key}'")
+
+
+def regime_setting(*keys, zoo=False):
+    """params: the regime's config values a study rule depends on (see `setting`)."""
+    if zoo:
+        return lambda wc: config_setting(regime_cfg(zoo_owner(wc.zookey)), *keys)
+    return lambda wc: config_setting(regime_cfg(wc.regime), *keys)

@@ -65,6 +65,11 @@ class TrainingZoo:
     checkpoints: torch.Tensor  # (T * K, P), task-major
     n_checkpoints: int
     shapes: dict[str, torch.Size]
+    gauge: Callable | None = None  # the hidden-unit order of train.canonicalise (rpg.experiments.task_zoo.canonical)
+
+    def canonical(self, state_dicts: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Heads in this zoo's gauge (the same functions), so that their L2 distances to it mean something."""
+        return list(state_dicts) if self.gauge is None else self.gauge(state_dicts)
 
     @cached_property
     def mean_heads(self) -> torch.Tensor:
@@ -77,11 +82,17 @@ class TrainingZoo:
         return self.checkpoints.double()
 
 
-def load_training_zoo(zoo_dir: str | Path, split: TaskSplit, n_checkpoints: int) -> TrainingZoo:
-    """Read the checkpoints of `split.train` only (never a validation or unseen task's file)."""
+def load_training_zoo(zoo_dir: str | Path, split: TaskSplit, n_checkpoints: int,
+                      canonicalise: str = "none") -> TrainingZoo:
+    """Read the checkpoints of `split.train` only (never a validation or unseen task's file), in the hidden-unit
+    gauge `canonicalise` fitted on them (the one RPG was trained in)."""
+    from rpg.experiments.task_zoo.canonical import Gauge
+
     sds, _ = load_task_checkpoints(zoo_dir, split.train, n_checkpoints)
+    gauge = Gauge.fit(canonicalise, sds, n_checkpoints)
+    sds = gauge(sds, n_checkpoints)
     return TrainingZoo(tuple(split.train), flatten_heads(sds), n_checkpoints,
-                       {k: sds[0][k].shape for k in HEAD_KEYS})
+                       {k: sds[0][k].shape for k in HEAD_KEYS}, None if canonicalise == "none" else gauge)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The classifier zoo: one binary head per task, all trained at once from one shared initial head.
 
+(`zoo.init: per_task` starts each task from its own seeded head instead: the study of regimes, issue 13.)
+
 The head is the paper's `Linear(d, d) -> SiLU -> Linear(d, 2, bias=False)` on frozen backbone features. Every task
 starts from the *same* initial head (identical initialisation is what makes heads of similar tasks land close
 together). All tasks see the same feature rows at each step (only their labels differ), so the whole zoo is one
@@ -35,6 +37,24 @@ def initial_head(d: int, seed: int) -> dict[str, torch.Tensor]:
     """The shared initial head (PyTorch's default Linear init under `seed`)."""
     torch.manual_seed(seed)
     return {k: v.detach().clone() for k, v in make_head(d).state_dict().items()}
+
+
+INITS = ("shared", "per_task")
+# Seed of task t's own initial head (zoo.init = per_task): (seed + 1) * PER_TASK_SEED_STRIDE + t. It depends on the
+# task id only (not on which other tasks are configured) and never equals the shared head's `seed`.
+PER_TASK_SEED_STRIDE = 1_000_003
+
+
+def initial_heads(d: int, seed: int, task_ids: Sequence[int], init: str = "shared") -> dict[str, torch.Tensor]:
+    """Stacked initial heads {key: (T, ...)}: one shared head repeated (`shared`, the paper's recipe), or each task's
+    head from its own seeded init (`per_task`: heads of similar tasks then share no basin)."""
+    if init == "shared":
+        head = initial_head(d, seed)
+        return {k: v[None].repeat(len(task_ids), *[1] * v.ndim) for k, v in head.items()}
+    if init != "per_task":
+        raise ValueError(f"unknown zoo init '{init}' (expected one of {', '.join(INITS)})")
+    heads = [initial_head(d, (seed + 1) * PER_TASK_SEED_STRIDE + int(t)) for t in task_ids]
+    return {k: torch.stack([h[k] for h in heads]) for k in HEAD_KEYS}
 
 
 def head_logits(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +100,7 @@ def _head_grads(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, x: torch.T
 
 def train_heads(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Sequence[int], *, steps: int,
                 batch_size: int, lr: float, weight_decay: float, n_checkpoints: int, save_every: int, seed: int,
-                task_chunk: int = 16, progress: bool = True,
+                task_chunk: int = 16, init: str = "shared", progress: bool = True,
                 on_step: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
     """Train one head per task, vectorised over tasks.
 
@@ -93,24 +113,25 @@ def train_heads(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Se
 
     Args:
         features: (N, d) cached training features; class_labels: (N,) CIFAR-10 classes.
+        init: "shared" (every task from one initial head) or "per_task" (each from its own; `initial_heads`).
         on_step: called every 10 steps (and at the last) with the step and the mean loss over tasks.
     Returns:
         stacked checkpoints {key: (T, K, ...)} for K = n_checkpoints, saved at the last steps.
     """
     d = features.shape[1]
     n_tasks = len(task_ids)
-    init = initial_head(d, seed)
+    start = initial_heads(d, seed, task_ids, init)  # {key: (T, ...)}
     save_at = save_steps(steps, n_checkpoints, save_every)
     labels = binary_labels(class_labels, task_ids).T.to(features.device, features.dtype).contiguous()  # (N, T)
     # One shared sequence of minibatches for every task.
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [torch.randint(0, features.shape[0], (batch_size,), generator=gen) for _ in range(steps)]
     blocks = [slice(i, min(i + task_chunk, n_tasks)) for i in range(0, n_tasks, task_chunk)]
-    params = [init[k][None].repeat(n_tasks, *[1] * init[k].ndim).to(features.device) for k in HEAD_KEYS]
+    params = [start[k].to(features.device).contiguous() for k in HEAD_KEYS]
     for p in params:
         p.grad = torch.empty_like(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=features.device.type in ("cpu", "cuda"))
-    out = {k: torch.empty(n_tasks, n_checkpoints, *v.shape) for k, v in init.items()}
+    out = {k: torch.empty(n_tasks, n_checkpoints, *v.shape[1:]) for k, v in start.items()}
     bar = tqdm(total=steps, desc=f"zoo: {n_tasks} heads", disable=not progress, dynamic_ncols=True)
     for step in range(1, steps + 1):
         idx = batches[step - 1].to(features.device)
@@ -136,11 +157,15 @@ def train_heads(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Se
 
 
 def train_head_single(features: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int, lr: float,
-                      weight_decay: float, seed: int) -> dict[str, torch.Tensor]:
-    """One task at a time with an nn.Module (the reference for `train_heads`; same init, batches and maths)."""
+                      weight_decay: float, seed: int, init_state: dict[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """One task at a time with an nn.Module (the reference for `train_heads`; same init, batches and maths).
+
+    init_state: the head to start from (default: the shared initial head under `seed`).
+    """
     d = features.shape[1]
     head = make_head(d)
-    head.load_state_dict(initial_head(d, seed))
+    head.load_state_dict(initial_head(d, seed) if init_state is None else init_state)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):

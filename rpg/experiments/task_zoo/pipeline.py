@@ -27,6 +27,7 @@ from rpg.tracking import Tracker, start_tracking
 from rpg.train import process_rank, train_rpg
 from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetensors_atomic, write_csv_atomic,
                        write_json_atomic)
+from rpg.experiments.task_zoo.canonical import Gauge
 from rpg.experiments.task_zoo.baselines import (NOISE_SEED_OFFSET, TrainingZoo, baseline_heads, compose_predictions,
                                                 flatten_heads, l2_to_nearest, load_backbone_classifier,
                                                 load_training_zoo, unflatten_heads)
@@ -54,7 +55,7 @@ def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> di
     start = time.time()
     stacked = train_heads(feats["train_x"], feats["train_y"], task_ids, steps=z.steps, batch_size=z.batch_size,
                           lr=z.lr, weight_decay=z.weight_decay, n_checkpoints=z.n_checkpoints,
-                          save_every=z.save_every, seed=cfg.seed, task_chunk=z.task_chunk,
+                          save_every=z.save_every, seed=cfg.seed, task_chunk=z.task_chunk, init=z.init,
                           progress=cfg.logging.progress,
                           on_step=lambda step, loss: tracker.log({"zoo/mean_task_loss": loss}, step=step))
     train_seconds = time.time() - start
@@ -77,7 +78,8 @@ def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> di
 
 def write_split(cfg: Config, out_path: str | Path) -> TaskSplit:
     task_ids = configured_task_ids(cfg)
-    split = make_split(task_ids, cfg.tasks.unseen, cfg.tasks.n_val, cfg.seed)
+    split = make_split(task_ids, cfg.tasks.unseen, cfg.tasks.n_val, cfg.seed, n_seen=cfg.tasks.n_seen,
+                       holdout_neighbours=cfg.tasks.holdout_neighbours)
     for emb in cfg.tasks.table11:
         if embedding_to_id(emb) not in split.unseen:
             raise ValueError(f"Table 11 embedding {emb} (task {embedding_to_id(emb)}) is not an unseen task")
@@ -147,6 +149,10 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
     model_cfg = cfg.model
     k = cfg.zoo.n_checkpoints
     state_dicts, metas = load_task_checkpoints(zoo_dir, split.train, k)  # the training split only
+    if cfg.train.canonicalise != "none":  # one hidden-unit order for every head (the same functions)
+        if cfg.zoo.mode != "batched_heads":
+            raise ValueError("train.canonicalise applies to the head zoo (zoo.mode: batched_heads) only")
+        state_dicts = Gauge.fit(cfg.train.canonicalise, state_dicts, k)(state_dicts, k)
     tokenizer = Tokenizer.fit(state_dicts, model_cfg.token_size)
     tokens = torch.stack([tokenizer.tokenize(sd) for sd in state_dicts])  # (K, N, L)
     cond = embedding_bits([m["task_id"] for m in metas])  # (K, 10)
@@ -220,7 +226,8 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     out_dir = Path(out_dir)
     k = cfg.zoo.n_checkpoints
     # The baselines see the training split only, read here before any other task's file.
-    train_zoo = load_training_zoo(zoo_dir, split, k) if cfg.zoo.mode == "batched_heads" else None
+    train_zoo = (load_training_zoo(zoo_dir, split, k, cfg.train.canonicalise) if cfg.zoo.mode == "batched_heads"
+                 else None)
     classifier = load_backbone_classifier(backbone_path) if backbone_path and train_zoo is not None else None
     rows, timing = [], {}
     for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
@@ -268,7 +275,7 @@ def _score(evaluator, kind: str, state_dicts: Sequence[dict[str, torch.Tensor]],
     if train_zoo is None:
         l2 = torch.full((len(state_dicts),), float("nan"))
     else:
-        l2 = l2_to_nearest(flatten_heads(state_dicts), train_zoo, exclude_self=kind == "original")
+        l2 = l2_to_nearest(flatten_heads(train_zoo.canonical(state_dicts)), train_zoo, exclude_self=kind == "original")
     return ScoredModels(kind, task_ids, index, evaluator.predict(state_dicts), l2)
 
 

@@ -72,31 +72,59 @@ def binary_labels(class_labels: torch.Tensor, task_ids: Sequence[int]) -> torch.
 
 @dataclass(frozen=True)
 class TaskSplit:
-    """Which task ids RPG trains on, validates on (seen but held out of RPG training), and never reads (unseen)."""
+    """Which task ids RPG trains on, validates on (seen but held out of RPG training), and never reads (unseen).
+
+    `excluded` tasks are configured but in none of the three (a smaller training set, or the neighbours of unseen
+    tasks kept out of training): nothing reads them either.
+    """
 
     train: tuple[int, ...]
     val: tuple[int, ...]
     unseen: tuple[int, ...]
+    excluded: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"train": list(self.train), "val": list(self.val), "unseen": list(self.unseen)}
+        return {"train": list(self.train), "val": list(self.val), "unseen": list(self.unseen),
+                "excluded": list(self.excluded)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskSplit":
-        return cls(tuple(d["train"]), tuple(d["val"]), tuple(d["unseen"]))
+        return cls(tuple(d["train"]), tuple(d["val"]), tuple(d["unseen"]), tuple(d.get("excluded", ())))
 
 
-def make_split(task_ids: Sequence[int], unseen: Sequence[int], n_val: int, seed: int) -> TaskSplit:
-    """Unseen ids are held out; `n_val` seen ids (seeded choice) validate RPG; the rest train it."""
+def neighbours(task_ids: Iterable[int]) -> set[int]:
+    """Every valid task at Hamming distance 1 from a task of `task_ids`, and each task's bitwise complement."""
+    out = set()
+    for t in task_ids:
+        out |= {t ^ (1 << b) for b in range(N_BITS)} | {(2**N_BITS - 1) ^ t}
+    return {t for t in out if 1 <= t <= 2**N_BITS - 2}
+
+
+def make_split(task_ids: Sequence[int], unseen: Sequence[int], n_val: int, seed: int, n_seen: int | None = None,
+               holdout_neighbours: bool = False) -> TaskSplit:
+    """Unseen ids are held out; `n_val` seen ids (seeded choice) validate RPG; the rest train it.
+
+    Args:
+        n_seen: train on a seeded random subset of this many of the remaining seen ids (None = all of them).
+        holdout_neighbours: the unseen ids' Hamming-1 neighbours and complements are neither trained on nor
+            validated on (they go to `excluded`).
+    """
     task_ids = sorted(set(int(t) for t in task_ids))
     for t in task_ids:
         id_to_embedding(t)
     missing = sorted(set(unseen) - set(task_ids))
     if missing:
         raise TaskError(f"unseen task ids {missing} are not among the configured tasks")
-    seen = [t for t in task_ids if t not in set(unseen)]
+    held = set(unseen) | (neighbours(unseen) if holdout_neighbours else set())
+    seen = [t for t in task_ids if t not in held]
     if n_val >= len(seen):
         raise TaskError(f"n_val={n_val} leaves no seen task to train on ({len(seen)} seen tasks)")
     val = sorted(random.Random(seed).sample(seen, n_val))
     train = [t for t in seen if t not in set(val)]
-    return TaskSplit(tuple(train), tuple(val), tuple(sorted(set(unseen))))
+    if n_seen is not None:
+        if n_seen > len(train):
+            raise TaskError(f"n_seen={n_seen} is more than the {len(train)} seen tasks left for training")
+        # A different stream from the validation draw, so changing n_seen never changes the validation tasks.
+        train = sorted(random.Random(seed + 1).sample(train, n_seen))
+    excluded = sorted(set(task_ids) - set(train) - set(val) - set(unseen))
+    return TaskSplit(tuple(train), tuple(val), tuple(sorted(set(unseen))), tuple(excluded))

@@ -1,0 +1,193 @@
+"""The study of regimes (issue 13): what generation adds over the baselines, regime by regime.
+
+A regime is the workflow's config plus `study.common` (the study's smaller budget) plus
+`<study.regime_dir>/<name>.yaml`; it reuses the workflow's backbone and cached features (a regime may not change
+`data`, `backbone` or `seed`) and runs the same stage functions as the default DAG (`pipeline.build_zoo`,
+`write_split`, `train_conditional_rpg`, `generate_and_evaluate`, `tables.write_tables`) under
+`<results_dir>/study/<name>/`. Regimes whose zoo settings agree share one zoo: the workflow's own zoo when they equal
+its settings, else `<results_dir>/study/zoos/<key>/`. `gather_study` turns every regime's tables into one long table,
+`unseen_study.csv`: one row per regime x task group (unseen / seen) x method (originals, RPG best / mean, each
+baseline), with plain and balanced accuracy in percent, the gap to the originals, and the novelty of RPG's samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from rpg.config import deep_update, validate_config
+from rpg.experiments.task_zoo.baselines import BASELINES
+from rpg.utils import write_csv_atomic
+
+SHARED_KEYS = ("data", "backbone", "seed")  # what the regimes share with the workflow (its backbone and features)
+ZOO_KEYS = ("seed", "tasks.ids", "zoo")  # what a zoo depends on (the zoo rule's setting)
+METHODS = ("original", "original_best", "rpg_best", "rpg_mean", *BASELINES)
+NOVELTY = ("l2_novelty", "max_iou_original", "pairwise_iou")
+
+
+def _get(raw: Mapping, dotted: str):
+    value = raw
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study regime file not found: {path}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise TypeError(f"{path} must hold a mapping at the top level")
+    return loaded
+
+
+def regime_config(base: Mapping, name: str) -> dict:
+    """The validated, complete config dict of regime `name` (see the module docstring).
+
+    Args:
+        base: the workflow's validated config dict (Snakemake's `config`).
+    Raises:
+        ValueError: the regime changes a key it must share with the workflow (`SHARED_KEYS`).
+    """
+    study = base["study"]
+    if name not in study["regimes"]:
+        raise ValueError(f"unknown regime '{name}' (study.regimes: {', '.join(study['regimes'])})")
+    raw = copy.deepcopy(dict(base))
+    if study.get("common"):
+        raw = deep_update(raw, _read_yaml(study["common"]))
+    raw = deep_update(raw, _read_yaml(Path(study["regime_dir"]) / f"{name}.yaml"))
+    raw["experiment"] = f"{base['experiment']}_study_{name}"
+    raw["results_dir"] = str(Path(base["results_dir"]) / "study" / name)
+    full = validate_config(raw)
+    for key in SHARED_KEYS:
+        if _get(full, key) != _get(base, key):
+            raise ValueError(f"regime '{name}' changes '{key}': the regimes reuse the workflow's backbone and features")
+    return full
+
+
+def zoo_key(base: Mapping, regime: Mapping) -> str | None:
+    """None when the regime's zoo is the workflow's own; else the name of its zoo folder under study/zoos/:
+    `<zoo.init>_<hash of the zoo settings>`."""
+    settings = {key: _get(regime, key) for key in ZOO_KEYS}
+    if settings == {key: _get(base, key) for key in ZOO_KEYS}:
+        return None
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{regime['zoo']['init']}_{digest}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gathering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _method_rows(table: pd.DataFrame, group: str) -> list[dict]:
+    """Rows per method from the `mean` row of a table16 / seen_summary table (columns of `tables._task_rows`)."""
+    per_task = table[table.embedding.astype(str) != "mean"]
+    mean = per_task.drop(columns=["embedding", "task_id", "positive_classes", "best_baseline"]).apply(
+        pd.to_numeric, errors="coerce").mean()
+    rows = []
+    for method in METHODS:
+        col = {"original": "original", "original_best": "original_best", "rpg_best": "rpg_best",
+               "rpg_mean": "rpg_mean"}.get(method, method)
+        if f"{col}_acc" not in mean or pd.isna(mean[f"{col}_acc"]):
+            continue
+        present = per_task[f"{col}_acc"].notna()
+        row = {"group": group, "method": method, "n_tasks": int(present.sum()),
+               "accuracy": mean[f"{col}_acc"], "balanced_accuracy": mean[f"{col}_bal_acc"],
+               # against the originals of the tasks where the method exists (complement: not everywhere)
+               "minus_original": (per_task.loc[present, f"{col}_acc"] - per_task.loc[present, "original_acc"]).mean(),
+               "minus_original_bal": (per_task.loc[present, f"{col}_bal_acc"]
+                                      - per_task.loc[present, "original_bal_acc"]).mean()}
+        kind = "rpg" if method.startswith("rpg") else "original" if method == "original" else None
+        for name in NOVELTY:
+            row[name] = mean.get(f"{kind}_{name}", float("nan")) if kind else float("nan")
+        rows.append(row)
+    return rows
+
+
+def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mapping[str, Mapping] | None = None
+                 ) -> pd.DataFrame:
+    """One long table of every regime's results.
+
+    Args:
+        regimes: name -> {"table16": csv, "seen_summary": csv, "rpg_summary": json (train_conditional_rpg's)}.
+        configs: name -> the regime's config dict (adds its zoo init, canonicalisation, training tasks and steps).
+    Returns:
+        columns regime, group, method, n_tasks, accuracy, balanced_accuracy (percent, means over the group's tasks),
+        minus_original(_bal) (points), the novelty means (RPG rows: its samples; original: the zoo's own spread),
+        rpg_minus_best_baseline (per regime and group: RPG best minus the best baseline's mean accuracy), and the
+        regime's settings.
+    """
+    frames = []
+    for name, paths in regimes.items():
+        rows = (_method_rows(pd.read_csv(paths["table16"], dtype={"embedding": str}), "unseen")
+                + _method_rows(pd.read_csv(paths["seen_summary"], dtype={"embedding": str}), "seen"))
+        frame = pd.DataFrame(rows)
+        frame.insert(0, "regime", name)
+        summary = json.loads(Path(paths["rpg_summary"]).read_text())
+        frame["n_train_tasks"] = summary.get("n_train_tasks")
+        frame["rpg_steps"] = summary.get("steps")
+        frame["rpg_best_step"] = summary.get("best_step")
+        frame["val_score"] = 100 * summary["best_score"] if summary.get("best_score") is not None else float("nan")
+        frame["val_original"] = (100 * summary["val_original_accuracy"]
+                                 if summary.get("val_original_accuracy") is not None else float("nan"))
+        if configs and name in configs:
+            cfg = configs[name]
+            frame["zoo_init"] = cfg["zoo"]["init"]
+            frame["canonicalise"] = cfg["train"]["canonicalise"]
+            frame["holdout_neighbours"] = cfg["tasks"]["holdout_neighbours"]
+        for group, part in frame.groupby("group"):
+            base = part[part.method.isin(BASELINES)]
+            best = base.accuracy.max() if len(base) else float("nan")
+            rpg = part.loc[part.method == "rpg_best", "accuracy"]
+            frame.loc[frame.group == group, "rpg_minus_best_baseline"] = (
+                float(rpg.iloc[0]) - best if len(rpg) else float("nan"))
+            frame.loc[frame.group == group, "best_baseline"] = (
+                base.loc[base.accuracy.idxmax(), "method"] if len(base) else "")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True).round(3)
+
+
+def write_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mapping[str, Mapping] | None,
+                out_csv: str | Path) -> pd.DataFrame:
+    frame = gather_study(regimes, configs)
+    write_csv_atomic(out_csv, frame)
+    return frame
+
+
+def study_regimes(base: Mapping, names: Sequence[str] | None = None) -> dict[str, dict]:
+    """name -> regime config dict, for `names` (default: every regime of `study.regimes`)."""
+    return {name: regime_config(base, name) for name in (names or base["study"]["regimes"])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workflow stages (rules/study.smk): the default DAG's stage functions on a regime's config
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_stage(stage: str, cfg, inputs: Mapping[str, str], outputs: Mapping[str, str]):
+    """One stage of one regime: `zoo`, `split`, `train`, `generate` or `tables` (cfg: the regime's Config)."""
+    from rpg.experiments.task_zoo import pipeline
+    from rpg.experiments.task_zoo.tables import write_tables
+
+    zoo_dir = Path(inputs["index"]).parent if "index" in inputs else None
+    if stage == "zoo":
+        return pipeline.build_zoo(cfg, inputs["features"], Path(outputs["index"]).parent)
+    if stage == "split":
+        return pipeline.write_split(cfg, outputs["split"])
+    if stage == "train":
+        return pipeline.train_conditional_rpg(cfg, zoo_dir, inputs["split"], inputs.get("features"),
+                                              Path(outputs["best"]).parent)
+    if stage == "generate":
+        return pipeline.generate_and_evaluate(cfg, inputs["rpg"], inputs["split"], inputs.get("features"), zoo_dir,
+                                              Path(outputs["samples"]).parent, inputs.get("backbone") or None)
+    if stage == "tables":
+        return write_tables(cfg, inputs["samples"], dict(outputs))
+    raise ValueError(f"unknown study stage '{stage}'")

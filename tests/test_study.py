@@ -1,0 +1,369 @@
+"""The study of regimes (issue 13): per-task initialisation, the smaller / neighbour-free splits, canonical hidden-unit
+orders, the regime configs, the gathering of unseen_study.csv and the `unseen_study` DAG."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from rpg.config import load_config
+from rpg.experiments.rules import config_setting
+from rpg.experiments.task_zoo import study as S
+from rpg.experiments.task_zoo.baselines import BASELINES
+from rpg.experiments.task_zoo.canonical import (
+    Gauge,
+    match_permutation,
+    permute_hidden,
+    unit_features,
+)
+from rpg.experiments.task_zoo.heads import (
+    HEAD_KEYS,
+    head_logits,
+    initial_head,
+    initial_heads,
+    train_head_single,
+    train_heads,
+)
+from rpg.experiments.task_zoo.tables import seen_summary, unseen_table
+from rpg.experiments.task_zoo.tasks import (
+    ALL_TASK_IDS,
+    TaskSplit,
+    binary_labels,
+    make_split,
+    neighbours,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+D = 12
+UNSEEN = [314, 482, 589, 197, 462, 111, 101, 278, 793, 279, 653, 238, 1001, 141, 884, 592, 502, 643, 383, 128]
+
+
+def _features(n: int = 400):
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 10
+    return 2.0 * torch.randn(10, D, generator=gen)[labels] + torch.randn(n, D, generator=gen), labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# zoo.init
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_initial_heads_shared_vs_per_task():
+    shared = initial_heads(D, 3, [5, 7, 9], "shared")
+    per_task = initial_heads(D, 3, [5, 7, 9], "per_task")
+    for k in HEAD_KEYS:
+        assert torch.equal(shared[k][0], shared[k][2]) and torch.equal(shared[k][0], initial_head(D, 3)[k])
+        assert not torch.equal(per_task[k][0], per_task[k][1])
+        # a task's own head depends on its id, not on which other tasks are configured
+        assert torch.equal(per_task[k][1], initial_heads(D, 3, [7], "per_task")[k][0])
+        assert not torch.equal(per_task[k][0], shared[k][0])
+    with pytest.raises(ValueError, match="init"):
+        initial_heads(D, 3, [5], "perfect")
+
+
+def test_per_task_batched_training_equals_single_task_loop():
+    """Still one vectorised computation: task i equals train_head_single from task i's own initial head."""
+    x, y = _features()
+    tasks = [3, 512, 100]
+    kw = {"steps": 20, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.01, "seed": 7}
+    stacked = train_heads(x, y, tasks, n_checkpoints=2, save_every=3, task_chunk=2, init="per_task", progress=False,
+                          **kw)
+    starts = initial_heads(D, 7, tasks, "per_task")
+    labels = binary_labels(y, tasks)
+    for i in range(len(tasks)):
+        single = train_head_single(x, labels[i], init_state={k: v[i] for k, v in starts.items()}, **kw)
+        for k in HEAD_KEYS:
+            torch.testing.assert_close(stacked[k][i, -1], single[k], atol=1e-5, rtol=0)
+    shared = train_heads(x, y, tasks, n_checkpoints=2, save_every=3, progress=False, **kw)
+    assert not torch.allclose(shared["0.weight"][:, -1], stacked["0.weight"][:, -1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split: tasks.n_seen and tasks.holdout_neighbours
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_n_seen_draws_a_subset_and_keeps_validation():
+    full = make_split(ALL_TASK_IDS, UNSEEN, 10, seed=0)
+    small = make_split(ALL_TASK_IDS, UNSEEN, 10, seed=0, n_seen=64)
+    assert len(small.train) == 64 and set(small.train) < set(full.train)
+    assert small.val == full.val and small.unseen == full.unseen
+    assert set(small.excluded) == set(full.train) - set(small.train)
+    assert make_split(ALL_TASK_IDS, UNSEEN, 10, seed=0, n_seen=64) == small  # seeded
+    assert make_split(ALL_TASK_IDS, UNSEEN, 10, seed=1, n_seen=64).train != small.train
+    with pytest.raises(ValueError, match="n_seen"):
+        make_split(ALL_TASK_IDS, UNSEEN, 10, seed=0, n_seen=5000)
+    assert TaskSplit.from_dict(small.to_dict()) == small
+
+
+def test_holdout_neighbours_removes_one_bit_neighbours_and_complements():
+    assert neighbours([3]) == {2, 1, 7, 11, 19, 35, 67, 131, 259, 515, 1020}  # 0000000011: 10 flips (0 dropped) + ~
+    split = make_split(ALL_TASK_IDS, UNSEEN, 10, seed=0, holdout_neighbours=True)
+    kept = set(split.train) | set(split.val)
+    for u in UNSEEN:
+        for t in kept:
+            assert (u ^ t).bit_count() > 1, (u, t)
+            assert t != 1023 - u
+    default = make_split(ALL_TASK_IDS, UNSEEN, 10, seed=0)
+    assert any((u ^ t).bit_count() == 1 for u in UNSEEN for t in default.train)  # the default split has them
+    assert set(split.excluded) == neighbours(UNSEEN) - set(UNSEEN)
+    assert set(split.train) | set(split.val) | set(split.unseen) | set(split.excluded) == set(ALL_TASK_IDS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Canonical hidden-unit order
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _random_head(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"0.weight": torch.randn(D, D, generator=gen), "0.bias": torch.randn(D, generator=gen),
+            "2.weight": torch.randn(2, D, generator=gen)}
+
+
+def _logits(sd, x):
+    return head_logits({k: v[None] for k, v in sd.items()}, x)[0]
+
+
+def test_permuted_head_is_the_same_function():
+    x, _ = _features(50)
+    sd = _random_head(0)
+    perm = torch.randperm(D, generator=torch.Generator().manual_seed(1))
+    moved = permute_hidden(sd, perm)
+    assert not torch.equal(moved["0.weight"], sd["0.weight"])
+    torch.testing.assert_close(_logits(moved, x), _logits(sd, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sort", "match"])
+def test_gauge_undoes_any_permutation(method):
+    """Two hidden-unit orders of the same heads land on the same canonical weights (and the same functions)."""
+    x, _ = _features(50)
+    heads = [_random_head(s) for s in range(4)]
+    gen = torch.Generator().manual_seed(5)
+    shuffled = [permute_hidden(sd, torch.randperm(D, generator=gen)) for sd in heads]
+    gauge = Gauge.fit(method, heads)
+    a, b = gauge(heads), gauge(shuffled)
+    for sa, sb, sd in zip(a, b, heads):
+        for k in HEAD_KEYS:
+            torch.testing.assert_close(sa[k], sb[k])
+        torch.testing.assert_close(_logits(sa, x), _logits(sd, x), atol=1e-5, rtol=1e-5)
+    assert Gauge("none")(shuffled) == shuffled
+
+
+def test_match_aligns_noisy_copies_to_the_reference():
+    ref = _random_head(0)
+    gen = torch.Generator().manual_seed(3)
+    perm = torch.randperm(D, generator=gen)
+    noisy = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in permute_hidden(ref, perm).items()}
+    back = permute_hidden(noisy, match_permutation(noisy, unit_features(ref)))
+    torch.testing.assert_close(back["0.weight"], ref["0.weight"], atol=0.1, rtol=0)
+
+
+def test_gauge_groups_share_one_permutation():
+    base = _random_head(0)
+    ckpts = [base, {k: v + 1e-3 for k, v in base.items()}]  # one task's two checkpoints
+    out = Gauge("sort")(ckpts, group_size=2)
+    torch.testing.assert_close(out[1]["0.weight"] - out[0]["0.weight"], torch.full((D, D), 1e-3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: regimes and neutral defaults
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_new_keys_at_their_neutral_default_leave_rule_settings_unchanged():
+    cfg = load_config(REPO / "config" / "config.yaml").raw
+    zoo = config_setting(cfg, "seed", "zoo")
+    assert '"init"' not in zoo
+    changed = {**cfg, "zoo": {**cfg["zoo"], "init": "per_task"}}
+    assert '"init": "per_task"' in config_setting(changed, "seed", "zoo")
+    assert "n_seen" not in config_setting(cfg, "tasks.n_seen", "tasks.n_val")
+    assert "canonicalise" not in config_setting(cfg, "train")
+
+
+def test_every_regime_file_resolves(monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = load_config(REPO / "config" / "config.yaml").raw
+    regimes = S.study_regimes(base)
+    assert set(regimes) == set(base["study"]["regimes"])
+    assert S.zoo_key(base, regimes["shared_init"]) is None  # the workflow's own zoo
+    assert S.zoo_key(base, regimes["per_task_init"]) == S.zoo_key(base, regimes["per_task_init_match"])
+    assert S.zoo_key(base, regimes["per_task_init"]).startswith("per_task_")
+    assert regimes["per_task_init_sort"]["train"]["canonicalise"] == "sort"
+    assert regimes["seen64"]["tasks"]["n_seen"] == 64 and regimes["holdout_neighbours"]["tasks"]["holdout_neighbours"]
+    assert regimes["seen16"]["results_dir"].endswith("study/seen16")
+    assert regimes["seen16"]["train"]["steps"] < base["train"]["steps"]  # the study's budget (common.yaml)
+
+
+def test_regime_may_not_change_the_shared_backbone(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    base = load_config(REPO / "config" / "config.yaml").raw
+    (tmp_path / "bad.yaml").write_text("backbone: {epochs: 1}\n")
+    base = {**base, "study": {**base["study"], "regime_dir": str(tmp_path), "regimes": ["bad"]}}
+    with pytest.raises(ValueError, match="backbone"):
+        S.regime_config(base, "bad")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gathering unseen_study.csv
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _samples(offset: float) -> pd.DataFrame:
+    """samples.csv rows for 2 unseen and 2 seen tasks: originals, 2 RPG samples and every baseline."""
+    rows = []
+    for group, tasks in (("unseen", [314, 482]), ("seen", [3, 5])):
+        for i, t in enumerate(tasks):
+            acc = {"original": [0.90, 0.92], "rpg": [0.80 + offset, 0.70 + offset]}
+            acc.update({name: [0.60 + 0.01 * j] for j, name in enumerate(BASELINES)})
+            for kind, values in acc.items():
+                for k, a in enumerate(values):
+                    rows.append({"group": group, "kind": kind, "task_id": t, "embedding": format(t, "010b"),
+                                 "index": k, "accuracy": a + 0.01 * i, "balanced_accuracy": a - 0.1,
+                                 "l2_nearest_train": 1.0 if kind != "rpg" else 2.0, "max_iou_original": 0.5,
+                                 "mean_iou_same_kind": 0.4})
+    return pd.DataFrame(rows)
+
+
+def _gathered(tmp_path):
+    """Two regimes' tables from synthetic samples, gathered; returns the frame and the CSV path."""
+    paths = {}
+    for name, offset in (("a", 0.0), ("b", 0.1)):
+        samples = _samples(offset)
+        (tmp_path / name).mkdir()
+        unseen_table(samples, task_ids=[314, 482]).to_csv(tmp_path / name / "t16.csv", index=False)
+        seen_summary(samples).to_csv(tmp_path / name / "seen.csv", index=False)
+        (tmp_path / name / "s.json").write_text('{"n_train_tasks": 7, "steps": 40, "best_step": 20, '
+                                                '"best_score": 0.5, "val_original_accuracy": 0.9}')
+        paths[name] = {"table16": tmp_path / name / "t16.csv", "seen_summary": tmp_path / name / "seen.csv",
+                       "rpg_summary": tmp_path / name / "s.json"}
+    return S.write_study(paths, None, tmp_path / "study.csv"), tmp_path / "study.csv"
+
+
+def test_gather_study_summarises_every_method(tmp_path):
+    out, _ = _gathered(tmp_path)
+    assert set(out.regime) == {"a", "b"} and set(out.group) == {"unseen", "seen"}
+    assert set(out.method) == set(S.METHODS)
+
+    def get(regime, method, col="accuracy", group="unseen"):
+        row = out[(out.regime == regime) & (out.group == group) & (out.method == method)]
+        assert len(row) == 1
+        return float(row[col].iloc[0])
+
+    assert get("a", "original") == pytest.approx(91.5)  # mean over tasks (90.5, 92.5) of the originals' mean
+    assert get("a", "rpg_best") == pytest.approx(80.5) and get("a", "rpg_mean") == pytest.approx(75.5)
+    assert get("b", "rpg_best") == pytest.approx(90.5)
+    assert get("a", "rpg_best", "minus_original") == pytest.approx(-11.0)
+    assert get("a", "compose") == pytest.approx(100 * (0.60 + 0.01 * BASELINES.index("compose") + 0.005))
+    assert get("a", "rpg_best", "balanced_accuracy") == pytest.approx(70.0)  # no per-task offset
+    assert get("a", "rpg_best", "l2_novelty") == 2.0 and get("a", "original", "l2_novelty") == 1.0
+    best = 100 * (0.60 + 0.01 * (len(BASELINES) - 1) + 0.005)
+    assert get("a", "rpg_best", "rpg_minus_best_baseline") == pytest.approx(80.5 - best)
+    assert set(out[out.group == "unseen"].best_baseline) == {BASELINES[-1]}
+    assert get("a", "rpg_best", group="seen") == pytest.approx(80.5)
+    assert get("a", "rpg_best", "val_score") == 50.0
+    assert pd.read_csv(tmp_path / "study.csv").shape == out.shape
+
+
+def _kernel_available() -> bool:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return "rpg" in KernelSpecManager().find_kernel_specs()
+
+
+def test_unseen_study_notebook_committed_clean_and_executes(tmp_path):
+    import nbformat
+
+    nb = nbformat.read(REPO / "notebooks" / "unseen_study.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []) and "require_inputs" in code[1].source
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    if not _kernel_available():
+        pytest.skip("Jupyter kernel 'rpg' not installed (make install)")
+    from rpg.experiments.notebooks import execute_notebook
+
+    _, study_csv = _gathered(tmp_path)
+    execute_notebook(REPO / "notebooks" / "unseen_study.ipynb", tmp_path / "nb.ipynb",
+                     {"study_csv": str(study_csv), "out_dir": str(tmp_path / "figures")})
+    png = tmp_path / "figures" / "unseen_study.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert list(pd.read_csv(tmp_path / "figures" / "unseen_study.csv").regime) == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DAG
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_unseen_study_dry_run(tmp_path):
+    """`snakemake -n unseen_study` plans every regime's stages, one zoo per distinct zoo setting, and the notebook."""
+    snakemake = Path(sys.executable).parent / "snakemake"
+    if not snakemake.exists():
+        pytest.skip("snakemake is not installed beside this Python")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([str(snakemake), "-n", "--cores", "2", "unseen_study", "--config",
+                           f"results_dir={tmp_path / 'results'}", f"data={{root: {tmp_path}, download: true}}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    n = len(load_config(REPO / "config" / "config.yaml").study.regimes)
+    assert counts["study_train"] == n and counts["study_generate"] == n and counts["study_tables"] == n
+    assert counts["study_zoo"] == 1  # every per_task regime shares one zoo; shared_init regimes use the workflow's
+    assert counts["zoo"] == 1 and counts["notebook_unseen_study"] == 1
+    assert "rule tables:" not in proc.stdout  # the study is its own target, not part of table11
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A per-task, canonicalised regime end to end (tiny): zoo -> split -> RPG -> generate -> tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sort", "match"])
+def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, method):
+    from rpg.experiments.task_zoo.features import load_features
+    from rpg.experiments.task_zoo.study import run_stage
+    from rpg.utils import save_safetensors_atomic
+
+    x, y = _features(300)
+    feats = {"train_x": x, "train_y": y, "val_x": x[:100].clone(), "val_y": y[:100].clone(), "test_x": x[100:].clone(),
+             "test_y": y[100:].clone()}
+    save_safetensors_atomic(feats, tmp_path / "features.safetensors", {"feature_dim": D})
+    seen, unseen = [3, 5, 12, 33, 100, 255, 256, 300, 709, 744], [279, 314]
+    cfg = load_config([repo_root / "config" / "config.yaml", repo_root / "config" / "test.yaml"], overrides={
+        "results_dir": str(tmp_path / "results"),
+        "tasks": {"ids": seen + unseen, "unseen": unseen, "table11": ["0100010111"], "n_val": 2, "n_seen_eval": 2,
+                  "n_seen": 6},
+        "zoo": {"init": "per_task", "steps": 20, "batch_size": 32, "save_every": 2, "task_chunk": 4},
+        "train": {"steps": 4, "eval_every": 4, "save_every": 4, "batch_size": 4, "diffusion_batch": 16,
+                  "canonicalise": method},
+        "generate": {"samples": 2, "seen_samples": 1},
+        "logging": {"wandb": False, "progress": False},
+    })
+    inputs = {"features": str(tmp_path / "features.safetensors"), "index": str(tmp_path / "zoo" / "index.csv"),
+              "split": str(tmp_path / "split.json"), "rpg": str(tmp_path / "rpg" / "best.safetensors"),
+              "samples": str(tmp_path / "gen" / "samples.csv")}
+    run_stage("zoo", cfg, inputs, {"index": inputs["index"]})
+    split = run_stage("split", cfg, inputs, {"split": inputs["split"]})
+    assert len(split.train) == 6
+    run_stage("train", cfg, inputs, {"best": inputs["rpg"]})
+    run_stage("generate", cfg, inputs, {"samples": inputs["samples"]})
+    tables = run_stage("tables", cfg, inputs, {"table16": str(tmp_path / "t16.csv")})
+    assert (tmp_path / "t16.csv").is_file() and len(tables["table16"]) == len(unseen) + 1
+    samples = pd.read_csv(inputs["samples"])
+    # originals of training tasks are their own nearest checkpoint in the canonical gauge too: the zoo's spread is
+    # measured between *other* checkpoints, so it is > 0 and finite
+    orig = samples[(samples.kind == "original") & (samples.group == "seen")]
+    assert (orig.l2_nearest_train > 0).all() and orig.l2_nearest_train.notna().all()
+    assert load_features(inputs["features"])["test_x"].shape[0] == 200
