@@ -196,7 +196,11 @@ def test_compare_with_a_scored_subset_fewer_baselines_and_a_variant_kind():
     assert (gen.l2_nearest == 0).all()  # exact copies of collection members, scored or not
     moved = table[table.kind == "generated_bn_recomputed"]
     assert (moved.l2_nearest > 0).all()
-    row = summary_columns(table.assign(accuracy=table.accuracy))
+    known = torch.stack([predict(sds[i]) for i in scored]).to(torch.int16)  # as saved at collection
+    again, _ = compare_with_collection(sds, sds[:3], predict, labels, seed=0, scored=scored, n_baseline=2,
+                                       variants={"generated_bn_recomputed": variant}, scored_preds=known)
+    assert again.equals(table)
+    row = summary_columns(table)
     assert "generated_bn_recomputed_avg" in row and "generated_bn_recomputed_l2_nearest" in row
 
 

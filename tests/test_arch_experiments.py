@@ -81,6 +81,12 @@ def test_train_collection_from_given_weights_at_a_constant_rate_scores_every_kth
     assert table["step"].tolist() == [1, 2, 3, 4, 5] and table["scored"].tolist() == [True, False, True, False, True]
     assert table["test_accuracy"].isna().tolist() == [False, True, False, True, False]
     assert ("test_accuracy" in read_safetensors_metadata(tmp_path / "03.safetensors")) is False
+    assert sorted(p.name for p in tmp_path.glob("*.predictions.safetensors")) == [
+        "00.predictions.safetensors", "02.predictions.safetensors", "04.predictions.safetensors"]
+    last = model_from_metadata(read_safetensors_metadata(tmp_path / "04.safetensors"),
+                               load_safetensors(tmp_path / "04.safetensors")[0])
+    saved = load_safetensors(tmp_path / "04.predictions.safetensors")[0]["test"]
+    assert torch.equal(saved.long(), ImageEvaluator(images[:16], labels[:16]).predict(last))
     first = load_safetensors(tmp_path / "00.safetensors")[0]
     assert torch.allclose(first["features.0.weight"], start["features.0.weight"], atol=1e-6)  # lr ~0: barely moved
 

@@ -63,7 +63,7 @@ def compare_with_collection(collection: Sequence[StateDict], generated: Sequence
                             labels: torch.Tensor, seed: int, *, scored: Sequence[int] | None = None,
                             n_baseline: int | None = None,
                             variants: Mapping[str, Sequence[StateDict]] | None = None,
-                            ) -> tuple[pd.DataFrame, dict[str, float]]:
+                            scored_preds: torch.Tensor | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
     """Rows for the originals, the generated models and `n_baseline` (default `len(generated)`) models of each
     baseline, and the settings the baselines were drawn with (noise norm, number averaged).
 
@@ -72,10 +72,12 @@ def compare_with_collection(collection: Sequence[StateDict], generated: Sequence
         max_iou; l2_nearest is always against the whole collection (an original's: against all the others).
     variants: further kinds of models scored like the generated ones (e.g. the generated models with their
         BatchNorm statistics recomputed), kind -> state dicts.
+    scored_preds: (len(scored), N) the scored checkpoints' predictions, when already known (saved at collection).
     """
     points, gen_points = flatten(collection), flatten(generated)
     scored = list(range(len(collection))) if scored is None else list(scored)
-    ref_preds = torch.stack([predict(collection[i]) for i in scored])
+    ref_preds = (torch.stack([predict(collection[i]) for i in scored]) if scored_preds is None
+                 else scored_preds.long())
     gen_preds = torch.stack([predict(sd) for sd in generated])
     if len(scored) == len(collection):
         originals = model_rows("original", points, ref_preds, points, ref_preds, labels, of_reference=True)

@@ -5,7 +5,8 @@ then a collection phase at that constant rate in which a checkpoint is saved eve
 `n_checkpoints` in all — the paper's "save 50 checkpoints during the last epoch". With `init_state` (e.g. the
 default profile's trained backbone, `recipe.init_from: backbone`) and `epochs: 0` there is no main phase: training
 continues from those weights at the constant rate `collect_lr_ratio·lr`, the paper's own recipe. Every
-`score_every`-th checkpoint (counted back from the last, which is always scored) is scored by the evaluators.
+`score_every`-th checkpoint (counted back from the last, which is always scored) is scored by the evaluators, and
+its predicted classes are saved beside it (``{k:02d}.predictions.safetensors``).
 Augmentation is the backbone's (flips + 2 px shifts on uint8).
 """
 
@@ -78,8 +79,13 @@ def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, 
             return
         k = (done - main_steps) // recipe.save_every - 1
         scored = is_scored(k, recipe.n_checkpoints, recipe.score_every)
-        scores = {f"{name}_accuracy": ev.accuracy(model) for name, ev in evaluators.items()} if scored else {}
+        scores, preds = {}, {}
+        for name, ev in evaluators.items() if scored else ():
+            preds[name] = ev.predict(model)  # kept beside the checkpoint: generation reuses them (mistake overlap)
+            scores[f"{name}_accuracy"] = float((preds[name] == ev.labels).float().mean())
         path = out_dir / checkpoint_name(k)
+        if preds:
+            save_safetensors_atomic({n: p.to(torch.int16) for n, p in preds.items()}, out_dir / predictions_name(k), {"step": str(done)})
         state = {key: v.detach().cpu().contiguous() for key, v in model.state_dict().items()}
         save_safetensors_atomic(state, path, {**meta_arch, "run": run, "step": done, "seed": seed, **scores})
         rows.append({"file": path.name, "run": run, "index": k, "step": done, "scored": scored, **scores})
@@ -100,6 +106,11 @@ def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, 
 def is_scored(index: int, n_checkpoints: int, score_every: int) -> bool:
     """Whether checkpoint `index` of `n_checkpoints` is scored: every `score_every`-th, counted back from the last."""
     return (n_checkpoints - 1 - index) % score_every == 0
+
+
+def predictions_name(index: int) -> str:
+    """File of a scored checkpoint's predicted classes, one int16 tensor per evaluator (e.g. "test")."""
+    return f"{index:02d}.predictions.safetensors"
 
 
 def checkpoint_name(index: int) -> str:

@@ -29,7 +29,7 @@ import torch
 from rpg.vision.architectures import build_model, count_parameters
 from rpg.checkpoint import load_rpg
 from rpg.experiments.arch_study.baselines import compare_with_collection, summary_columns
-from rpg.experiments.arch_study.collect import collection_files, train_collection
+from rpg.experiments.arch_study.collect import collection_files, predictions_name, train_collection
 from rpg.vision.evaluate import ImageEvaluator, has_batchnorm, recompute_batchnorm_statistics
 from rpg.config import CollectConfig, Config, ModelConfig, TrainConfig, config_to_yaml, paper_size, resolve_model_config
 from rpg.data import load_cifar10, split_train_val
@@ -275,9 +275,13 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     n_bn = cfg.architectures.bn_recompute_images
     if n_bn > 0 and has_batchnorm(template):
         variants["generated_bn_recomputed"] = bn_recomputed(template, sds, data, n_bn, seed=cfg.seed + 37)
+    pred_files = [files[i].with_name(predictions_name(int(files[i].stem))) for i in scored]
+    scored_preds = (torch.stack([load_safetensors(f)[0]["test"] for f in pred_files])
+                    if all(f.is_file() for f in pred_files) else None)
     table, baseline_settings = compare_with_collection(
         [load_safetensors(f)[0] for f in files], sds, data.test.state_dict_predictor(template), data.test.labels,
-        seed=cfg.seed + 31, scored=scored, n_baseline=cfg.architectures.baseline_samples, variants=variants)
+        seed=cfg.seed + 31, scored=scored, n_baseline=cfg.architectures.baseline_samples, variants=variants,
+        scored_preds=scored_preds)
     table = _with_sources(table, [files[i] for i in scored], models_dir)
     table["architecture"], table["variant"] = name, variant_id
     write_json_atomic(Path(out_dir) / "summary.json", {
