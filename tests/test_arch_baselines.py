@@ -215,7 +215,9 @@ def test_recomputed_batchnorm_statistics_are_the_data_average():
     net[2].running_var.fill_(9.0)
     weights = net[1].weight.clone()
     images = torch.randint(0, 256, (64, 3, 2, 2), dtype=torch.uint8)
-    prepare = lambda x: x.float() / 255  # noqa: E731
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255
+
     recompute_batchnorm_statistics(net, images, prepare, batch_size=64)
     feats = net[1](net[0](prepare(images))).detach()
     assert torch.allclose(net[2].running_mean, feats.mean(0), atol=1e-5)
