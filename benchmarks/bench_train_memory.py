@@ -28,6 +28,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,13 +45,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    default=[10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000],
                    help="generated parameter counts")
     p.add_argument("--size", default="cpu_tiny", help="RPG preset (rpg.config.RPG_MODELS), fixed for all sizes")
-    p.add_argument("--token-size", type=int, default=None, help="override the preset's token size")
+    p.add_argument("--token-size", default=None,
+                   help="override the preset's token size: an integer, or 'paper' = the token size of the paper's "
+                        "preset for each size (Table 15: 256 below 50K parameters, 4096 below 10M, 8192 below 50M, "
+                        "then 16384), the rest of --size unchanged")
+    p.add_argument("--gen-steps", type=int, default=0,
+                   help="also time the generation of one model with DDIM-N (0: off); seconds per generated model at "
+                        "DDIM-50 are extrapolated from it (the prototype pass is once per model, the denoiser runs "
+                        "once per step over all tokens)")
     p.add_argument("--checkpoints", type=int, default=4, help="synthetic checkpoints (permutation-state rows)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="checkpoints per step (raised where fewer tokens than --diffusion-batch); the recurrent "
                         "model runs over all their tokens (the default profile uses 16 on 66 tokens; 1 keeps 10M "
                         "params = 39K tokens of 256 feasible on a CPU)")
     p.add_argument("--diffusion-batch", type=int, default=256, help="tokens per step through the denoiser")
+    p.add_argument("--diffusion-positions", type=int, default=None,
+                   help="instead of --diffusion-batch: parameters (token positions) per step through the denoiser, "
+                        "so the diffusion batch in tokens shrinks as the token size grows (its memory stays fixed)")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only, as rpg.train does)")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="off",
@@ -76,7 +87,8 @@ def synthetic_checkpoints(n_params: int, k: int, seed: int) -> list[dict[str, to
 def run_size(job: dict[str, Any]) -> dict[str, Any]:
     """Build data + fixed RPG + AdamW for one size, then time the steps and measure their peak memory."""
     from rpg.diffusion import GaussianDiffusion
-    from rpg.config import resolve_model_config
+    from rpg.config import RPG_MODELS, DiffusionConfig, paper_size, resolve_model_config
+    from rpg.generate import sample_models
     from rpg.model import RPG
     from rpg.tokenize import Tokenizer
     from rpg.train import DiffusionObjective, _param_groups
@@ -87,14 +99,18 @@ def run_size(job: dict[str, Any]) -> dict[str, Any]:
     rss_start = rss_mb()
     section = {"size": job["size"], "condition": "none", "permutation_state": True,
                "checkpoint_activations": job["checkpoint_activations"]}
-    if job["token_size"]:
-        section["token_size"] = job["token_size"]
+    if job["token_size"] == "paper":
+        section["token_size"] = RPG_MODELS[paper_size(job["n_params"])]["token_size"]
+    elif job["token_size"]:
+        section["token_size"] = int(job["token_size"])
     cfg = resolve_model_config(section)
     sds = synthetic_checkpoints(job["n_params"], job["checkpoints"], job["seed"])
     tokenizer = Tokenizer.fit(sds, cfg.token_size)
     tokens = torch.stack([tokenizer.tokenize(sd) for sd in sds]).to(device)  # (K, N, L)
     del sds
     k, n, length = tokens.shape
+    if job.get("diffusion_positions"):
+        job = {**job, "diffusion_batch": max(1, job["diffusion_positions"] // length)}
     # The denoiser must always see exactly `diffusion_batch` tokens: small models get more checkpoints per step.
     batch_size = max(job["batch_size"], math.ceil(job["diffusion_batch"] / n))
     model = RPG(cfg, tokenizer.layer_index, tokenizer.token_index, n_permutation_states=k).to(device)
@@ -128,12 +144,24 @@ def run_size(job: dict[str, Any]) -> dict[str, Any]:
     n_gen = sum(p.numel() for p in model.parameters())
     result = {"n_params": tokenizer.n_params, "n_tokens": n, "token_size": length,
               "batch_size": batch_size, "tokens_through_recurrent_per_step": batch_size * n,
+              "diffusion_batch": job["diffusion_batch"],
               "step_s": step_s, "step_cpu_s": step_cpu_s,
               "train_peak_mb": peak - rss_before if peak_reset else float("nan"), "process_peak_mb": peak,
               "rss_before_steps_mb": rss_before, "rss_at_start_mb": rss_start,
               "data_mb": tokens.numel() * tokens.element_size() / 2**20, "generator_params": n_gen}
     if device.type == "cuda":
         result["cuda_train_peak_mb"] = (torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20
+    if job.get("gen_steps"):
+        del optimizer, objective
+        diffusion_cfg = DiffusionConfig(sampler="ddim", sample_steps=job["gen_steps"])
+        synchronize(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            sample_models(model, tokenizer, diffusion_cfg, 1, seed=job["seed"], mode="partial", tokens_per_call=256)
+        synchronize(device)
+        gen_s, gen_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        result.update(gen_ddim_steps=job["gen_steps"], gen_s=gen_s, gen_cpu_s=gen_cpu_s,
+                      gen_s_per_model_ddim50_est=gen_s * 50 / job["gen_steps"])
     return result
 
 
@@ -154,8 +182,10 @@ def measure_sizes(args: argparse.Namespace, job_base: dict[str, Any]) -> list[di
             raise RuntimeError(f"size {n_params} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append({"row": "size", "checkpoint_activations": job_base["checkpoint_activations"], **res})
-        print(f"  {res['n_params']:>10} params, {res['n_tokens']} tokens: step {res['step_s']:.3f} s, "
-              f"train peak {res['train_peak_mb']:.0f} MB", flush=True)
+        gen = (f", 1 model DDIM-{res['gen_ddim_steps']} {res['gen_s']:.1f} s (DDIM-50 ~"
+               f"{res['gen_s_per_model_ddim50_est']:.0f} s)" if "gen_s" in res else "")
+        print(f"  {res['n_params']:>10} params, {res['n_tokens']} tokens of {res['token_size']}: step "
+              f"{res['step_s']:.3f} s, train peak {res['train_peak_mb']:.0f} MB{gen}", flush=True)
 
     on_cuda = args.device.startswith("cuda")
     mem_key = "cuda_train_peak_mb" if on_cuda else "train_peak_mb"

@@ -252,6 +252,8 @@ class CollectConfig:
     translate: int = 2
     flip: bool = True
     amp: str = "none"  # none | bf16 | auto
+    init_from: str | None = None  # None: train from scratch | "backbone": continue from the backbone rule's weights
+    score_every: int = 1  # score every k-th checkpoint (counted back from the last) on the test set
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,8 @@ class ArchitecturesConfig:
     samples: int = 10
     threads: int = 1
     val_images: int = 2000
+    bn_recompute_images: int = 0  # > 0: also score generated BatchNorm nets with running stats recomputed on these
+    baseline_samples: int | None = None  # models per baseline (None: as many as `samples`)
     ablations: AblationsConfig = field(default_factory=AblationsConfig)
 
 

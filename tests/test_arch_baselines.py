@@ -173,3 +173,53 @@ def test_samples_csv_and_table_row_carry_baselines_novelty_and_the_training_budg
     best_baseline = max(row[f"{k}_avg"] for k in BASELINES)
     assert row["generated_minus_best_baseline"] == pytest.approx(row["generated_avg"] - best_baseline)
     assert summary_columns(table)["original_max_iou"] == pytest.approx(orig.max_iou.mean())
+
+
+def test_compare_with_a_scored_subset_fewer_baselines_and_a_variant_kind():
+    """Only the scored checkpoints are original rows (their l2_nearest against all the others, their max IoU
+    against the other scored ones); baselines drawn n_baseline times; a variant kind is scored like the samples."""
+    sds = _collection(10)
+    predict = _Predictor()
+    labels = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(5))
+    scored = [4, 9]
+    variant = [{k: v + 0.05 if k.endswith("running_mean") else v for k, v in sd.items()} for sd in sds[:3]]
+    table, _ = compare_with_collection(sds, sds[:3], predict, labels, seed=0, scored=scored, n_baseline=2,
+                                       variants={"generated_bn_recomputed": variant})
+    counts = table.kind.value_counts().to_dict()
+    assert counts == {"original": 2, "generated": 3, "generated_bn_recomputed": 3, **{k: 2 for k in BASELINES}}
+    orig = table[table.kind == "original"]
+    assert orig["index"].tolist() == scored
+    points = flatten(sds).double()
+    own = (torch.cdist(points, points) + torch.diag(torch.full((10,), float("inf")))).min(1).values[scored]
+    assert torch.allclose(torch.tensor(orig.l2_nearest.to_numpy()).double(), own, rtol=1e-4)
+    gen = table[table.kind == "generated"]
+    assert (gen.l2_nearest == 0).all()  # exact copies of collection members, scored or not
+    moved = table[table.kind == "generated_bn_recomputed"]
+    assert (moved.l2_nearest > 0).all()
+    known = torch.stack([predict(sds[i]) for i in scored]).to(torch.int16)  # as saved at collection
+    again, _ = compare_with_collection(sds, sds[:3], predict, labels, seed=0, scored=scored, n_baseline=2,
+                                       variants={"generated_bn_recomputed": variant}, scored_preds=known)
+    assert again.equals(table)
+    row = summary_columns(table)
+    assert "generated_bn_recomputed_avg" in row and "generated_bn_recomputed_l2_nearest" in row
+
+
+def test_recomputed_batchnorm_statistics_are_the_data_average():
+    """recompute_batchnorm_statistics: running mean / var become the (unbiased) statistics of the images' features
+    before the BN layer, whatever the generated values were; weights untouched; the mode is given back."""
+    from rpg.vision.evaluate import recompute_batchnorm_statistics
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5)).eval()
+    net[2].running_mean.fill_(3.0)
+    net[2].running_var.fill_(9.0)
+    weights = net[1].weight.clone()
+    images = torch.randint(0, 256, (64, 3, 2, 2), dtype=torch.uint8)
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255
+
+    recompute_batchnorm_statistics(net, images, prepare, batch_size=64)
+    feats = net[1](net[0](prepare(images))).detach()
+    assert torch.allclose(net[2].running_mean, feats.mean(0), atol=1e-5)
+    assert torch.allclose(net[2].running_var, feats.var(0, unbiased=True), atol=1e-4)
+    assert torch.equal(net[1].weight, weights) and not net.training and net[2].momentum == 0.1

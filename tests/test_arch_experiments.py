@@ -65,6 +65,44 @@ def test_train_collection_saves_scored_checkpoints_deterministically(tmp_path):
     assert (tmp_path / "a" / "collection.csv").is_file()
 
 
+def test_train_collection_from_given_weights_at_a_constant_rate_scores_every_kth(tmp_path):
+    """init_state with epochs 0 (collect.init_from: backbone): no main phase, training continues from the given
+    weights; with score_every 2 only the last checkpoint and every 2nd before it carry a test accuracy."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    torch.manual_seed(11)
+    start = build_model("rpg_cnn_s").state_dict()
+    recipe = CollectConfig(epochs=0, batch_size=32, n_checkpoints=5, save_every=1, lr=1e-9, collect_lr_ratio=1.0,
+                           score_every=2, init_from="backbone")
+    table = train_collection(images, labels, out_dir=tmp_path, arch="rpg_cnn_s", model_kwargs={}, recipe=recipe,
+                             seed=3, evaluators={"test": ImageEvaluator(images[:16], labels[:16])},
+                             progress=False, init_state=start)
+    assert table["step"].tolist() == [1, 2, 3, 4, 5] and table["scored"].tolist() == [True, False, True, False, True]
+    assert table["test_accuracy"].isna().tolist() == [False, True, False, True, False]
+    assert ("test_accuracy" in read_safetensors_metadata(tmp_path / "03.safetensors")) is False
+    assert sorted(p.name for p in tmp_path.glob("*.predictions.safetensors")) == [
+        "00.predictions.safetensors", "02.predictions.safetensors", "04.predictions.safetensors"]
+    last = model_from_metadata(read_safetensors_metadata(tmp_path / "04.safetensors"),
+                               load_safetensors(tmp_path / "04.safetensors")[0])
+    saved = load_safetensors(tmp_path / "04.predictions.safetensors")[0]["test"]
+    assert torch.equal(saved.long(), ImageEvaluator(images[:16], labels[:16]).predict(last))
+    first = load_safetensors(tmp_path / "00.safetensors")[0]
+    assert torch.allclose(first["features.0.weight"], start["features.0.weight"], atol=1e-6)  # lr ~0: barely moved
+
+
+def test_collect_run_refuses_a_backbone_of_another_shape(tmp_path):
+    from rpg.utils import save_safetensors_atomic
+
+    save_safetensors_atomic(build_model("rpg_cnn_m").state_dict(), tmp_path / "bb.safetensors", {})
+    cfg = config_from_dict({"architectures": {"models": {"v": {"arch": "rpg_cnn_s",
+                                                               "collect": {"init_from": "backbone", "epochs": 0}}}}})
+    with pytest.raises(ValueError, match="does not fit architecture 'v'"):
+        ax.collect_run(cfg, "v", 0, tmp_path / "out", init_file=tmp_path / "bb.safetensors")
+    with pytest.raises(ValueError, match="pass the backbone"):
+        ax.collect_run(cfg, "v", 0, tmp_path / "out")
+
+
 def test_variant_names_round_trip_and_reject_garbage():
     v = ax.Variant("lstm", "learnable", False, 10, 64)
     assert v.id == "lstm-learnable-noperm-runs10-tok64" and ax.Variant.parse(v.id) == v

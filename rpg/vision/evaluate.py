@@ -77,3 +77,30 @@ class ImageEvaluator:
             return self.predict(model)
 
         return predict_classes
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recompute_batchnorm_statistics(model: nn.Module, images: torch.Tensor,
+                                   prepare: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 500) -> None:
+    """Replace every BatchNorm layer's running mean / variance by their plain average over uint8 `images`
+    (N, 3, H, W), un-augmented, in training mode without gradients; the weights are not touched.
+
+    The alternative to generating the statistics: they are a function of the weights and the data, so a generated
+    network can have them measured instead (the "BN recalibration" of weight-generation papers).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    for start in range(0, len(images), batch_size):
+        model(prepare(images[start:start + batch_size]))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)

@@ -121,6 +121,13 @@ def collection_runs(wildcards):
     return [f"{ARCH_RES}/collections/{wildcards.arch}/run{r}" for r in range(runs)]
 
 
+def collect_init(wildcards):
+    """The backbone rule's weights for an architecture collected with collect.init_from: backbone (else none)."""
+    if AX.arch_spec(CFG, wildcards.arch).recipe.init_from == "backbone":
+        return [out("backbone", "backbone.safetensors")]
+    return []
+
+
 def collect_setting(wildcards):
     """What a collection depends on (a change re-trains it): architecture, data split and recipe."""
     spec = AX.arch_spec(CFG, wildcards.arch)

@@ -11,6 +11,7 @@ wildcard_constraints:
 rule collect_checkpoints:
     input:
         cifar10_input,
+        init=collect_init,
     output:
         collection=directory(f"{ARCH_RES}/collections/{{arch}}/run{{run}}"),
     log:

@@ -6,6 +6,8 @@ Baselines, each sampled as many times as the generator was and scored by the sam
              mean distance to their nearest collection checkpoint (same novelty as the generator's samples)
   average16  the average of 16 random collection checkpoints (all of them when there are fewer)
   gaussian   an independent Gaussian per parameter with the collection's mean and std
+Beside the generated models, `generated_bn_recomputed`: the same samples with their BatchNorm running statistics
+recomputed on training images instead of generated (when `architectures.bn_recompute_images` > 0).
 Novelty of every model (generated, baseline, and each original against the *other* originals):
   l2_nearest  L2 distance to the nearest collection checkpoint (for originals: their own nearest-neighbour distance)
   max_iou     maximum IoU of its misclassified test images against any collection checkpoint's
@@ -26,6 +28,7 @@ from rpg.weightspace import flatten, gaussian_samples, nearest_distance, noise_a
 StateDict = Mapping[str, torch.Tensor]
 Predictor = Callable[[StateDict], torch.Tensor]  # state dict -> predicted classes (N,)
 BASELINES = ("noise", "average16", "gaussian")
+VARIANTS = ("generated_bn_recomputed",)  # generated models changed after sampling (scored beside them)
 AVERAGE_OF = 16
 
 
@@ -38,7 +41,8 @@ def baseline_points(points: torch.Tensor, n: int, novelty: float, seed: int) -> 
 
 
 def model_rows(kind: str, points: torch.Tensor, preds: torch.Tensor, reference: torch.Tensor,
-               reference_preds: torch.Tensor, labels: torch.Tensor, of_reference: bool = False) -> pd.DataFrame:
+               reference_preds: torch.Tensor, labels: torch.Tensor, of_reference: bool = False,
+               index: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per model: kind, index, accuracy, l2_nearest, max_iou (against the reference = the collection).
 
     With of_reference the models are the collection itself and each is compared with the others (NaN for a
@@ -47,7 +51,7 @@ def model_rows(kind: str, points: torch.Tensor, preds: torch.Tensor, reference: 
     lonely = of_reference and len(reference) < 2
     nan = torch.full((len(points),), float("nan"))
     return pd.DataFrame({
-        "kind": kind, "index": range(len(points)),
+        "kind": kind, "index": range(len(points)) if index is None else list(index),
         "accuracy": (preds == labels).float().mean(1).numpy(),
         "l2_nearest": (nan if lonely else nearest_distance(points, reference, exclude_self=of_reference)).numpy(),
         "max_iou": (nan if lonely else max_iou_to_reference(preds, reference_preds, labels,
@@ -56,19 +60,39 @@ def model_rows(kind: str, points: torch.Tensor, preds: torch.Tensor, reference: 
 
 
 def compare_with_collection(collection: Sequence[StateDict], generated: Sequence[StateDict], predict: Predictor,
-                            labels: torch.Tensor, seed: int) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Rows for the originals, the generated models and `len(generated)` models of each baseline, and the settings
-    the baselines were drawn with (noise norm, number averaged).
+                            labels: torch.Tensor, seed: int, *, scored: Sequence[int] | None = None,
+                            n_baseline: int | None = None,
+                            variants: Mapping[str, Sequence[StateDict]] | None = None,
+                            scored_preds: torch.Tensor | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Rows for the originals, the generated models and `n_baseline` (default `len(generated)`) models of each
+    baseline, and the settings the baselines were drawn with (noise norm, number averaged).
 
     The noise norm is the generated models' mean `l2_nearest`, so `noise` has their novelty by construction.
+    scored: the collection checkpoints that are evaluated (default all): the "original" rows and the reference of
+        max_iou; l2_nearest is always against the whole collection (an original's: against all the others).
+    variants: further kinds of models scored like the generated ones (e.g. the generated models with their
+        BatchNorm statistics recomputed), kind -> state dicts.
+    scored_preds: (len(scored), N) the scored checkpoints' predictions, when already known (saved at collection).
     """
     points, gen_points = flatten(collection), flatten(generated)
-    ref_preds = torch.stack([predict(sd) for sd in collection])
+    scored = list(range(len(collection))) if scored is None else list(scored)
+    ref_preds = (torch.stack([predict(collection[i]) for i in scored]) if scored_preds is None
+                 else scored_preds.long())
     gen_preds = torch.stack([predict(sd) for sd in generated])
-    frames = [model_rows("original", points, ref_preds, points, ref_preds, labels, of_reference=True),
-              model_rows("generated", gen_points, gen_preds, points, ref_preds, labels)]
+    if len(scored) == len(collection):
+        originals = model_rows("original", points, ref_preds, points, ref_preds, labels, of_reference=True)
+    else:  # nearest other checkpoint among all; mistakes against the other scored ones
+        originals = model_rows("original", points[scored], ref_preds, points[scored], ref_preds, labels,
+                               of_reference=True, index=scored)
+        if len(collection) > 1:
+            originals["l2_nearest"] = nearest_distance(points, points, exclude_self=True)[scored].numpy()
+    frames = [originals, model_rows("generated", gen_points, gen_preds, points, ref_preds, labels)]
+    for kind, models in (variants or {}).items():
+        preds = torch.stack([predict(sd) for sd in models])
+        frames.append(model_rows(kind, flatten(models), preds, points, ref_preds, labels))
     novelty = float(frames[1]["l2_nearest"].mean())
-    for kind, kind_points in baseline_points(points, len(generated), novelty, seed).items():
+    n = len(generated) if n_baseline is None else n_baseline
+    for kind, kind_points in baseline_points(points, n, novelty, seed).items():
         models = [unflatten(p, collection[0]) for p in kind_points]
         # back from the state dicts: a clipped running_var is what was scored, so it is what is measured
         kind_points = flatten(models)
@@ -87,11 +111,11 @@ def summary_columns(samples: pd.DataFrame) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     by_kind = {kind: part for kind, part in samples.groupby("kind")}
-    for kind in ("generated", *BASELINES):
+    for kind in ("generated", *VARIANTS, *BASELINES):
         part = by_kind.get(kind)
         if part is None:
             continue
-        if kind in BASELINES:
+        if kind != "generated":
             acc = part["accuracy"] * 100
             out.update({f"{kind}_best": acc.max(), f"{kind}_avg": acc.mean(), f"{kind}_min": acc.min()})
         out.update({f"{kind}_l2_nearest": part["l2_nearest"].mean(), f"{kind}_max_iou": part["max_iou"].mean()})

@@ -2,8 +2,12 @@
 
 Recipe: `epochs` of SGD-Nesterov (or AdamW) with a linear warm-up and a linear decay to ``collect_lr_ratio·lr``,
 then a collection phase at that constant rate in which a checkpoint is saved every `save_every` steps,
-`n_checkpoints` in all — the paper's "save 50 checkpoints during the last epoch". Every checkpoint is scored on the
-held-out validation images and on the test set. Augmentation is the backbone's (flips + 2 px shifts on uint8).
+`n_checkpoints` in all — the paper's "save 50 checkpoints during the last epoch". With `init_state` (e.g. the
+default profile's trained backbone, `recipe.init_from: backbone`) and `epochs: 0` there is no main phase: training
+continues from those weights at the constant rate `collect_lr_ratio·lr`, the paper's own recipe. Every
+`score_every`-th checkpoint (counted back from the last, which is always scored) is scored by the evaluators, and
+its predicted classes are saved beside it (``{k:02d}.predictions.safetensors``).
+Augmentation is the backbone's (flips + 2 px shifts on uint8).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, 
                      model_kwargs: Mapping[str, Any], recipe: CollectConfig, seed: int, out_dir: str | Path,
                      evaluators: Mapping[str, ImageEvaluator], img_size: int = 32, pretrained: bool = False,
                      pretrained_file: str | None = None, device: torch.device | str = "cpu", run: int = 0,
-                     progress: bool = True) -> pd.DataFrame:
+                     progress: bool = True, init_state: Mapping[str, torch.Tensor] | None = None) -> pd.DataFrame:
     """Train one run of `arch` and save `recipe.n_checkpoints` checkpoints from its last part.
 
     Files: ``out_dir/{k:02d}.safetensors`` (weights + `architecture_metadata` + run, step, accuracies) and
@@ -50,6 +54,7 @@ def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, 
         train_images, train_labels: uint8 (N, 3, 32, 32) and int64 (N,) images to train on.
         evaluators: name -> ImageEvaluator; each checkpoint gets a ``<name>_accuracy`` column (e.g. val, test).
         seed: seeds initialisation, data order and augmentation.
+        init_state: weights to start from (loaded strictly, over any pretrained weights).
     Returns:
         the collection table.
     """
@@ -57,7 +62,10 @@ def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, 
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model = build_model(arch, model_kwargs, pretrained=pretrained, pretrained_file=pretrained_file).to(dev)
+    model = build_model(arch, model_kwargs, pretrained=pretrained, pretrained_file=pretrained_file)
+    if init_state is not None:
+        model.load_state_dict(dict(init_state), strict=True)
+    model = model.to(dev)
     opt = make_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     steps_per_epoch = max(1, len(train_images) // recipe.batch_size)
     main_steps = recipe.epochs * steps_per_epoch
@@ -70,11 +78,17 @@ def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, 
         if done <= main_steps or (done - main_steps) % recipe.save_every:
             return
         k = (done - main_steps) // recipe.save_every - 1
-        scores = {f"{name}_accuracy": ev.accuracy(model) for name, ev in evaluators.items()}
+        scored = is_scored(k, recipe.n_checkpoints, recipe.score_every)
+        scores, preds = {}, {}
+        for name, ev in evaluators.items() if scored else ():
+            preds[name] = ev.predict(model)  # kept beside the checkpoint: generation reuses them (mistake overlap)
+            scores[f"{name}_accuracy"] = float((preds[name] == ev.labels).float().mean())
         path = out_dir / checkpoint_name(k)
+        if preds:
+            save_safetensors_atomic({n: p.to(torch.int16) for n, p in preds.items()}, out_dir / predictions_name(k), {"step": str(done)})
         state = {key: v.detach().cpu().contiguous() for key, v in model.state_dict().items()}
         save_safetensors_atomic(state, path, {**meta_arch, "run": run, "step": done, "seed": seed, **scores})
-        rows.append({"file": path.name, "run": run, "index": k, "step": done, **scores})
+        rows.append({"file": path.name, "run": run, "index": k, "step": done, "scored": scored, **scores})
 
     t0 = time.perf_counter()
     train_classifier(model, train_images, train_labels, steps=total, batch_size=recipe.batch_size, optimizer=opt,
@@ -87,6 +101,16 @@ def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, 
     table["n_params"] = count_parameters(model)
     write_csv_atomic(out_dir / "collection.csv", table)
     return table
+
+
+def is_scored(index: int, n_checkpoints: int, score_every: int) -> bool:
+    """Whether checkpoint `index` of `n_checkpoints` is scored: every `score_every`-th, counted back from the last."""
+    return (n_checkpoints - 1 - index) % score_every == 0
+
+
+def predictions_name(index: int) -> str:
+    """File of a scored checkpoint's predicted classes, one int16 tensor per evaluator (e.g. "test")."""
+    return f"{index:02d}.predictions.safetensors"
 
 
 def checkpoint_name(index: int) -> str:

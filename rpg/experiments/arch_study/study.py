@@ -29,8 +29,8 @@ import torch
 from rpg.vision.architectures import build_model, count_parameters
 from rpg.checkpoint import load_rpg
 from rpg.experiments.arch_study.baselines import compare_with_collection, summary_columns
-from rpg.experiments.arch_study.collect import collection_files, train_collection
-from rpg.vision.evaluate import ImageEvaluator
+from rpg.experiments.arch_study.collect import collection_files, predictions_name, train_collection
+from rpg.vision.evaluate import ImageEvaluator, has_batchnorm, recompute_batchnorm_statistics
 from rpg.config import CollectConfig, Config, ModelConfig, TrainConfig, config_to_yaml, paper_size, resolve_model_config
 from rpg.data import load_cifar10, split_train_val
 from rpg.tracking import start_tracking
@@ -180,16 +180,30 @@ def run_seed(cfg: Config, run: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def collect_run(cfg: Config, name: str, run: int, out_dir: str | Path) -> pd.DataFrame:
-    """Train run `run` of architecture `name` and save its checkpoint collection to `out_dir`."""
+def collect_run(cfg: Config, name: str, run: int, out_dir: str | Path,
+                init_file: str | Path | None = None) -> pd.DataFrame:
+    """Train run `run` of architecture `name` and save its checkpoint collection to `out_dir`.
+
+    init_file: the backbone rule's weights, for an architecture collected with ``collect.init_from: backbone``.
+    """
     spec = arch_spec(cfg, name)
     device = resolve_device(cfg.device)
+    init_state = None
+    if spec.recipe.init_from == "backbone":
+        if init_file is None:
+            raise ValueError(f"architecture '{name}' is collected from the backbone (collect.init_from: backbone): "
+                             "pass the backbone rule's weights")
+        init_state = load_safetensors(init_file)[0]
+        template = build_model(spec.arch, spec.model_kwargs).state_dict()
+        if {k: tuple(v.shape) for k, v in template.items()} != {k: tuple(v.shape) for k, v in init_state.items()}:
+            raise ValueError(f"the backbone {init_file} does not fit architecture '{name}' ({spec.arch} with "
+                             f"{spec.model_kwargs}): set its arch / model_kwargs to backbone.arch and its feature_dim")
     data = load_image_data(cfg, spec.img_size, device)
     return train_collection(data.train_images, data.train_labels, arch=spec.arch, model_kwargs=spec.model_kwargs,
                             recipe=spec.recipe, seed=run_seed(cfg, run), out_dir=out_dir,
                             evaluators={"test": data.test}, img_size=spec.img_size, pretrained=spec.pretrained,
                             pretrained_file=spec.pretrained_file, device=device, run=run,
-                            progress=cfg.logging.progress)
+                            progress=cfg.logging.progress, init_state=init_state)
 
 
 def _collection(spec: ArchSpec, run_dirs: Sequence[str | Path], runs: int) -> list[Path]:
@@ -255,14 +269,24 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     for i, sd in enumerate(sds):
         save_safetensors_atomic(sd, models_dir / f"{i:02d}.safetensors",
                                 {**arch_meta, "generator": str(rpg_path), "sample": i})
+    # the checkpoints scored on the test set when collected (collect.score_every): the "original" rows
+    scored = [i for i, f in enumerate(files) if "test_accuracy" in read_safetensors_metadata(f)]
+    variants = {}
+    n_bn = cfg.architectures.bn_recompute_images
+    if n_bn > 0 and has_batchnorm(template):
+        variants["generated_bn_recomputed"] = bn_recomputed(template, sds, data, n_bn, seed=cfg.seed + 37)
+    pred_files = [files[i].with_name(predictions_name(int(files[i].stem))) for i in scored]
+    scored_preds = (torch.stack([load_safetensors(f)[0]["test"] for f in pred_files])
+                    if all(f.is_file() for f in pred_files) else None)
     table, baseline_settings = compare_with_collection(
         [load_safetensors(f)[0] for f in files], sds, data.test.state_dict_predictor(template), data.test.labels,
-        seed=cfg.seed + 31)
-    table = _with_sources(table, files, models_dir)
+        seed=cfg.seed + 31, scored=scored, n_baseline=cfg.architectures.baseline_samples, variants=variants,
+        scored_preds=scored_preds)
+    table = _with_sources(table, [files[i] for i in scored], models_dir)
     table["architecture"], table["variant"] = name, variant_id
     write_json_atomic(Path(out_dir) / "summary.json", {
         "training": read_json(Path(rpg_path).parent / "summary.json"), "seconds_per_model": gen_seconds,
-        "baselines": baseline_settings,
+        "baselines": baseline_settings, "bn_recompute_images": n_bn if variants else 0,
         "sampler": diffusion_cfg.sampler,
         "sample_steps": diffusion_cfg.sample_steps if diffusion_cfg.sampler == "ddim" else diffusion_cfg.timesteps,
         "mode": cfg.generate.mode, "peak_rss_mb": peak_rss_mb(), "rpg_step": meta.get("step")})
@@ -270,9 +294,22 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     return table
 
 
+def bn_recomputed(template: torch.nn.Module, state_dicts: Sequence[dict[str, torch.Tensor]], data: ImageData,
+                  n_images: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The state dicts with their BatchNorm running statistics recomputed on `n_images` random training images."""
+    pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(seed))[:n_images]
+    images, out = data.train_images[pick], []
+    for sd in state_dicts:
+        template.load_state_dict(dict(sd), strict=True)
+        recompute_batchnorm_statistics(template, images, data.test.prepare)
+        out.append({k: v.detach().cpu().clone() for k, v in template.state_dict().items()})
+    return out
+
+
 def _with_sources(table: pd.DataFrame, files: Sequence[Path], models_dir: Path) -> pd.DataFrame:
     """Add run and file to the rows of `compare_with_collection`; an original's accuracy is the one measured when
-    it was collected (its metadata; the same evaluator), baselines have no file (run -1)."""
+    it was collected (its metadata; the same evaluator), baselines have no file (run -1). `files`: the scored
+    originals, in the order of their rows."""
     table = table.copy()
     table["run"], table["file"] = -1, ""
     orig = (table.kind == "original").to_numpy()
