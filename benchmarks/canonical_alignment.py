@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from rpg.experiments.task_zoo.canonical import CANONICALISE, alignment_report
+from rpg.experiments.task_zoo.alignment import alignment_report
+from rpg.experiments.task_zoo.canonical import CANONICALISE
 from rpg.experiments.task_zoo.features import load_features
 from rpg.experiments.task_zoo.heads import HeadEvaluator
 from rpg.experiments.task_zoo.pipeline import read_split
