@@ -476,19 +476,24 @@ def config_from_dict(raw: Mapping, *, validated: bool = False) -> Config:
     )
 
 
+def read_config_file(path: str | Path) -> dict:
+    """One YAML config file as a mapping (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(paths: str | Path | Iterable[str | Path], overrides: Mapping | None = None) -> Config:
     """Read YAML file(s) (later ones override earlier ones), apply `overrides`, validate, return a Config."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     merged: dict = {}
     for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        merged = deep_update(merged, loaded)
+        merged = deep_update(merged, read_config_file(path))
     if overrides:
         merged = deep_update(merged, overrides)
     return config_from_dict(merged)

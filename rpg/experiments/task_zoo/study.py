@@ -19,9 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from rpg.config import deep_update, validate_config
+from rpg.config import deep_update, read_config_file, validate_config
 from rpg.experiments.task_zoo.baselines import BASELINES
 from rpg.utils import write_csv_atomic
 
@@ -38,16 +37,6 @@ def _get(raw: Mapping, dotted: str):
     return value
 
 
-def _read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study regime file not found: {path}")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise TypeError(f"{path} must hold a mapping at the top level")
-    return loaded
-
-
 def regime_config(base: Mapping, name: str) -> dict:
     """The validated, complete config dict of regime `name` (see the module docstring).
 
@@ -61,8 +50,8 @@ def regime_config(base: Mapping, name: str) -> dict:
         raise ValueError(f"unknown regime '{name}' (study.regimes: {', '.join(study['regimes'])})")
     raw = copy.deepcopy(dict(base))
     if study.get("common"):
-        raw = deep_update(raw, _read_yaml(study["common"]))
-    raw = deep_update(raw, _read_yaml(Path(study["regime_dir"]) / f"{name}.yaml"))
+        raw = deep_update(raw, read_config_file(study["common"]))
+    raw = deep_update(raw, read_config_file(Path(study["regime_dir"]) / f"{name}.yaml"))
     raw["experiment"] = f"{base['experiment']}_study_{name}"
     raw["results_dir"] = str(Path(base["results_dir"]) / "study" / name)
     full = validate_config(raw)
