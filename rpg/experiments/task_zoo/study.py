@@ -149,6 +149,7 @@ def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mappi
             frame["zoo_init"] = cfg["zoo"]["init"]
             frame["canonicalise"] = cfg["train"]["canonicalise"]
             frame["holdout_neighbours"] = cfg["tasks"]["holdout_neighbours"]
+            frame["domains"] = ",".join(cfg["domains"]["names"])  # empty: the plain images only
         for group, part in frame.groupby("group"):
             base = part[part.method.isin(BASELINES)]
             best = base.accuracy.max() if len(base) else float("nan")
