@@ -224,11 +224,24 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class DomainsConfig:
+    """Tasks that are (class set, image domain) pairs (the study's `domains` regime, issue 13; see
+    `rpg.experiments.task_zoo.domains`). names = () is the 1022-task zoo of one domain (the plain images)."""
+
+    names: tuple[str, ...] = ()
+    class_sets: int = 256
+    train_images: int = 10000
+    val_images: int = 2000
+    test_images: int = 5000
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """The study of regimes (issue 13): which regime files, where, and the overrides every regime shares."""
 
     regimes: tuple[str, ...] = ("shared_init", "per_task_init", "per_task_init_sort", "per_task_init_match", "seen16",
-                                "seen64", "seen256", "seen64_per_task", "holdout_neighbours")
+                                "seen64", "seen256", "seen64_per_task", "holdout_neighbours", "domains",
+                                "domains_1200")
     regime_dir: str = "config/experiments/regimes"
     common: str | None = "config/experiments/regimes/common.yaml"
 
@@ -319,11 +332,16 @@ class Config:
     table13: Table13Config = field(default_factory=Table13Config)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model(self) -> ModelConfig:
-        return resolve_model_config(self.rpg)
+        """The generator's config; with domain tasks its condition is the 10 class-set bits + a one-hot domain."""
+        model = resolve_model_config(self.rpg)
+        if self.domains.names and model.condition == "task":
+            model = dataclasses.replace(model, condition_dim=10 + len(self.domains.names))
+        return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,6 +490,7 @@ def config_from_dict(raw: Mapping, *, validated: bool = False) -> Config:
         table13=_section(Table13Config, full["table13"]),
         analysis=_section(AnalysisConfig, full["analysis"]),
         study=_section(StudyConfig, full["study"]),
+        domains=_section(DomainsConfig, full["domains"]),
         raw=full,
     )
 

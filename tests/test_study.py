@@ -320,7 +320,8 @@ def test_unseen_study_dry_run(tmp_path):
             counts[parts[0]] = int(parts[1])
     n = len(load_config(REPO / "config" / "config.yaml").study.regimes)
     assert counts["study_train"] == n and counts["study_generate"] == n and counts["study_tables"] == n
-    assert counts["study_zoo"] == 1  # every per_task regime shares one zoo; shared_init regimes use the workflow's
+    # every per_task regime shares one zoo, both domains regimes another; shared_init regimes use the workflow's
+    assert counts["study_zoo"] == 2 and counts["study_domain_features"] == 1
     assert counts["zoo"] == 1 and counts["notebook_unseen_study"] == 1
     assert "rule tables:" not in proc.stdout  # the study is its own target, not part of table11
 

@@ -184,6 +184,7 @@ _REGIME_CFG = {}
 wildcard_constraints:
     regime=r"[A-Za-z0-9_]+",
     zookey=r"[a-z_]+_[0-9a-f]{8}",
+    fkey=r"[0-9a-f]{8}",
 
 
 def regime_cfg(name):
@@ -204,6 +205,28 @@ def zoo_owner(key):
         if ST.zoo_key(config, regime_cfg(name)) == key:
             return name
     raise WorkflowError(f"no regime of study.regimes has zoo '{key}'")
+
+
+def features_of(regime):
+    """The features a regime's heads are trained and scored on: the workflow's, or its domain features."""
+    key = ST.domain_features_key(regime_cfg(regime))
+    return FEATURES if key is None else f"{STUDY}/domain_features/{key}/features.safetensors"
+
+
+def regime_features(wildcards):
+    return features_of(wildcards.regime)
+
+
+def zoo_features(wildcards):
+    return features_of(zoo_owner(wildcards.zookey))
+
+
+def features_owner(key):
+    """The first regime whose domain features are study/domain_features/<key>/."""
+    for name in CFG.study.regimes:
+        if ST.domain_features_key(regime_cfg(name)) == key:
+            return name
+    raise WorkflowError(f"no regime of study.regimes has domain features '{key}'")
 
 
 def regime_setting(*keys, zoo=False):

@@ -3,9 +3,35 @@
 # backbone and features and running the default DAG's stage functions under <results_dir>/study/<regime>/.
 
 
+rule study_domain_features:
+    input:
+        features=FEATURES,  # domain 0 (identity) is read from here, and the image split is checked against it
+        backbone=out("backbone", "backbone.safetensors"),
+        images=cifar10_input,
+    output:
+        features=f"{STUDY}/domain_features/{{fkey}}/features.safetensors",
+    log:
+        f"{RES}/logs/study/domain_features_{{fkey}}.log",
+    benchmark:
+        f"{RES}/benchmarks/rules/study/domain_features_{{fkey}}.tsv"
+    conda:
+        "../envs/rpg.yaml"
+    threads: CFG.threads
+    resources:
+        mem_mb=6000,
+    params:
+        stage="features",
+        regime=lambda wc: features_owner(wc.fkey),
+        setting=lambda wc: config_setting(
+            regime_cfg(features_owner(wc.fkey)), "seed", "data", "backbone", "domains"
+        ),
+    script:
+        "../scripts/study_stage.py"
+
+
 rule study_zoo:
     input:
-        features=FEATURES,
+        features=zoo_features,
     output:
         checkpoints=directory(f"{STUDY}/zoos/{{zookey}}/checkpoints"),
         index=f"{STUDY}/zoos/{{zookey}}/index.csv",
@@ -22,7 +48,7 @@ rule study_zoo:
     params:
         stage="zoo",
         regime=lambda wc: zoo_owner(wc.zookey),
-        setting=regime_setting("seed", "tasks.ids", "zoo", zoo=True),
+        setting=regime_setting("seed", "tasks.ids", "zoo", "domains", zoo=True),
     script:
         "../scripts/study_stage.py"
 
@@ -47,6 +73,7 @@ rule study_split:
             "tasks.n_val",
             "tasks.n_seen",
             "tasks.holdout_neighbours",
+            "domains",
         ),
     script:
         "../scripts/study_stage.py"
@@ -54,7 +81,7 @@ rule study_split:
 
 rule study_train:
     input:
-        features=FEATURES,
+        features=regime_features,
         index=regime_index,
         split=rules.study_split.output.split,
     output:
@@ -79,7 +106,7 @@ rule study_train:
 
 rule study_generate:
     input:
-        features=FEATURES,
+        features=regime_features,
         index=regime_index,
         split=rules.study_split.output.split,
         rpg=rules.study_train.output.best,
@@ -101,7 +128,7 @@ rule study_generate:
         stage="generate",
         regime=lambda wc: wc.regime,
         setting=regime_setting(
-            "seed", "rpg", "diffusion", "generate", "train.canonicalise", "tasks"
+            "seed", "rpg", "diffusion", "generate", "train.canonicalise", "tasks", "domains"
         ),
     script:
         "../scripts/study_stage.py"

@@ -16,6 +16,11 @@ Head baselines, for any target task (flattened heads in `HEAD_KEYS` order):
 Function-space baseline, `compose`: no per-task weights at all; the backbone's own 10-class classifier on the cached
 features, p(positive) = sum of its softmax over the task's positive classes (every task is a union of classes).
 
+Domain tasks (`rpg.experiments.task_zoo.domains`): every head baseline is built per domain, from that domain's
+training tasks only (the class-set bits as above; a head is only meaningful on the features it was trained on), so
+with one domain each is exactly the definition above; `compose` applies the clean 10-class head to each task's
+domain features (the classifier a fixed backbone offers: it has never seen a shifted domain).
+
 Novelty: L2 distance of a head to the nearest training checkpoint (for a checkpoint of the training split itself,
 the nearest *other* one: the zoo's own spread).
 """
@@ -30,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, load_task_checkpoints
-from rpg.experiments.task_zoo.tasks import N_BITS, TaskSplit, embedding_bits
+from rpg.experiments.task_zoo.tasks import N_BITS, TaskSplit, domain_task_id, embedding_bits, split_task_id, task_domains
 from rpg.utils import load_safetensors
 
 HEAD_BASELINES = ("affine", "nearest", "complement", "mean", "noise")
@@ -70,6 +75,13 @@ class TrainingZoo:
     def canonical(self, state_dicts: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Heads in this zoo's gauge (the same functions), so that their L2 distances to it mean something."""
         return list(state_dicts) if self.gauge is None else self.gauge(state_dicts)
+
+    def restrict(self, keep: Sequence[int]) -> "TrainingZoo":
+        """The zoo of the training tasks at positions `keep` (e.g. one domain's)."""
+        rows = torch.as_tensor(list(keep), dtype=torch.long)
+        ckpts = self.checkpoints.view(len(self.task_ids), self.n_checkpoints, -1)[rows].reshape(-1, self.checkpoints.shape[1])
+        return TrainingZoo(tuple(self.task_ids[i] for i in rows.tolist()), ckpts, self.n_checkpoints, self.shapes,
+                           self.gauge)
 
     @cached_property
     def mean_heads(self) -> torch.Tensor:
@@ -130,8 +142,10 @@ def complement_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
     row = {t: i for i, t in enumerate(zoo.task_ids)}
     heads = torch.full((len(targets), zoo.checkpoints.shape[1]), float("nan"))
     for i, t in enumerate(targets):
-        if ALL_BITS - t in row:
-            sd = unflatten_heads(zoo.mean_heads[row[ALL_BITS - t]][None], zoo.shapes)[0]
+        class_set, domain = split_task_id(t)
+        complement = domain_task_id(ALL_BITS - class_set, domain)  # the complement class set, same domain
+        if complement in row:
+            sd = unflatten_heads(zoo.mean_heads[row[complement]][None], zoo.shapes)[0]
             heads[i] = flatten_heads([{**sd, "2.weight": sd["2.weight"].flip(0)}])[0]
     return heads
 
@@ -153,7 +167,29 @@ def noise_heads(zoo: TrainingZoo, targets: Sequence[int], l2: float, seed: int) 
 
 
 def baseline_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int) -> dict[str, torch.Tensor]:
-    """Every head baseline for `targets`: {name: (n, P)}, NaN rows where a baseline does not exist."""
+    """Every head baseline for `targets`: {name: (n, P)}, NaN rows where a baseline does not exist.
+
+    Domain tasks: each target's baselines come from its own domain's training tasks (`_single_domain_baselines`);
+    a domain without training tasks gets NaN rows.
+    """
+    zoo_domains, target_domains = task_domains(zoo.task_ids), task_domains(targets)
+    if not bool((zoo_domains > 0).any() or (target_domains > 0).any()):  # one domain: the plain images
+        return _single_domain_baselines(zoo, targets, noise_l2, seed)
+    out = {name: torch.full((len(targets), zoo.checkpoints.shape[1]), float("nan")) for name in HEAD_BASELINES}
+    for d in target_domains.unique().tolist():
+        rows = (target_domains == d).nonzero().flatten()
+        keep = (zoo_domains == d).nonzero().flatten().tolist()
+        if not keep:
+            continue
+        part = _single_domain_baselines(zoo.restrict(keep), [targets[i] for i in rows.tolist()], noise_l2,
+                                        seed + 7919 * d)
+        for name, heads in part.items():
+            out[name][rows] = heads
+    return out
+
+
+def _single_domain_baselines(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int
+                             ) -> dict[str, torch.Tensor]:
     makers: dict[str, Callable[[], torch.Tensor]] = {
         "affine": lambda: affine_heads(zoo, targets), "nearest": lambda: nearest_heads(zoo, targets),
         "complement": lambda: complement_heads(zoo, targets), "mean": lambda: mean_heads(zoo, targets),
@@ -183,10 +219,14 @@ def compose_predictions(classifier: dict[str, torch.Tensor], features: torch.Ten
     """Binary predictions with no per-task weights: positive iff the softmax mass on the positive classes > 1/2.
 
     The cached features average an image and its mirror; the classifier is linear, so this equals averaging the
-    two logit vectors. Shapes: features (N, d) -> (T, N) long.
+    two logit vectors. Domain tasks: features (D, N, d), each task on its own domain's features.
+    Shapes: features (N, d) or (D, N, d) -> (T, N) long.
     """
-    probs = torch.softmax(features.float() @ classifier["weight"].T + classifier["bias"], dim=-1)  # (N, 10)
-    p_pos = embedding_bits(task_ids) @ probs.T  # (T, N)
+    probs = torch.softmax(features.float() @ classifier["weight"].T + classifier["bias"], dim=-1)  # ([D,] N, 10)
+    bits = embedding_bits(task_ids)  # (T, 10)
+    if probs.ndim == 2:
+        return (bits @ probs.T > 0.5).long()  # (T, N)
+    p_pos = torch.einsum("tc,tnc->tn", bits, probs[task_domains(task_ids)])  # (T, N)
     return (p_pos > 0.5).long()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +93,9 @@ def _timm_features(model: torch.nn.Module, images: torch.Tensor, img_size: int, 
     return torch.cat(out)
 
 
-def cache_features(cfg: Config, backbone_path: str | Path, out_path: str | Path) -> dict:
-    """Extract features of the train / val / test images with the frozen backbone and save them."""
-    device = resolve_device(cfg.device)
-    data = load_cifar10(cfg.data.root, download=cfg.data.download)
+def backbone_feature_fn(cfg: Config, backbone_path: str | Path, device: torch.device
+                        ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 images (N, 3, 32, 32) -> (N, d) features of the frozen backbone, as the cached features are made."""
     model, meta = load_backbone(backbone_path)
 
     def feats(images: torch.Tensor) -> torch.Tensor:
@@ -105,6 +105,14 @@ def cache_features(cfg: Config, backbone_path: str | Path, out_path: str | Path)
 
         return extract_features(model, images, device=str(device), flip_average=cfg.backbone.flip_average)
 
+    return feats
+
+
+def cache_features(cfg: Config, backbone_path: str | Path, out_path: str | Path) -> dict:
+    """Extract features of the train / val / test images with the frozen backbone and save them."""
+    device = resolve_device(cfg.device)
+    data = load_cifar10(cfg.data.root, download=cfg.data.download)
+    feats = backbone_feature_fn(cfg, backbone_path, device)
     start = time.time()
     train_idx, val_idx = split_train_val(data, cfg.data.val_images, cfg.seed)
     tensors = {

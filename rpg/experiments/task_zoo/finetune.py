@@ -143,7 +143,9 @@ class ModelEvaluator:
         self.model = build_task_model(cfg, pretrained=False).to(self.device)
         self.pipe = task_preprocess(cfg, self.model, self.device)
 
-    def predict(self, state_dicts: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def predict(self, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids: Sequence[int] | None = None
+                ) -> torch.Tensor:
+        """task_ids: unused (every task sees the same images; `DomainHeadEvaluator` needs them)."""
         preds = []
         for sd in state_dicts:
             self.model.load_state_dict(sd)

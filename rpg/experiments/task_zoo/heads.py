@@ -225,7 +225,9 @@ class HeadEvaluator:
     def __init__(self, features: torch.Tensor, class_labels: torch.Tensor):
         self.features, self.classes = features, class_labels
 
-    def predict(self, state_dicts: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def predict(self, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids: Sequence[int] | None = None
+                ) -> torch.Tensor:
+        """task_ids: unused (every task sees the same features; `domains.DomainHeadEvaluator` needs them)."""
         return predict(stack_state_dicts(state_dicts), self.features)  # (T, N)
 
 

@@ -20,8 +20,8 @@ from rpg.config import Config
 from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
-from rpg.experiments.task_zoo.tasks import (ALL_TASK_IDS, TaskSplit, binary_labels, embedding_bits, embedding_to_id,
-                                            id_to_embedding, make_split)
+from rpg.experiments.task_zoo.tasks import (ALL_TASK_IDS, TaskSplit, binary_labels, embedding_to_id, id_to_embedding,
+                                            make_split, task_condition, task_domains)
 from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker, start_tracking
 from rpg.train import process_rank, train_rpg
@@ -37,7 +37,26 @@ from rpg.vision.similarity import max_iou_to_reference, misclassified_iou
 
 
 def configured_task_ids(cfg: Config) -> list[int]:
+    """The zoo's task ids: tasks.ids, or with `domains.names` every (class set, domain) pair of `domains`."""
+    if cfg.domains.names:
+        from rpg.experiments.task_zoo.domains import domain_task_ids
+
+        return domain_task_ids(cfg)
     return list(ALL_TASK_IDS) if cfg.tasks.ids == "all" else sorted(set(cfg.tasks.ids))
+
+
+def unseen_task_ids(cfg: Config) -> list[int]:
+    """tasks.unseen, or with `domains.names` the held-out (class set, domain) pairs (`domains.unseen_tasks`)."""
+    if cfg.domains.names:
+        from rpg.experiments.task_zoo.domains import unseen_tasks
+
+        return unseen_tasks(cfg.tasks.unseen, len(cfg.domains.names))
+    return list(cfg.tasks.unseen)
+
+
+def condition(cfg: Config, task_ids: Sequence[int]) -> torch.Tensor:
+    """RPG's condition for these tasks: the class-set bits (+ the one-hot domain). Shapes: -> (T, condition_dim)."""
+    return task_condition(task_ids, len(cfg.domains.names))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -46,25 +65,38 @@ def configured_task_ids(cfg: Config) -> list[int]:
 
 
 def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> dict:
-    """Train every task's head (batched), evaluate its checkpoints on the test set, write the zoo dataset."""
+    """Train every task's head (batched), evaluate its checkpoints on the test set, write the zoo dataset.
+
+    Domain tasks (features (D, N, d)): each domain's tasks train together on that domain's features, from the same
+    initial head(s) and minibatch indices as every other domain.
+    """
     feats = load_features(features_path)
     task_ids = configured_task_ids(cfg)
     z = cfg.zoo
     tracker = start_tracking(cfg.logging, name=f"{cfg.experiment}-zoo", group=cfg.experiment, job_type="zoo",
                              config=cfg.raw, directory=Path(cfg.results_dir) / "wandb")
     start = time.time()
-    stacked = train_heads(feats["train_x"], feats["train_y"], task_ids, steps=z.steps, batch_size=z.batch_size,
-                          lr=z.lr, weight_decay=z.weight_decay, n_checkpoints=z.n_checkpoints,
-                          save_every=z.save_every, seed=cfg.seed, task_chunk=z.task_chunk, init=z.init,
-                          progress=cfg.logging.progress,
-                          on_step=lambda step, loss: tracker.log({"zoo/mean_task_loss": loss}, step=step))
-    train_seconds = time.time() - start
+    per_domain = feats["train_x"].ndim == 3
+    domains = task_domains(task_ids) if per_domain else torch.zeros(len(task_ids), dtype=torch.long)
+    stacked: dict[str, torch.Tensor] = {}
     metrics = {"accuracy": torch.empty(len(task_ids), z.n_checkpoints),
                "balanced_accuracy": torch.empty(len(task_ids), z.n_checkpoints)}
-    for k in range(z.n_checkpoints):
-        m = evaluate_heads({key: v[:, k] for key, v in stacked.items()}, task_ids, feats["test_x"], feats["test_y"])
-        for key in metrics:
-            metrics[key][:, k] = m[key]
+    for d in domains.unique().tolist():
+        rows = (domains == d).nonzero().flatten()
+        ids = [task_ids[i] for i in rows.tolist()]
+        train_x, test_x = (feats["train_x"][d], feats["test_x"][d]) if per_domain else (feats["train_x"], feats["test_x"])
+        part = train_heads(train_x, feats["train_y"], ids, steps=z.steps, batch_size=z.batch_size,
+                           lr=z.lr, weight_decay=z.weight_decay, n_checkpoints=z.n_checkpoints,
+                           save_every=z.save_every, seed=cfg.seed, task_chunk=z.task_chunk, init=z.init,
+                           progress=cfg.logging.progress,
+                           on_step=lambda step, loss: tracker.log({"zoo/mean_task_loss": loss}, step=step))
+        for key, v in part.items():
+            stacked.setdefault(key, torch.empty(len(task_ids), *v.shape[1:]))[rows] = v
+        for k in range(z.n_checkpoints):
+            m = evaluate_heads({key: v[:, k] for key, v in part.items()}, ids, test_x, feats["test_y"])
+            for key in metrics:
+                metrics[key][rows, k] = m[key]
+    train_seconds = time.time() - start
     index = save_zoo(zoo_dir, stacked, task_ids, metrics, steps=save_steps(z.steps, z.n_checkpoints, z.save_every),
                      feature_dim=int(feats["train_x"].shape[1]), backbone=cfg.backbone.arch)
     summary = {"n_tasks": len(task_ids), "n_checkpoints": len(index), "train_seconds": train_seconds,
@@ -78,7 +110,7 @@ def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> di
 
 def write_split(cfg: Config, out_path: str | Path) -> TaskSplit:
     task_ids = configured_task_ids(cfg)
-    split = make_split(task_ids, cfg.tasks.unseen, cfg.tasks.n_val, cfg.seed, n_seen=cfg.tasks.n_seen,
+    split = make_split(task_ids, unseen_task_ids(cfg), cfg.tasks.n_val, cfg.seed, n_seen=cfg.tasks.n_seen,
                        holdout_neighbours=cfg.tasks.holdout_neighbours)
     for emb in cfg.tasks.table11:
         if embedding_to_id(emb) not in split.unseen:
@@ -103,18 +135,22 @@ def make_evaluator(cfg: Config, features_path: str | Path | None, split: str):
 
         return ModelEvaluator(cfg, split)
     feats = load_features(features_path)
+    if feats[f"{split}_x"].ndim == 3:  # domain tasks: (D, N, d)
+        from rpg.experiments.task_zoo.domains import DomainHeadEvaluator
+
+        return DomainHeadEvaluator(feats[f"{split}_x"], feats[f"{split}_y"])
     return HeadEvaluator(feats[f"{split}_x"], feats[f"{split}_y"])
 
 
 def evaluate(evaluator, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids: Sequence[int]) -> dict:
     """{"accuracy": (T,), "balanced_accuracy": (T,), "per_class": (T, 10)} of model i on task task_ids[i]."""
-    return task_metrics(evaluator.predict(state_dicts), evaluator.classes, task_ids)
+    return task_metrics(evaluator.predict(state_dicts, task_ids), evaluator.classes, task_ids)
 
 
 def generate_models(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequence[int], n_samples: int,
                     seed: int) -> list[dict[str, torch.Tensor]]:
     """`n_samples` generated state dicts per task, task-major."""
-    bits = embedding_bits(task_ids).repeat_interleave(n_samples, dim=0)  # (T*S, 10)
+    bits = condition(cfg, task_ids).repeat_interleave(n_samples, dim=0)  # (T*S, condition_dim)
     return sample_models(model, tokenizer, cfg.diffusion, len(bits), seed=seed, cond=bits, mode=cfg.generate.mode,
                          tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16)
 
@@ -155,7 +191,7 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
         state_dicts = Gauge.fit(cfg.train.canonicalise, state_dicts, k)(state_dicts, k)
     tokenizer = Tokenizer.fit(state_dicts, model_cfg.token_size)
     tokens = torch.stack([tokenizer.tokenize(sd) for sd in state_dicts])  # (K, N, L)
-    cond = embedding_bits([m["task_id"] for m in metas])  # (K, 10)
+    cond = condition(cfg, [m["task_id"] for m in metas])  # (K, condition_dim)
     del state_dicts
 
     validate, orig = None, torch.empty(0)
@@ -276,7 +312,7 @@ def _score(evaluator, kind: str, state_dicts: Sequence[dict[str, torch.Tensor]],
         l2 = torch.full((len(state_dicts),), float("nan"))
     else:
         l2 = l2_to_nearest(flatten_heads(train_zoo.canonical(state_dicts)), train_zoo, exclude_self=kind == "original")
-    return ScoredModels(kind, task_ids, index, evaluator.predict(state_dicts), l2)
+    return ScoredModels(kind, task_ids, index, evaluator.predict(state_dicts, task_ids), l2)
 
 
 def _score_flat(evaluator, kind: str, flat: torch.Tensor, task_ids: Sequence[int],

@@ -21,11 +21,12 @@ from pathlib import Path
 import pandas as pd
 
 from rpg.config import deep_update, read_config_file, validate_config
+from rpg.experiments.rules import NEUTRAL_DEFAULTS
 from rpg.experiments.task_zoo.baselines import BASELINES
 from rpg.utils import write_csv_atomic
 
 SHARED_KEYS = ("data", "backbone", "seed")  # what the regimes share with the workflow (its backbone and features)
-ZOO_KEYS = ("seed", "tasks.ids", "zoo")  # what a zoo depends on (the zoo rule's setting)
+ZOO_KEYS = ("seed", "tasks.ids", "zoo", "domains")  # what a zoo depends on (the zoo rule's setting)
 METHODS = ("original", "original_best", "rpg_best", "rpg_mean", *BASELINES)
 NOVELTY = ("l2_novelty", "max_iou_original", "pairwise_iou")
 
@@ -64,11 +65,27 @@ def regime_config(base: Mapping, name: str) -> dict:
 def zoo_key(base: Mapping, regime: Mapping) -> str | None:
     """None when the regime's zoo is the workflow's own; else the name of its zoo folder under study/zoos/:
     `<zoo.init>_<hash of the zoo settings>`."""
-    settings = {key: _get(regime, key) for key in ZOO_KEYS}
-    if settings == {key: _get(base, key) for key in ZOO_KEYS}:
+    def settings(cfg: Mapping) -> dict:  # `domains` only where set, so that other zoos keep their keys
+        return {key: _get(cfg, key) for key in ZOO_KEYS
+                if key not in NEUTRAL_DEFAULTS or _get(cfg, key) != NEUTRAL_DEFAULTS[key]}
+
+    own = settings(regime)
+    if own == settings(base):
         return None
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{regime['zoo']['init']}_{digest}"
+    digest = hashlib.sha1(json.dumps(own, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    prefix = "domains_" if regime["domains"]["names"] else ""
+    return f"{prefix}{regime['zoo']['init']}_{digest}"
+
+
+def domain_features_key(regime: Mapping) -> str | None:
+    """None for a regime without domain tasks (it reads the workflow's features); else the folder of its domain
+    features under study/domain_features/: a hash of what they depend on (domains and image counts, not the class
+    sets), so regimes that differ only in their tasks share one extraction."""
+    dom = regime["domains"]
+    if not dom["names"]:
+        return None
+    settings = {k: v for k, v in dom.items() if k != "class_sets"}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,6 +149,7 @@ def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mappi
             frame["zoo_init"] = cfg["zoo"]["init"]
             frame["canonicalise"] = cfg["train"]["canonicalise"]
             frame["holdout_neighbours"] = cfg["tasks"]["holdout_neighbours"]
+            frame["domains"] = ",".join(cfg["domains"]["names"])  # empty: the plain images only
         for group, part in frame.groupby("group"):
             base = part[part.method.isin(BASELINES)]
             best = base.accuracy.max() if len(base) else float("nan")
@@ -162,11 +180,16 @@ def study_regimes(base: Mapping, names: Sequence[str] | None = None) -> dict[str
 
 
 def run_stage(stage: str, cfg, inputs: Mapping[str, str], outputs: Mapping[str, str]):
-    """One stage of one regime: `zoo`, `split`, `train`, `generate` or `tables` (cfg: the regime's Config)."""
+    """One stage of one regime: `features` (domain tasks only), `zoo`, `split`, `train`, `generate` or `tables`
+    (cfg: the regime's Config)."""""
     from rpg.experiments.task_zoo import pipeline
     from rpg.experiments.task_zoo.tables import write_tables
 
     zoo_dir = Path(inputs["index"]).parent if "index" in inputs else None
+    if stage == "features":
+        from rpg.experiments.task_zoo.domains import cache_domain_features
+
+        return cache_domain_features(cfg, inputs["backbone"], inputs["features"], outputs["features"])
     if stage == "zoo":
         return pipeline.build_zoo(cfg, inputs["features"], Path(outputs["index"]).parent)
     if stage == "split":
@@ -178,5 +201,5 @@ def run_stage(stage: str, cfg, inputs: Mapping[str, str], outputs: Mapping[str, 
         return pipeline.generate_and_evaluate(cfg, inputs["rpg"], inputs["split"], inputs.get("features"), zoo_dir,
                                               Path(outputs["samples"]).parent, inputs.get("backbone") or None)
     if stage == "tables":
-        return write_tables(cfg, inputs["samples"], dict(outputs))
+        return write_tables(cfg, inputs["samples"], dict(outputs), names=list(outputs))
     raise ValueError(f"unknown study stage '{stage}'")

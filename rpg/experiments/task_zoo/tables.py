@@ -114,18 +114,23 @@ def seen_summary(samples: pd.DataFrame) -> pd.DataFrame:
     return per_task
 
 
-def write_tables(cfg: Config, samples_csv: str | Path, out: dict[str, str | Path]) -> dict[str, pd.DataFrame]:
-    """Build every table, write each atomically with the resolved config beside it (`<name>.config.yaml`)."""
+def write_tables(cfg: Config, samples_csv: str | Path, out: dict[str, str | Path],
+                 names: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Build the tables `names` (default: table11, table16, table12, seen_summary), write those that `out` names
+    atomically with the resolved config beside them (`<name>.config.yaml`). A study regime builds only table16 and
+    seen_summary: its tasks need not include table11's embeddings (the domain regime's do not)."""
     samples = pd.read_csv(samples_csv, dtype={"embedding": str})
     unseen_ids = sorted(samples[samples.group == "unseen"].task_id.unique())
-    tables = {
-        "table11": unseen_table(samples, embeddings=cfg.tasks.table11),
-        "table16": unseen_table(samples, task_ids=unseen_ids),
-        "table12": flip_table(samples, cfg.tasks.flip_pair),
-        "seen_summary": seen_summary(samples),
+    makers = {
+        "table11": lambda: unseen_table(samples, embeddings=cfg.tasks.table11),
+        "table16": lambda: unseen_table(samples, task_ids=unseen_ids),
+        "table12": lambda: flip_table(samples, cfg.tasks.flip_pair),
+        "seen_summary": lambda: seen_summary(samples),
     }
+    tables = {name: make() for name, make in makers.items() if names is None or name in names}
     for name, frame in tables.items():
-        if name in out:
-            write_csv_atomic(out[name], frame)
-            write_text_atomic(Path(out[name]).with_suffix(".config.yaml"), config_to_yaml(cfg))
+        if name not in out:
+            continue
+        write_csv_atomic(out[name], frame)
+        write_text_atomic(Path(out[name]).with_suffix(".config.yaml"), config_to_yaml(cfg))
     return tables

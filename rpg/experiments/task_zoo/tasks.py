@@ -16,15 +16,43 @@ from rpg.data import CIFAR10_CLASSES
 
 N_BITS = 10
 ALL_TASK_IDS = tuple(range(1, 2**N_BITS - 1))  # 1 .. 1022
+DOMAIN_STRIDE = 2**N_BITS  # task id = domain * DOMAIN_STRIDE + class-set id
+MAX_DOMAINS = 16
 
 
 class TaskError(ValueError):
     """An embedding, task id or class list that does not name a valid binary task."""
 
 
+def split_task_id(task_id: int) -> tuple[int, int]:
+    """Task id -> (class-set id 1..1022, domain index); domain 0 for every task of the 1022-task zoo."""
+    domain, class_set = divmod(int(task_id), DOMAIN_STRIDE)
+    return class_set, domain
+
+
+def domain_task_id(class_set: int, domain: int) -> int:
+    """(class-set id, domain index) -> task id (the class-set id itself in domain 0)."""
+    if not 0 <= int(domain) < MAX_DOMAINS:
+        raise TaskError(f"domain {domain} is out of range 0..{MAX_DOMAINS - 1}")
+    id_to_embedding(class_set)
+    return int(domain) * DOMAIN_STRIDE + int(class_set)
+
+
+def task_domains(task_ids: Sequence[int]) -> torch.Tensor:
+    """Shapes: (T,) ids -> (T,) long domain indices."""
+    return torch.tensor([split_task_id(t)[1] for t in task_ids], dtype=torch.long)
+
+
 def parse_embedding(text: str) -> str:
-    """Validate a 10-character 0/1 string that is neither all-0 nor all-1; return it unchanged."""
+    """Validate a 10-character 0/1 string that is neither all-0 nor all-1, optionally followed by `@<domain>`
+    (a domain task, domain >= 1); return it unchanged."""
     text = str(text).strip()
+    if "@" in text:
+        bits, _, domain = text.partition("@")
+        if not domain.isdigit() or not 1 <= int(domain) < MAX_DOMAINS:
+            raise TaskError(f"embedding '{text}': the domain after '@' must be an integer 1..{MAX_DOMAINS - 1}")
+        parse_embedding(bits)
+        return text
     if len(text) != N_BITS:
         raise TaskError(f"embedding '{text}' must have exactly {N_BITS} bits (one per CIFAR-10 class), got {len(text)}")
     if set(text) - {"0", "1"}:
@@ -35,13 +63,17 @@ def parse_embedding(text: str) -> str:
 
 
 def embedding_to_id(embedding: str) -> int:
-    return int(parse_embedding(embedding), 2)
+    bits, _, domain = parse_embedding(embedding).partition("@")
+    return int(bits, 2) + int(domain or 0) * DOMAIN_STRIDE
 
 
 def id_to_embedding(task_id: int) -> str:
-    if not 1 <= int(task_id) <= 2**N_BITS - 2:
-        raise TaskError(f"task id {task_id} is out of range 1..{2**N_BITS - 2}")
-    return format(int(task_id), f"0{N_BITS}b")
+    class_set, domain = split_task_id(task_id)
+    if not 1 <= class_set <= 2**N_BITS - 2 or domain >= MAX_DOMAINS or int(task_id) < 0:
+        raise TaskError(f"task id {task_id} is out of range 1..{2**N_BITS - 2} (plus a multiple of {DOMAIN_STRIDE} "
+                        f"below {MAX_DOMAINS * DOMAIN_STRIDE} for a domain task)")
+    bits = format(class_set, f"0{N_BITS}b")
+    return f"{bits}@{domain}" if domain else bits
 
 
 def classes_to_embedding(names: Iterable[str]) -> str:
@@ -56,12 +88,26 @@ def classes_to_embedding(names: Iterable[str]) -> str:
 
 
 def positive_classes(embedding: str) -> list[str]:
-    return [CIFAR10_CLASSES[i] for i, b in enumerate(parse_embedding(embedding)) if b == "1"]
+    return [CIFAR10_CLASSES[i] for i, b in enumerate(parse_embedding(embedding).partition("@")[0]) if b == "1"]
 
 
 def embedding_bits(task_ids: Sequence[int]) -> torch.Tensor:
-    """Shapes: (T,) ids -> (T, 10) float 0/1 bits."""
-    return torch.tensor([[float(b) for b in id_to_embedding(t)] for t in task_ids])
+    """The class-set bits (a domain task's domain left out). Shapes: (T,) ids -> (T, 10) float 0/1 bits."""
+    return torch.tensor([[float(b) for b in id_to_embedding(t)[:N_BITS]] for t in task_ids])
+
+
+def task_condition(task_ids: Sequence[int], n_domains: int = 0) -> torch.Tensor:
+    """RPG's condition vector: the class-set bits, then (n_domains > 0) the one-hot domain code.
+
+    Shapes: (T,) ids -> (T, 10 + n_domains) float 0/1.
+    """
+    bits = embedding_bits(task_ids)
+    if not n_domains:
+        return bits
+    domains = task_domains(task_ids)
+    if len(domains) and int(domains.max()) >= n_domains:
+        raise TaskError(f"task domain {int(domains.max())} is out of range for {n_domains} domains")
+    return torch.cat([bits, torch.nn.functional.one_hot(domains, n_domains).float()], dim=1)
 
 
 def binary_labels(class_labels: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
@@ -97,7 +143,7 @@ def neighbours(task_ids: Iterable[int]) -> set[int]:
     out = set()
     for t in task_ids:
         out |= {t ^ (1 << b) for b in range(N_BITS)} | {(2**N_BITS - 1) ^ t}
-    return {t for t in out if 1 <= t <= 2**N_BITS - 2}
+    return {t for t in out if 1 <= t % DOMAIN_STRIDE <= 2**N_BITS - 2}  # a domain task keeps its domain
 
 
 def make_split(task_ids: Sequence[int], unseen: Sequence[int], n_val: int, seed: int, n_seen: int | None = None,
