@@ -15,6 +15,23 @@ Each size runs in a FRESH subprocess (peak memory of one size never contaminates
   * `step_s` / `step_cpu_s`: median wall clock / process CPU time of the timed steps after one warm-up step.
 The "baseline" row: the generator's parameters, and what parameters + gradients + AdamW state need (4 floats each).
 
+Levers, side by side in one run with `--variants` (one line per configuration, exponents per configuration, the
+1M-30M exponent of the issue's target included):
+  * `off` / `layer` / `segment`: no activation checkpointing / rpg.checkpoint_activations (one Mamba block at a time
+    over all tokens) / plus rpg.checkpoint_tokens = `--checkpoint-tokens` (segments of tokens through the stack);
+  * `@paper` (or `@4096`): the token size of the paper's preset for each size (d_model stays the preset's);
+  * `+mmap` (or `+mmap=BYTES`): run the size with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB. glibc raises its
+    mmap threshold after each large free (up to 32 MiB), so later large tensors come from the heap, where
+    long-lived pieces (segment outputs, states, gradients) interleave with freed blocks: the peak RSS then grows
+    with the number of segments although the live tensors do not. A fixed threshold returns large blocks to the
+    system; it costs page faults (time). The same environment variable works for `rpg train` / snakemake;
+  * bf16: `--bf16` is CUDA autocast only; fp32 on CPUs (bf16 autocast on a CPU without AMX/avx512_bf16 is slower
+    and is not what rpg.train does).
+
+    taskset -c 1 .venv/bin/python benchmarks/bench_train_memory.py --threads 1 --steps 1 --gen-steps 2 \
+        --params 10000 100000 1000000 3000000 10000000 30000000 --checkpoint-tokens 1024 \
+        --variants 'off<=1e7' 'layer<=1e7' segment segment+mmap off@paper --diffusion-positions 65536
+
     taskset -c 1 .venv/bin/python benchmarks/bench_train_memory.py --threads 1             # the README's numbers
     .venv/bin/python benchmarks/bench_train_memory.py --device cuda --bf16 --threads 0 --batch-size 16
 Writes results/benchmarks/train_memory.csv (+ .json).
@@ -25,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -186,15 +204,20 @@ def parse_variant(spec: str) -> dict[str, Any]:
     """'segment@paper<=3e7' -> {'checkpointing': 'segment', 'token_size': 'paper', 'max_params': 30000000}."""
     rest, _, max_params = spec.partition("<=")
     ckpt, _, token = rest.partition("@")
+    ckpt, _, mmap = ckpt.partition("+mmap")
     ckpt = {"on": "layer"}.get(ckpt, ckpt)
     if ckpt not in ("off", "layer", "segment"):
         raise ValueError(f"variant {spec!r}: checkpointing must be off, layer or segment")
     return {"checkpointing": ckpt, "token_size": token or None,
-            "max_params": int(float(max_params)) if max_params else None}
+            "max_params": int(float(max_params)) if max_params else None,
+            "malloc_mmap_threshold": (int(float(mmap.lstrip("="))) if mmap.lstrip("=") else 2**20)
+            if "+mmap" in spec else None}
 
 
 def variant_name(job: dict[str, Any]) -> str:
     name = job["checkpointing"] + (f"/{job['checkpoint_tokens']}" if job["checkpointing"] == "segment" else "")
+    if job.get("malloc_mmap_threshold"):
+        name += f"+mmap{job['malloc_mmap_threshold'] // 1024}K"
     return name + (f"@{job['token_size']}" if job.get("token_size") else "")
 
 
@@ -222,13 +245,20 @@ def measure_sizes(args: argparse.Namespace, job_base: dict[str, Any], params: Se
         token_key = job_base.get("token_size") or "preset"
         gen_steps = job_base["gen_steps"] if (token_key, n_params) not in gen_done else 0
         job = {**job_base, "n_params": n_params, "gen_steps": gen_steps}
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+        env = dict(os.environ)
+        if job_base.get("malloc_mmap_threshold"):
+            # glibc: a fixed mmap threshold (no dynamic raise), so that large freed blocks go back to the system
+            # instead of fragmenting the heap (see the docstring).
+            env["MALLOC_MMAP_THRESHOLD_"] = str(job_base["malloc_mmap_threshold"])
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+                              env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"size {n_params} ({name}) failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         if gen_steps:
             gen_done.add((token_key, n_params))
         rows.append({"row": "size", "variant": name, "checkpointing": job_base["checkpointing"],
+                     "malloc_mmap_threshold": job_base.get("malloc_mmap_threshold"),
                      "checkpoint_tokens": job_base["checkpoint_tokens"] if job_base["checkpointing"] == "segment"
                      else None, "token_size_option": job_base.get("token_size"), **res})
         gen = (f", 1 model DDIM-{res['gen_ddim_steps']} {res['gen_s']:.1f} s (DDIM-50 ~"
@@ -294,8 +324,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     gen_done: set = set()
     for v in variants:
         params = [p for p in args.params if v["max_params"] is None or p <= v["max_params"]]
-        rows += measure_sizes(args, {**job_base, "checkpointing": v["checkpointing"],
-                                     "token_size": v["token_size"]}, params, gen_done)
+        rows += measure_sizes(args, {**job_base, "checkpointing": v["checkpointing"], "token_size": v["token_size"],
+                                     "malloc_mmap_threshold": v.get("malloc_mmap_threshold")}, params, gen_done)
     if len(variants) > 1:
         mem_key = "cuda_train_peak_mb" if args.device.startswith("cuda") else "train_peak_mb"
         sizes = [r for r in rows if r["row"] == "size"]
