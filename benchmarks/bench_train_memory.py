@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import (median_seconds, peak_rss_mb, reset_peak_rss, rss_mb, set_threads, synchronize,  # noqa: E402
-                      write_results)
+                      timed, write_results)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -80,7 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diffusion-positions", type=int, default=None,
                    help="instead of --diffusion-batch: parameters (token positions) per step through the denoiser, "
                         "so the diffusion batch in tokens shrinks as the token size grows (its memory stays fixed)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=2,
+                   help="timed steps after one warm-up step (0: time the warm-up step itself, one step per size)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only, as rpg.train does)")
     p.add_argument("--checkpointing", choices=["off", "on", "both", "layer", "segment"], default="off",
                    help="activation checkpointing in the Mamba stack: layer (= on) = rpg.checkpoint_activations, "
@@ -166,7 +167,10 @@ def run_size(job: dict[str, Any]) -> dict[str, Any]:
     rss_before = rss_mb()
     peak_reset = reset_peak_rss()
     # The warm-up step allocates AdamW state and allocator caches (part of the measured peak).
-    step_s, step_cpu_s = median_seconds(step, device, job["steps"])
+    if job["steps"] > 0:
+        step_s, step_cpu_s = median_seconds(step, device, job["steps"])
+    else:  # --steps 0: the warm-up step alone, timed (includes AdamW's state allocation: slightly pessimistic)
+        step_s, step_cpu_s, _ = timed(step, device)
     peak = peak_rss_mb()
     n_gen = sum(p.numel() for p in model.parameters())
     result = {"n_params": tokenizer.n_params, "n_tokens": n, "token_size": length,
