@@ -108,6 +108,7 @@ class ModelConfig:
     condition_tokens: str = "all"  # all | last_k: which token positions the task condition is added to
     condition_k: int = 8  # last_k: the number of last positions (the reference: 8)
     checkpoint_activations: bool = False  # recompute the recurrent blocks in the backward pass (memory for time)
+    checkpoint_tokens: int | None = None  # with checkpoint_activations: recompute segments of this many tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------

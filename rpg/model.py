@@ -60,7 +60,8 @@ class RPG(nn.Module):
             gate = (torch.arange(self.n_tokens) >= self.n_tokens - cfg.condition_k).float()
         self.register_buffer("condition_gate", gate[:, None], persistent=False)  # (N, 1)
         self.recurrent = build_recurrent(cfg.recurrent, cfg.d_model, cfg.n_layers, cfg.d_state, cfg.d_conv,
-                                         cfg.expand, cfg.headdim, cfg.checkpoint_activations)
+                                         cfg.expand, cfg.headdim, cfg.checkpoint_activations,
+                                         cfg.checkpoint_tokens)
         self.denoiser = ConvDenoiser(cfg.token_size, cfg.denoiser_channels, cfg.d_model, cfg.kernel_size)
         if self.permutation is not None:
             nn.init.normal_(self.permutation.weight, std=0.02)

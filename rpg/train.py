@@ -80,7 +80,7 @@ class DiffusionObjective(nn.Module):
         b, n, length = x0.shape
         proto = self.model.prototypes(b, perm, cond).reshape(b * n, -1)[picked]  # (M, D)
         x0_sel = x0.reshape(b * n, length)[picked]  # (M, L)
-        mask_sel = mask.repeat(b, 1)[picked]  # (M, L)
+        mask_sel = mask[picked % n]  # (M, L): no (B*N, L) copy of the mask
         return self.diffusion.training_loss(self.model.denoiser, x0_sel, proto, mask_sel, generator=generator,
                                             t=t, noise=noise, denominator=denominator)
 
@@ -380,7 +380,8 @@ def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tr
     train = {key: v for key, v in asdict(cfg).items() if key != "patience"}
     if ignore_steps:
         train["steps"] = None
-    model = {key: v for key, v in asdict(model_cfg).items() if key != "checkpoint_activations"}  # same trajectory
+    model = {key: v for key, v in asdict(model_cfg).items()  # recomputation only: the same trajectory
+             if key not in ("checkpoint_activations", "checkpoint_tokens")}
     h = hashlib.sha256(json.dumps([model, asdict(diffusion_cfg), train, seed, world],
                                   sort_keys=True, default=str).encode())
     for t in (tokens, cond):

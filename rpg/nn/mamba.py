@@ -292,6 +292,59 @@ class Mamba2(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)  # (B, L, d_inner): MLP channels first, as in mamba_ssm
         return self.out_proj(y)  # (B, L, D)
 
+    def forward_with_state(self, u: torch.Tensor, conv_state: Optional[torch.Tensor] = None,
+                           ssm_state: Optional[torch.Tensor] = None,
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One segment of a longer sequence: the same outputs as ``forward`` over the whole sequence, cut anywhere.
+
+        The state entering the segment is the last ``d_conv - 1`` conv inputs and the SSM state (zeros when None,
+        i.e. the sequence starts here); both are returned for the next segment and carry gradients, so a sequence
+        can be run (and recomputed under activation checkpointing) one segment at a time. Always the PyTorch path
+        (conv + chunked SSD scan): the fused CUDA kernel takes no incoming state.
+
+        Shapes:
+            u (B, L, D) -> y (B, L, D), conv_state (B, conv_dim, d_conv - 1), ssm_state (B, nheads, headdim, d_state)
+        """
+        if u.dim() != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"expected input (batch, length, {self.d_model}), got {tuple(u.shape)}")
+        zxbcdt = self.in_proj(u)  # (B, L, d_in_proj)
+        batch, seqlen, _ = zxbcdt.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * g * n - h) // 2
+        z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * g * n, h], dim=-1)
+
+        xBC = rearrange(xBC, "b l d -> b d l")  # (B, conv_dim, L)
+        if conv_state is None:
+            conv_state = xBC.new_zeros(batch, xBC.shape[1], self.d_conv - 1)
+        full = torch.cat([conv_state.to(xBC.dtype), xBC], dim=-1)  # (B, conv_dim, d_conv - 1 + L)
+        new_conv_state = full[..., full.shape[-1] - (self.d_conv - 1):]  # the last d_conv - 1 conv inputs
+        xBC = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv1d.groups)  # (B, conv_dim, L)
+        xBC = F.silu(rearrange(xBC, "b d l -> b l d"))
+        x, B, C = torch.split(xBC, [self.d_ssm, g * n, g * n], dim=-1)
+        x = rearrange(x, "b l (h p) -> b l h p", p=p)
+        B = rearrange(B, "b l (g n) -> b l g n", g=g)
+        C = rearrange(C, "b l (g n) -> b l g n", g=g)
+
+        cd = torch.float64 if zxbcdt.dtype == torch.float64 else torch.float32
+        dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        A = -torch.exp(self.A_log.to(cd))
+        x = x.to(cd)
+        y, new_ssm_state = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, initial_states=ssm_state,
+                                       return_final_state=True)  # (B, L, H, P), (B, H, P, N)
+        D = self._D().to(cd)
+        y = y + x * (D if self.D_has_hdim else rearrange(D, "h -> h 1"))
+        y = rearrange(y, "b l h p -> b l (h p)")
+        if not self.rmsnorm:
+            y = y * F.silu(z.to(cd))
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        y = y.to(zxbcdt.dtype)
+        if d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y), new_conv_state, new_ssm_state
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, nheads={self.nheads}, headdim={self.headdim}, "
                 f"ngroups={self.ngroups}, d_ssm={self.d_ssm}, chunk_size={self.chunk_size}, "

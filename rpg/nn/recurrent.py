@@ -24,16 +24,28 @@ RECURRENT_KINDS = ("mamba", "lstm", "transformer", "none")
 class MambaStack(nn.Module):
     """Pre-norm residual Mamba2 blocks.
 
-    With `checkpoint_activations`, training keeps only each block's input and recomputes the block in the backward
-    pass (`torch.utils.checkpoint`): the recurrent stack runs over every token of a step's checkpoints, so its
-    activations (~100 KB per token at d_model 256 in the pure-PyTorch Mamba2) are what grows with the size of the
-    generated model; the denoiser sees only the diffusion batch.
+    Activation checkpointing (`torch.utils.checkpoint`, training only; the outputs and gradients are the same, only
+    recomputed): the recurrent stack runs over every token of a step's checkpoints, so its activations (~100 KB per
+    token at d_model 256 in the pure-PyTorch Mamba2) are what grows with the size of the generated model; the
+    denoiser sees only the diffusion batch.
+
+    * `checkpoint_activations` alone ("layer"): each block over the whole sequence is recomputed in the backward
+      pass, so only each block's input is kept. The block being recomputed still holds its activations for all
+      tokens: this removes the other layers' share, not the growth with the number of tokens.
+    * with `checkpoint_tokens` = T as well ("segment"): the sequence runs through the whole stack T tokens at a time,
+      each segment handing its conv and SSM states to the next (`Mamba2.forward_with_state`), and each segment is
+      recomputed on its own in the backward pass. Kept for the backward pass: the segment inputs and the small
+      states; the activations held at once are one segment's, whatever the number of tokens. Uses the PyTorch
+      Mamba2 path (the fused CUDA kernel takes no incoming state).
     """
 
     def __init__(self, d_model: int, n_layers: int, d_state: int, d_conv: int, expand: int, headdim: int,
-                 checkpoint_activations: bool = False):
+                 checkpoint_activations: bool = False, checkpoint_tokens: int | None = None):
         super().__init__()
+        if checkpoint_tokens is not None and checkpoint_tokens < 1:
+            raise ValueError(f"checkpoint_tokens must be a positive number of tokens or None, got {checkpoint_tokens}")
         self.checkpoint_activations = checkpoint_activations
+        self.checkpoint_tokens = checkpoint_tokens
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
         self.layers = nn.ModuleList(
             Mamba2(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, layer_idx=i)
@@ -43,12 +55,34 @@ class MambaStack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        if recompute and self.checkpoint_tokens is not None:
+            return self._forward_segments(x, self.checkpoint_tokens)
         for norm, layer in zip(self.norms, self.layers):
             if recompute:
                 x = x + checkpoint(lambda y, n=norm, f=layer: f(n(y)), x, use_reentrant=False)
             else:
                 x = x + layer(norm(x))  # (B, N, D)
         return self.final_norm(x)
+
+    def _segment(self, x: torch.Tensor, *states: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) and (conv, ssm) states per layer -> (final-normed output (B, T, D), *new states)."""
+        new_states: list[torch.Tensor] = []
+        for i, (norm, layer) in enumerate(zip(self.norms, self.layers)):
+            y, conv_state, ssm_state = layer.forward_with_state(norm(x), states[2 * i], states[2 * i + 1])
+            x = x + y
+            new_states += [conv_state, ssm_state]
+        return (self.final_norm(x), *new_states)
+
+    def _forward_segments(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        states: tuple[torch.Tensor | None, ...] = (None,) * (2 * len(self.layers))
+        outputs = []
+        # torch.split, not slicing: its backward assembles the input gradient once, where each slice's backward
+        # would allocate a zero tensor of the whole input.
+        for piece in torch.split(x, size, dim=1):
+            out, *new = checkpoint(self._segment, piece, *states, use_reentrant=False)
+            outputs.append(out)
+            states = tuple(new)
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
 
 class LSTMStack(nn.Module):
@@ -90,10 +124,12 @@ class PerTokenMLP(nn.Module):
 
 
 def build_recurrent(kind: str, d_model: int, n_layers: int, d_state: int = 32, d_conv: int = 4, expand: int = 2,
-                    headdim: int = 64, checkpoint_activations: bool = False) -> nn.Module:
+                    headdim: int = 64, checkpoint_activations: bool = False,
+                    checkpoint_tokens: int | None = None) -> nn.Module:
     """Build the sequence model named `kind` (one of RECURRENT_KINDS); activation checkpointing is for mamba."""
     if kind == "mamba":
-        return MambaStack(d_model, n_layers, d_state, d_conv, expand, headdim, checkpoint_activations)
+        return MambaStack(d_model, n_layers, d_state, d_conv, expand, headdim, checkpoint_activations,
+                          checkpoint_tokens)
     if kind == "lstm":
         return LSTMStack(d_model, n_layers)
     if kind == "transformer":
