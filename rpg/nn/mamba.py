@@ -272,25 +272,38 @@ class Mamba2(nn.Module):
                 dt_bias=self.dt_bias, dt_softplus=True, **self._dt_limit_kwargs())  # (B, L, H, P)
             y = rearrange(y, "b l h p -> b l (h p)")
         else:
-            # Like the kernels, dt, A, the scan, D and the gate run in float32 (float64 stays float64).
-            cd = torch.float64 if zxbcdt.dtype == torch.float64 else torch.float32
-            dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))  # (B, L, H)
-            if self.dt_limit != (0.0, float("inf")):
-                dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
-            A = -torch.exp(self.A_log.to(cd))  # (H,)
-            x = x.to(cd)
+            x, dt, A = self._scan_inputs(x, dt, zxbcdt.dtype)
             y = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size)  # (B, L, H, P)
-            D = self._D().to(cd)
-            y = y + x * (D if self.D_has_hdim else rearrange(D, "h -> h 1"))  # skip connection D * x
-            y = rearrange(y, "b l h p -> b l (h p)")  # (B, L, d_ssm)
-            if not self.rmsnorm:
-                y = y * F.silu(z.to(cd))
+            y = self._skip_and_gate(y, x, z)
+        return self._output(y, z, z0, x0, d_mlp, zxbcdt.dtype)
+
+    def _scan_inputs(self, x: torch.Tensor, dt: torch.Tensor, dtype: torch.dtype,
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, dt (softplus + bias, clamped) and A for the PyTorch scan. Like the kernels, dt, A, the scan, D and the
+        gate run in float32 (float64 stays float64). Shapes: x (B, L, H, P), dt (B, L, H) -> the same, A (H,)."""
+        cd = torch.float64 if dtype == torch.float64 else torch.float32
+        dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        return x.to(cd), dt, -torch.exp(self.A_log.to(cd))
+
+    def _skip_and_gate(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The skip connection D * x and (without the gated RMSNorm) the SiLU gate, in the scan's dtype.
+        Shapes: y, x (B, L, H, P), z (B, L, d_ssm) -> (B, L, d_ssm)."""
+        D = self._D().to(y.dtype)
+        y = y + x * (D if self.D_has_hdim else rearrange(D, "h -> h 1"))
+        y = rearrange(y, "b l h p -> b l (h p)")
+        return y if self.rmsnorm else y * F.silu(z.to(y.dtype))
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor, z0: torch.Tensor, x0: torch.Tensor, d_mlp: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        """Gated RMSNorm (if any), the MLP channels first (as in mamba_ssm), out_proj. -> (B, L, D)."""
         if self.rmsnorm:
             y = self.norm(y, z)
-        y = y.to(zxbcdt.dtype)
+        y = y.to(dtype)
         if d_mlp > 0:
-            y = torch.cat([F.silu(z0) * x0, y], dim=-1)  # (B, L, d_inner): MLP channels first, as in mamba_ssm
-        return self.out_proj(y)  # (B, L, D)
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
 
     def forward_with_state(self, u: torch.Tensor, conv_state: Optional[torch.Tensor] = None,
                            ssm_state: Optional[torch.Tensor] = None,
@@ -325,25 +338,11 @@ class Mamba2(nn.Module):
         B = rearrange(B, "b l (g n) -> b l g n", g=g)
         C = rearrange(C, "b l (g n) -> b l g n", g=g)
 
-        cd = torch.float64 if zxbcdt.dtype == torch.float64 else torch.float32
-        dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
-        if self.dt_limit != (0.0, float("inf")):
-            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
-        A = -torch.exp(self.A_log.to(cd))
-        x = x.to(cd)
+        x, dt, A = self._scan_inputs(x, dt, zxbcdt.dtype)
         y, new_ssm_state = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, initial_states=ssm_state,
                                        return_final_state=True)  # (B, L, H, P), (B, H, P, N)
-        D = self._D().to(cd)
-        y = y + x * (D if self.D_has_hdim else rearrange(D, "h -> h 1"))
-        y = rearrange(y, "b l h p -> b l (h p)")
-        if not self.rmsnorm:
-            y = y * F.silu(z.to(cd))
-        if self.rmsnorm:
-            y = self.norm(y, z)
-        y = y.to(zxbcdt.dtype)
-        if d_mlp > 0:
-            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return self.out_proj(y), new_conv_state, new_ssm_state
+        y = self._skip_and_gate(y, x, z)
+        return self._output(y, z, z0, x0, d_mlp, zxbcdt.dtype), new_conv_state, new_ssm_state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, nheads={self.nheads}, headdim={self.headdim}, "
