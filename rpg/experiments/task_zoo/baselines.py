@@ -35,7 +35,8 @@ from typing import Callable, Sequence
 import torch
 
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, load_task_checkpoints
-from rpg.experiments.task_zoo.tasks import N_BITS, TaskSplit, domain_task_id, embedding_bits, split_task_id, task_domains
+from rpg.experiments.task_zoo.tasks import (N_BITS, TaskSplit, domain_task_id, embedding_bits, rows_by_domain,
+                                            split_task_id, task_domains)
 from rpg.utils import load_safetensors
 
 HEAD_BASELINES = ("affine", "nearest", "complement", "mean", "noise")
@@ -176,8 +177,7 @@ def baseline_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, se
     if not bool((zoo_domains > 0).any() or (target_domains > 0).any()):  # one domain: the plain images
         return _single_domain_baselines(zoo, targets, noise_l2, seed)
     out = {name: torch.full((len(targets), zoo.checkpoints.shape[1]), float("nan")) for name in HEAD_BASELINES}
-    for d in target_domains.unique().tolist():
-        rows = (target_domains == d).nonzero().flatten()
+    for d, rows in rows_by_domain(targets):
         keep = (zoo_domains == d).nonzero().flatten().tolist()
         if not keep:
             continue

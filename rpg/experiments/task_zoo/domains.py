@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from rpg.config import Config
 from rpg.experiments.task_zoo.heads import predict, stack_state_dicts
-from rpg.experiments.task_zoo.tasks import ALL_TASK_IDS, domain_task_id, embedding_to_id, task_domains
+from rpg.experiments.task_zoo.tasks import ALL_TASK_IDS, domain_task_id, embedding_to_id, rows_by_domain
 from rpg.utils import save_safetensors_atomic
 
 BLUR_SIGMA = 1.5  # pixels on 32 x 32 images: fine texture gone, coarse shape and colour kept
@@ -159,9 +159,7 @@ class DomainHeadEvaluator:
         """Shapes: M state dicts, task_ids (M,) -> (M, N) binary predictions."""
         if task_ids is None or len(task_ids) != len(state_dicts):
             raise ValueError("domain tasks: pass one task id per state dict (it names the domain's features)")
-        domains = task_domains(task_ids)
         out = torch.empty(len(state_dicts), self.features.shape[1], dtype=torch.long)
-        for d in domains.unique().tolist():
-            rows = (domains == d).nonzero().flatten().tolist()
-            out[rows] = predict(stack_state_dicts([state_dicts[i] for i in rows]), self.features[d])
+        for d, rows in rows_by_domain(task_ids):
+            out[rows] = predict(stack_state_dicts([state_dicts[i] for i in rows.tolist()]), self.features[d])
         return out

@@ -43,6 +43,12 @@ def task_domains(task_ids: Sequence[int]) -> torch.Tensor:
     return torch.tensor([split_task_id(t)[1] for t in task_ids], dtype=torch.long)
 
 
+def rows_by_domain(task_ids: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
+    """[(domain, (n_d,) long positions in `task_ids` of that domain's tasks)], domains ascending."""
+    domains = task_domains(task_ids)
+    return [(d, (domains == d).nonzero().flatten()) for d in domains.unique().tolist()]
+
+
 def parse_embedding(text: str) -> str:
     """Validate a 10-character 0/1 string that is neither all-0 nor all-1, optionally followed by `@<domain>`
     (a domain task, domain >= 1); return it unchanged."""
