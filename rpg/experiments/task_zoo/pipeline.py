@@ -21,7 +21,7 @@ from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
 from rpg.experiments.task_zoo.tasks import (ALL_TASK_IDS, TaskSplit, binary_labels, embedding_to_id, id_to_embedding,
-                                            make_split, task_condition, task_domains)
+                                            make_split, rows_by_domain, task_condition)
 from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker, start_tracking
 from rpg.train import process_rank, train_rpg
@@ -77,12 +77,11 @@ def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> di
                              config=cfg.raw, directory=Path(cfg.results_dir) / "wandb")
     start = time.time()
     per_domain = feats["train_x"].ndim == 3
-    domains = task_domains(task_ids) if per_domain else torch.zeros(len(task_ids), dtype=torch.long)
+    groups = rows_by_domain(task_ids) if per_domain else [(0, torch.arange(len(task_ids)))]
     stacked: dict[str, torch.Tensor] = {}
     metrics = {"accuracy": torch.empty(len(task_ids), z.n_checkpoints),
                "balanced_accuracy": torch.empty(len(task_ids), z.n_checkpoints)}
-    for d in domains.unique().tolist():
-        rows = (domains == d).nonzero().flatten()
+    for d, rows in groups:
         ids = [task_ids[i] for i in rows.tolist()]
         train_x, test_x = (feats["train_x"][d], feats["test_x"][d]) if per_domain else (feats["train_x"], feats["test_x"])
         part = train_heads(train_x, feats["train_y"], ids, steps=z.steps, batch_size=z.batch_size,
