@@ -97,7 +97,7 @@ def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> di
                 metrics[key][rows, k] = m[key]
     train_seconds = time.time() - start
     index = save_zoo(zoo_dir, stacked, task_ids, metrics, steps=save_steps(z.steps, z.n_checkpoints, z.save_every),
-                     feature_dim=int(feats["train_x"].shape[1]), backbone=cfg.backbone.arch)
+                     feature_dim=int(feats["train_x"].shape[-1]), backbone=cfg.backbone.arch)
     summary = {"n_tasks": len(task_ids), "n_checkpoints": len(index), "train_seconds": train_seconds,
                "mean_test_accuracy": float(metrics["accuracy"].mean()),
                "mean_test_balanced_accuracy": float(metrics["balanced_accuracy"].mean())}
