@@ -62,6 +62,7 @@ class TasksConfig:
     n_seen_eval: int = 50
     n_seen: int | None = None  # train on a seeded random subset of this many seen tasks (None = all)
     holdout_neighbours: bool = False  # keep unseen tasks' Hamming-1 neighbours and complements out of training
+    shifted_domain_tasks: int | None = None  # train on at most this many tasks per shifted domain (None = all)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class TrainConfig:
     val_samples: int = 3
     canonicalise: str = "none"  # none | sort | match: hidden-unit order of the heads before tokenising
     patience: int | None = None  # validations without a better score before stopping; None = run all `steps`
+    position_lr_scale: float = 1.0  # learnable positions: their rate is this times the schedule's
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ class StudyConfig:
 
     regimes: tuple[str, ...] = ("shared_init", "per_task_init", "per_task_init_sort", "per_task_init_match", "seen16",
                                 "seen64", "seen256", "seen64_per_task", "holdout_neighbours", "domains",
-                                "domains_1200")
+                                "domains_1200", "domains_few")
     regime_dir: str = "config/experiments/regimes"
     common: str | None = "config/experiments/regimes/common.yaml"
 

@@ -104,14 +104,22 @@ def plateaued(step: int, best_step: int, cfg: TrainConfig) -> bool:
     return step // cfg.eval_every - best_step // cfg.eval_every >= cfg.patience
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(model: nn.Module, weight_decay: float, position_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; a learnable position table in its own group whose rate is
+    `position_lr_scale` times the schedule's (`lr_scale`, applied each step)."""
+    decay, no_decay, position = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if name == "position.table" and position_lr_scale != 1.0:
+            position.append(p)
+            continue
         skip = getattr(p, "_no_weight_decay", False) or p.ndim < 2 or "norm" in name
         (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if position:
+        groups.append({"params": position, "weight_decay": 0.0, "lr_scale": position_lr_scale})
+    return groups
 
 
 def process_rank() -> int:
@@ -220,7 +228,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     diffusion = create_diffusion(diffusion_cfg)
     objective = DiffusionObjective(model, diffusion)
     ddp = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.position_lr_scale), lr=cfg.lr,
+                                  betas=(0.9, 0.999))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
     data_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -291,7 +300,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         idx = torch.randint(0, k, (cfg.batch_size,), generator=data_gen)
         picked = torch.randperm(cfg.batch_size * n, generator=data_gen)[: cfg.diffusion_batch].to(device)
         t, noise = diffusion.draw(len(picked), length, device, tokens_dev.dtype, noise_gen)

@@ -117,6 +117,23 @@ def test_holdout_neighbours_removes_one_bit_neighbours_and_complements():
     assert set(split.train) | set(split.val) | set(split.unseen) | set(split.excluded) == set(ALL_TASK_IDS)
 
 
+def test_shifted_domain_tasks_keeps_k_per_shifted_domain_and_every_plain_task():
+    from rpg.experiments.task_zoo.tasks import domain_task_id, split_task_id
+
+    ids = [domain_task_id(c, d) for d in range(4) for c in range(1, 41)]
+    unseen = [domain_task_id(c, 1 + c % 3) for c in (3, 5, 7)]
+    full = make_split(ids, unseen, 4, seed=0)
+    few = make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=5)
+    per_domain = pd.Series([split_task_id(t)[1] for t in few.train]).value_counts()
+    assert per_domain[0] == sum(split_task_id(t)[1] == 0 for t in full.train)  # the plain domain keeps all
+    assert all(per_domain[d] == 5 for d in (1, 2, 3))
+    assert few.val == full.val and few.unseen == full.unseen and set(few.train) < set(full.train)
+    assert set(few.excluded) == set(full.train) - set(few.train)
+    assert make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=5) == few  # seeded
+    six = make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=6)
+    assert set(few.train) != set(six.train)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Canonical hidden-unit order
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,6 +287,23 @@ def test_gather_study_summarises_every_method(tmp_path):
     assert get("a", "rpg_best", group="seen") == pytest.approx(80.5)
     assert get("a", "rpg_best", "val_score") == 50.0
     assert pd.read_csv(tmp_path / "study.csv").shape == out.shape
+
+
+def test_best_baseline_is_one_present_on_every_task(tmp_path):
+    """A baseline that exists on some tasks only (the complement swap where the complement trains) is reported but is
+    not the yardstick: its mean is over other tasks than RPG's."""
+    samples = _samples(0.0)
+    partial = (samples.kind == "complement") & (samples.task_id == 482)
+    samples = samples[~partial].copy()
+    samples.loc[samples.kind == "complement", "accuracy"] = 0.99
+    unseen_table(samples, task_ids=[314, 482]).to_csv(tmp_path / "t16.csv", index=False)
+    seen_summary(samples).to_csv(tmp_path / "seen.csv", index=False)
+    (tmp_path / "s.json").write_text('{"n_train_tasks": 7, "steps": 40}')
+    out = S.gather_study({"a": {"table16": tmp_path / "t16.csv", "seen_summary": tmp_path / "seen.csv",
+                                "rpg_summary": tmp_path / "s.json"}})
+    unseen = out[out.group == "unseen"]
+    assert int(unseen.loc[unseen.method == "complement", "n_tasks"].iloc[0]) == 1
+    assert set(unseen.best_baseline) == {BASELINES[-1]}  # not the complement, though its mean is higher
 
 
 def _kernel_available() -> bool:

@@ -347,3 +347,35 @@ def test_lr_schedule_without_warmup():
     assert lr_at(0, cfg) == pytest.approx(2e-3)
     assert lr_at(10, cfg) == pytest.approx(0.0, abs=1e-15)
     assert lr_at(5, cfg) == pytest.approx(1e-3)
+
+
+def test_position_lr_scale_gives_the_position_table_its_own_rate(mlp_checkpoints, tmp_path):
+    """A learnable position table gets `position_lr_scale` times the schedule's rate; the other weights the rate
+    itself. Checked through the update size: Adam moves a weight by its group's rate times a factor that is the same
+    for weights with the same gradient history."""
+    from rpg.train import _param_groups
+
+    tok = Tokenizer.fit(mlp_checkpoints, 16)
+    from rpg.model import RPG
+
+    model = RPG(tiny_model_config(position="learnable"), tok.layer_index, tok.token_index)
+    groups = _param_groups(model, 0.01, position_lr_scale=30.0)
+    scaled = [g for g in groups if g.get("lr_scale") == 30.0]
+    assert len(scaled) == 1 and scaled[0]["params"] == [model.position.table]
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert all("lr_scale" not in g for g in _param_groups(model, 0.01))  # default: one rate for all
+    # Two steps: the denoiser's output layer starts at zero, so only the second step has a gradient everywhere (and
+    # Adam's first update of a weight is its rate times the sign of its gradient).
+    cfg = TrainConfig(steps=2, batch_size=2, diffusion_batch=64, lr=1e-3, min_lr_ratio=1.0, warmup_steps=0,
+                      eval_every=2, save_every=2, bf16=False, grad_clip=None, position_lr_scale=30.0)
+    from rpg.utils import seed_everything
+
+    seed_everything(0)  # the initial weights train_rpg draws with seed 0
+    model = RPG(tiny_model_config(position="learnable"), tok.layer_index, tok.token_index)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_rpg(tiny_model_config(position="learnable"), DiffusionConfig(), cfg, tok,
+              torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints]), tmp_path, seed=0, progress=False)
+    after = load_rpg(tmp_path / "last.safetensors")[0]
+    moved = {n: (dict(after.named_parameters())[n].detach() - before[n]).abs().max().item() for n in before}
+    # Both had a zero gradient at step 1, so Adam scales their second update alike (0.74 x the rate): the ratio is 30.
+    assert moved["position.table"] / moved["denoiser.cond_proj.weight"] == pytest.approx(30.0, rel=0.05)

@@ -110,7 +110,8 @@ def build_zoo(cfg: Config, features_path: str | Path, zoo_dir: str | Path) -> di
 def write_split(cfg: Config, out_path: str | Path) -> TaskSplit:
     task_ids = configured_task_ids(cfg)
     split = make_split(task_ids, unseen_task_ids(cfg), cfg.tasks.n_val, cfg.seed, n_seen=cfg.tasks.n_seen,
-                       holdout_neighbours=cfg.tasks.holdout_neighbours)
+                       holdout_neighbours=cfg.tasks.holdout_neighbours,
+                       shifted_domain_tasks=cfg.tasks.shifted_domain_tasks)
     for emb in cfg.tasks.table11:
         if embedding_to_id(emb) not in split.unseen:
             raise ValueError(f"Table 11 embedding {emb} (task {embedding_to_id(emb)}) is not an unseen task")

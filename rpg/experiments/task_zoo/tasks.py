@@ -153,13 +153,15 @@ def neighbours(task_ids: Iterable[int]) -> set[int]:
 
 
 def make_split(task_ids: Sequence[int], unseen: Sequence[int], n_val: int, seed: int, n_seen: int | None = None,
-               holdout_neighbours: bool = False) -> TaskSplit:
+               holdout_neighbours: bool = False, shifted_domain_tasks: int | None = None) -> TaskSplit:
     """Unseen ids are held out; `n_val` seen ids (seeded choice) validate RPG; the rest train it.
 
     Args:
         n_seen: train on a seeded random subset of this many of the remaining seen ids (None = all of them).
         holdout_neighbours: the unseen ids' Hamming-1 neighbours and complements are neither trained on nor
             validated on (they go to `excluded`).
+        shifted_domain_tasks: train on a seeded random subset of at most this many tasks of each shifted domain
+            (domain >= 1; domain 0, the plain images, keeps all its tasks): a domain seen with few labelled tasks.
     """
     task_ids = sorted(set(int(t) for t in task_ids))
     for t in task_ids:
@@ -178,5 +180,13 @@ def make_split(task_ids: Sequence[int], unseen: Sequence[int], n_val: int, seed:
             raise TaskError(f"n_seen={n_seen} is more than the {len(train)} seen tasks left for training")
         # A different stream from the validation draw, so changing n_seen never changes the validation tasks.
         train = sorted(random.Random(seed + 1).sample(train, n_seen))
+    if shifted_domain_tasks is not None:
+        kept = []
+        for domain, rows in rows_by_domain(train):
+            ids = [train[i] for i in rows.tolist()]
+            if domain > 0 and len(ids) > shifted_domain_tasks:  # its own stream per domain: k never moves another
+                ids = random.Random(seed + 2 + domain).sample(ids, shifted_domain_tasks)
+            kept += ids
+        train = sorted(kept)
     excluded = sorted(set(task_ids) - set(train) - set(val) - set(unseen))
     return TaskSplit(tuple(train), tuple(val), tuple(sorted(set(unseen))), tuple(excluded))
