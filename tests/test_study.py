@@ -3,9 +3,6 @@ orders, the regime configs, the gathering of unseen_study.csv and the `unseen_st
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -337,15 +334,10 @@ def test_unseen_study_notebook_committed_clean_and_executes(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_unseen_study_dry_run(tmp_path):
+def test_unseen_study_dry_run(tmp_path, snakemake_cli):
     """`snakemake -n unseen_study` plans every regime's stages, one zoo per distinct zoo setting, and the notebook."""
-    snakemake = Path(sys.executable).parent / "snakemake"
-    if not snakemake.exists():
-        pytest.skip("snakemake is not installed beside this Python")
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([str(snakemake), "-n", "--cores", "2", "unseen_study", "--config",
-                           f"results_dir={tmp_path / 'results'}", f"data={{root: {tmp_path}, download: true}}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = snakemake_cli("-n", "--cores", "2", "unseen_study", "--config", f"results_dir={tmp_path / 'results'}",
+                         f"data={{root: {tmp_path}, download: true}}", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = {}
     for line in proc.stdout.splitlines():

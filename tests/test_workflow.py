@@ -1,16 +1,13 @@
 """End to end: the whole Snakemake DAG on synthetic CIFAR-10 (config/test.yaml), lint, the paper profile's DAG,
 and determinism (same config and seed -> same zoo and same tables).
 
-The DAG runs once per module (~35 s on one core) as a subprocess from the repository root, writing only under
-pytest's tmp folder.
+The DAG runs once per module from the repository root, writing only under pytest's tmp folder. Every `snakemake`
+command line goes through conftest's `snakemake_cli` (the real command line, without paying the Snakefile's imports
+for each of them).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -42,22 +39,6 @@ TASK_TABLE_COLUMNS = [
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _snakemake_bin() -> str:
-    local = REPO_ROOT / ".venv" / "bin" / "snakemake"
-    if local.exists():
-        return str(local)
-    found = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
-    if found is None:
-        pytest.skip("snakemake is not installed")
-    return found
-
-
-def _run_snakemake(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run([_snakemake_bin(), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def _config_args(tmp: Path) -> list[str]:
     # Snakemake merges --config into the config files recursively, so data: {root: ...} keeps the other data keys.
     return ["--configfile", "config/test.yaml", "--config", f"results_dir={tmp / 'results'}",
@@ -65,10 +46,10 @@ def _config_args(tmp: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workflow_run(tmp_path_factory):
+def workflow_run(tmp_path_factory, snakemake_cli):
     tmp = tmp_path_factory.mktemp("workflow")
     write_synthetic_cifar10(tmp / "data", n_train=600, n_test=200)
-    proc = _run_snakemake("--cores", "2", *_config_args(tmp), timeout=1500)
+    proc = snakemake_cli("--cores", "2", *_config_args(tmp), timeout=1500)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     cfg = load_config([REPO_ROOT / "config" / "config.yaml", REPO_ROOT / "config" / "test.yaml"],
                       overrides={"results_dir": str(tmp / "results"), "data": {"root": str(tmp / "data")}})
@@ -158,7 +139,7 @@ def test_no_half_written_files(workflow_run):
     assert not leftovers, leftovers
 
 
-def test_rerun_gives_identical_zoo_and_tables(workflow_run):
+def test_rerun_gives_identical_zoo_and_tables(workflow_run, snakemake_cli):
     """Determinism of the DAG: forcing the zoo (and so everything after it) to run again gives identical zoo
     checkpoints (torch.equal) and identical table CSVs (byte for byte)."""
     res, exp = workflow_run["results"], workflow_run["cfg"].experiment
@@ -168,7 +149,7 @@ def test_rerun_gives_identical_zoo_and_tables(workflow_run):
     assert len(before) == len(workflow_run["cfg"].tasks.ids) * workflow_run["cfg"].zoo.n_checkpoints
     # only the tables as targets: the analyses downstream of the zoo are not what this test is about
     targets = [str(res / f"{name}.csv") for name in TABLES]
-    proc = _run_snakemake("--cores", "2", *targets, "--forcerun", "zoo", *_config_args(workflow_run["tmp"]))
+    proc = snakemake_cli("--cores", "2", *targets, "--forcerun", "zoo", *_config_args(workflow_run["tmp"]))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     after = {p.name: load_safetensors(p)[0] for p in sorted(ckpt_dir.glob("*.safetensors"))}
     assert set(after) == set(before)
@@ -191,19 +172,19 @@ def test_zoo_training_deterministic_on_workflow_features(workflow_run):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_snakemake_lint():
+def test_snakemake_lint(snakemake_cli):
     """`snakemake --lint` exits 0 (default config and test config)."""
     for extra in ([], ["--configfile", "config/test.yaml"]):
-        proc = _run_snakemake("--lint", *extra, timeout=300)
+        proc = snakemake_cli("--lint", *extra, timeout=300)
         assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
 
 
 @pytest.mark.skipif(not (REPO_ROOT / "config" / "paper.yaml").exists(), reason="config/paper.yaml does not exist")
-def test_paper_profile_dry_run(tmp_path):
+def test_paper_profile_dry_run(tmp_path, snakemake_cli):
     """`snakemake -n --configfile config/paper.yaml` builds the paper DAG (one fine-tuning job per task)."""
     write_synthetic_cifar10(tmp_path / "data", n_train=50, n_test=20)
-    proc = _run_snakemake("-n", "--cores", "2", "--configfile", "config/paper.yaml", "--config",
-                          f"results_dir={tmp_path / 'results'}", f"data={{root: {tmp_path / 'data'}}}", timeout=300)
+    proc = snakemake_cli("-n", "--cores", "2", "--configfile", "config/paper.yaml", "--config",
+                         f"results_dir={tmp_path / 'results'}", f"data={{root: {tmp_path / 'data'}}}", timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "finetune_task" in out and "train_rpg" in out and "tables" in out
@@ -225,28 +206,28 @@ def _scheduled_rules(dry_run_output: str) -> set[str]:
     return rules
 
 
-def test_config_change_reruns_what_it_affects(workflow_run):
+def test_config_change_reruns_what_it_affects(workflow_run, snakemake_cli):
     """A changed zoo setting (given as the README's nested --config override) reruns the zoo and everything
     downstream of it, nothing upstream; `--list-changes params` names the zoo's jobs. Both override forms parse."""
     tmp = workflow_run["tmp"]
-    proc = _run_snakemake("-n", "--cores", "2", *_config_args(tmp), "zoo={lr: 0.0005}", "train={steps: 7}")
+    proc = snakemake_cli("-n", "--cores", "2", *_config_args(tmp), "zoo={lr: 0.0005}", "train={steps: 7}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     scheduled = _scheduled_rules(proc.stdout)
     assert {"zoo", "split", "train_rpg", "generate", "tables"} <= scheduled, scheduled
     assert not scheduled & {"backbone", "features", "collect_checkpoints", "train_arch_rpg"}, scheduled
-    changes = _run_snakemake("--list-changes", "params", *_config_args(tmp), "zoo={lr: 0.0005}")
+    changes = snakemake_cli("--list-changes", "params", *_config_args(tmp), "zoo={lr: 0.0005}")
     assert changes.returncode == 0 and "zoo" in changes.stdout, changes.stdout[-3000:] + changes.stderr[-3000:]
     # the same config as the run: the tables are up to date (other tests may have rerun part of the DAG)
     tables = [str(workflow_run["results"] / f"{name}.csv") for name in TABLES]
-    unchanged = _run_snakemake("-n", "--cores", "2", *tables, *_config_args(tmp))
+    unchanged = snakemake_cli("-n", "--cores", "2", *tables, *_config_args(tmp))
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr, unchanged.stdout[-3000:]
 
 
-def test_report_has_tables_and_figures(workflow_run):
+def test_report_has_tables_and_figures(workflow_run, snakemake_cli):
     """`snakemake --report` writes one HTML file with the tables, figures and per-rule runtimes."""
     report = workflow_run["tmp"] / "report.html"
-    proc = _run_snakemake("--report", str(report), *_config_args(workflow_run["tmp"]))
+    proc = snakemake_cli("--report", str(report), *_config_args(workflow_run["tmp"]))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     html = report.read_text(errors="replace")
     assert "table11.csv" in html and "table1.csv" in html and "pca_heads.png" in html
