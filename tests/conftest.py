@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 
 from rpg.checkpoint import save_rpg  # noqa: E402
 from rpg.config import DiffusionConfig, ModelConfig  # noqa: E402
+from rpg.data import write_synthetic_cifar10  # noqa: E402
 from rpg.experiments.task_zoo.heads import initial_head  # noqa: E402
 from rpg.model import RPG  # noqa: E402
 from rpg.tokenize import Tokenizer  # noqa: E402
@@ -37,6 +39,23 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Snakemake: the test DAG and command lines
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def snakemake_env() -> dict[str, str]:
+    """This process's environment, W&B off, this Python's bin folder first (where `snakemake` is installed)."""
+    return {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def workflow_config_args(tmp: Path) -> list[str]:
+    """The test DAG's config: config/test.yaml, with results and the synthetic CIFAR-10 under `tmp`."""
+    # Snakemake merges --config into the config files recursively, so data: {root: ...} keeps the other data keys.
+    return ["--configfile", "config/test.yaml", "--config", f"results_dir={tmp / 'results'}",
+            f"data={{root: {tmp / 'data'}}}"]
+
+
 class SnakemakeRunner:
     """`snakemake` command lines, run from the repository root, through one tests/_snakemake_server.py process.
 
@@ -47,13 +66,8 @@ class SnakemakeRunner:
     def __init__(self) -> None:
         # -P: like the `snakemake` executable, nothing of tests/ on sys.path
         self._server = subprocess.Popen([sys.executable, "-P", str(REPO_ROOT / "tests" / "_snakemake_server.py")],
-                                        cwd=REPO_ROOT, env=self._env(), stdin=subprocess.PIPE,
+                                        cwd=REPO_ROOT, env=snakemake_env(), stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
-
-    @staticmethod
-    def _env() -> dict[str, str]:
-        """This process's environment, W&B off, this Python's bin folder first (where `snakemake` is installed)."""
-        return {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
     def __call__(self, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         """`snakemake *args`; returncode -14 means it ran past `timeout` seconds."""
@@ -61,7 +75,7 @@ class SnakemakeRunner:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             out.touch()
             err.touch()
-            request = {"args": list(args), "cwd": str(REPO_ROOT), "env": self._env(), "stdout": str(out),
+            request = {"args": list(args), "cwd": str(REPO_ROOT), "env": snakemake_env(), "stdout": str(out),
                        "stderr": str(err), "timeout": timeout}
             self._server.stdin.write(json.dumps(request) + "\n")
             self._server.stdin.flush()
@@ -73,17 +87,82 @@ class SnakemakeRunner:
 
     def close(self) -> None:
         self._server.stdin.close()
-        self._server.wait(timeout=60)
+        try:
+            self._server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a command still running (an interrupted session)
+            self._server.kill()
+            self._server.wait()
+
+
+class WorkflowRun:
+    """The whole test DAG (`snakemake --cores 2`, default target: every table, figure and notebook) on synthetic
+    CIFAR-10 under `tmp`, running in the background from the moment it is created; `result()` waits for it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        write_synthetic_cifar10(tmp / "data", n_train=600, n_test=200)
+        # The longest chain of jobs (backbone -> ... -> table13 -> its notebook) first, so the Table 1 jobs fill the
+        # other core instead of leaving that chain to run alone at the end.
+        chain_end = tmp / "results" / "notebooks" / "finetune_curves.ipynb"
+        self._output = (tmp / "snakemake.out").open("w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "snakemake", "--cores", "2", "--prioritize", str(chain_end),
+             *workflow_config_args(tmp)], cwd=REPO_ROOT, env=snakemake_env(), stdout=self._output,
+            stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: stop() ends its jobs too
+
+    def result(self, timeout: float = 1500) -> subprocess.CompletedProcess:
+        """Wait for the run; its stdout and stderr together as `stdout`."""
+        self._proc.wait(timeout=timeout)
+        self._output.seek(0)
+        return subprocess.CompletedProcess(self._proc.args, self._proc.returncode, self._output.read(), "")
+
+    def stop(self) -> None:
+        """End the run and its jobs if still running (an interrupted session)."""
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._output.close()
+
+
+_snakemake: dict[str, SnakemakeRunner | WorkflowRun] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_snakemake_early(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Before the first test: start what the selected tests need of Snakemake, so that it runs beside the tests
+    before them (one thread each) on the second core. The test DAG (~250 s of work for one core) then no longer
+    runs alone, and the snakemake_cli server's imports (~10 s) are done when it is first called."""
+    if importlib.util.find_spec("snakemake") is not None:
+        needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+        if "workflow_dag" in needed:
+            _snakemake["dag"] = WorkflowRun(tmp_path_factory.mktemp("workflow"))
+        if "snakemake_cli" in needed:
+            _snakemake["cli"] = SnakemakeRunner()
+    yield
+    if "dag" in _snakemake:
+        _snakemake.pop("dag").stop()
+    if "cli" in _snakemake:
+        _snakemake.pop("cli").close()
 
 
 @pytest.fixture(scope="session")
-def snakemake_cli() -> Iterator[SnakemakeRunner]:
+def snakemake_cli() -> SnakemakeRunner:
     """Runs `snakemake` command lines (skips the test where Snakemake is not installed)."""
-    if importlib.util.find_spec("snakemake") is None:
+    if "cli" not in _snakemake:
         pytest.skip("snakemake is not installed")
-    runner = SnakemakeRunner()
-    yield runner
-    runner.close()
+    return _snakemake["cli"]
+
+
+@pytest.fixture(scope="session")
+def workflow_dag() -> WorkflowRun:
+    """The test DAG's run, started with the session (skips the test where Snakemake is not installed)."""
+    if "dag" not in _snakemake:
+        pytest.skip("snakemake is not installed")
+    return _snakemake["dag"]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

@@ -1,20 +1,18 @@
 """End to end: the whole Snakemake DAG on synthetic CIFAR-10 (config/test.yaml), lint, the paper profile's DAG,
 and determinism (same config and seed -> same zoo and same tables).
 
-The DAG runs once per module from the repository root, writing only under pytest's tmp folder. Every `snakemake`
-command line goes through conftest's `snakemake_cli` (the real command line, without paying the Snakefile's imports
-for each of them).
+The DAG runs once per session from the repository root, writing only under pytest's tmp folder; it starts with the
+session (conftest.WorkflowRun), beside the tests before this module. Every other `snakemake` command line goes through
+conftest's `snakemake_cli` (the real command line, without paying the Snakefile's imports for each of them).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, workflow_config_args
 from rpg.config import load_config
 from rpg.data import write_synthetic_cifar10
 from rpg.experiments.task_zoo.tasks import embedding_to_id
@@ -39,24 +37,36 @@ TASK_TABLE_COLUMNS = [
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _config_args(tmp: Path) -> list[str]:
-    # Snakemake merges --config into the config files recursively, so data: {root: ...} keeps the other data keys.
-    return ["--configfile", "config/test.yaml", "--config", f"results_dir={tmp / 'results'}",
-            f"data={{root: {tmp / 'data'}}}"]
-
-
 @pytest.fixture(scope="module")
-def workflow_run(tmp_path_factory, snakemake_cli):
-    tmp = tmp_path_factory.mktemp("workflow")
-    write_synthetic_cifar10(tmp / "data", n_train=600, n_test=200)
-    # The default target (every table, figure and notebook). The longest chain of jobs (backbone -> ... -> table13
-    # -> its notebook) first, so the Table 1 jobs fill the other core instead of leaving it to run alone at the end.
-    chain_end = tmp / "results" / "notebooks" / "finetune_curves.ipynb"
-    proc = snakemake_cli("--cores", "2", "--prioritize", str(chain_end), *_config_args(tmp), timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+def workflow_run(workflow_dag):
+    """The test DAG's results (conftest.WorkflowRun: it started with the session)."""
+    proc = workflow_dag.result()
+    assert proc.returncode == 0, proc.stdout[-10000:]
+    tmp = workflow_dag.tmp
     cfg = load_config([REPO_ROOT / "config" / "config.yaml", REPO_ROOT / "config" / "test.yaml"],
                       overrides={"results_dir": str(tmp / "results"), "data": {"root": str(tmp / "data")}})
-    return {"tmp": tmp, "results": tmp / "results", "cfg": cfg, "log": proc.stdout + proc.stderr}
+    return {"tmp": tmp, "results": tmp / "results", "cfg": cfg, "log": proc.stdout}
+
+
+# First the tests that do not need the DAG's results: they run while it finishes (it started with the session).
+
+
+def test_snakemake_lint(snakemake_cli):
+    """`snakemake --lint` exits 0 (default config and test config)."""
+    for extra in ([], ["--configfile", "config/test.yaml"]):
+        proc = snakemake_cli("--lint", *extra, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.skipif(not (REPO_ROOT / "config" / "paper.yaml").exists(), reason="config/paper.yaml does not exist")
+def test_paper_profile_dry_run(tmp_path, snakemake_cli):
+    """`snakemake -n --configfile config/paper.yaml` builds the paper DAG (one fine-tuning job per task)."""
+    write_synthetic_cifar10(tmp_path / "data", n_train=50, n_test=20)
+    proc = snakemake_cli("-n", "--cores", "2", "--configfile", "config/paper.yaml", "--config",
+                         f"results_dir={tmp_path / 'results'}", f"data={{root: {tmp_path / 'data'}}}", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "finetune_task" in out and "train_rpg" in out and "tables" in out
 
 
 def test_tables_exist_with_expected_columns(workflow_run):
@@ -152,7 +162,7 @@ def test_rerun_gives_identical_zoo_and_tables(workflow_run, snakemake_cli):
     assert len(before) == len(workflow_run["cfg"].tasks.ids) * workflow_run["cfg"].zoo.n_checkpoints
     # only the tables as targets: the analyses downstream of the zoo are not what this test is about
     targets = [str(res / f"{name}.csv") for name in TABLES]
-    proc = snakemake_cli("--cores", "2", *targets, "--forcerun", "zoo", *_config_args(workflow_run["tmp"]))
+    proc = snakemake_cli("--cores", "2", *targets, "--forcerun", "zoo", *workflow_config_args(workflow_run["tmp"]))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     after = {p.name: load_safetensors(p)[0] for p in sorted(ckpt_dir.glob("*.safetensors"))}
     assert set(after) == set(before)
@@ -175,24 +185,6 @@ def test_zoo_training_deterministic_on_workflow_features(workflow_run):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_snakemake_lint(snakemake_cli):
-    """`snakemake --lint` exits 0 (default config and test config)."""
-    for extra in ([], ["--configfile", "config/test.yaml"]):
-        proc = snakemake_cli("--lint", *extra, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-
-
-@pytest.mark.skipif(not (REPO_ROOT / "config" / "paper.yaml").exists(), reason="config/paper.yaml does not exist")
-def test_paper_profile_dry_run(tmp_path, snakemake_cli):
-    """`snakemake -n --configfile config/paper.yaml` builds the paper DAG (one fine-tuning job per task)."""
-    write_synthetic_cifar10(tmp_path / "data", n_train=50, n_test=20)
-    proc = snakemake_cli("-n", "--cores", "2", "--configfile", "config/paper.yaml", "--config",
-                         f"results_dir={tmp_path / 'results'}", f"data={{root: {tmp_path / 'data'}}}", timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    assert "finetune_task" in out and "train_rpg" in out and "tables" in out
-
-
 def _scheduled_rules(dry_run_output: str) -> set[str]:
     """Rule names in the 'Job stats' table of a dry run."""
     rules, in_stats = set(), False
@@ -213,24 +205,24 @@ def test_config_change_reruns_what_it_affects(workflow_run, snakemake_cli):
     """A changed zoo setting (given as the README's nested --config override) reruns the zoo and everything
     downstream of it, nothing upstream; `--list-changes params` names the zoo's jobs. Both override forms parse."""
     tmp = workflow_run["tmp"]
-    proc = snakemake_cli("-n", "--cores", "2", *_config_args(tmp), "zoo={lr: 0.0005}", "train={steps: 7}")
+    proc = snakemake_cli("-n", "--cores", "2", *workflow_config_args(tmp), "zoo={lr: 0.0005}", "train={steps: 7}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     scheduled = _scheduled_rules(proc.stdout)
     assert {"zoo", "split", "train_rpg", "generate", "tables"} <= scheduled, scheduled
     assert not scheduled & {"backbone", "features", "collect_checkpoints", "train_arch_rpg"}, scheduled
-    changes = snakemake_cli("--list-changes", "params", *_config_args(tmp), "zoo={lr: 0.0005}")
+    changes = snakemake_cli("--list-changes", "params", *workflow_config_args(tmp), "zoo={lr: 0.0005}")
     assert changes.returncode == 0 and "zoo" in changes.stdout, changes.stdout[-3000:] + changes.stderr[-3000:]
     # the same config as the run: the tables are up to date (other tests may have rerun part of the DAG)
     tables = [str(workflow_run["results"] / f"{name}.csv") for name in TABLES]
-    unchanged = snakemake_cli("-n", "--cores", "2", *tables, *_config_args(tmp))
+    unchanged = snakemake_cli("-n", "--cores", "2", *tables, *workflow_config_args(tmp))
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr, unchanged.stdout[-3000:]
 
 
 def test_report_has_tables_and_figures(workflow_run, snakemake_cli):
     """`snakemake --report` writes one HTML file with the tables, figures and per-rule runtimes."""
     report = workflow_run["tmp"] / "report.html"
-    proc = snakemake_cli("--report", str(report), *_config_args(workflow_run["tmp"]))
+    proc = snakemake_cli("--report", str(report), *workflow_config_args(workflow_run["tmp"]))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     html = report.read_text(errors="replace")
     assert "table11.csv" in html and "table1.csv" in html and "pca_heads.png" in html
