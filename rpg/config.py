@@ -295,6 +295,7 @@ class AblationsConfig:
     position: tuple[str, ...] = ("2d", "1d", "learnable")
     permutation_runs: tuple[int, ...] = (1, 3, 10)
     token_size: tuple[int, ...] = (64, 128, 256, 512)
+    seeds: int = 1
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from rpg.experiments.arch_study import study as ax
+from rpg.config import config_from_dict
 from rpg.experiments.arch_study.baselines import BASELINES, compare_with_collection, summary_columns
 from rpg.tokenize import VAR_FLOOR
 from rpg.utils import save_safetensors_atomic
@@ -223,3 +225,41 @@ def test_recomputed_batchnorm_statistics_are_the_data_average():
     assert torch.allclose(net[2].running_mean, feats.mean(0), atol=1e-5)
     assert torch.allclose(net[2].running_var, feats.var(0, unbiased=True), atol=1e-4)
     assert torch.equal(net[1].weight, weights) and not net.training and net[2].momentum == 0.1
+
+
+def _replicate(directory, variant: str, generated: list[float], best_step: int):
+    """A variant's samples.csv and summary.json as generate_variant writes them (no novelty columns)."""
+    directory.mkdir(parents=True)
+    rows = [("original", 0.6), ("original", 0.62)] + [("generated", a) for a in generated]
+    table = pd.DataFrame(rows, columns=["kind", "accuracy"])
+    table["architecture"], table["variant"] = "cnn_m", variant
+    table.to_csv(directory / "samples.csv", index=False)
+    training = {"n_params_generated": 93, "n_tokens": 8, "token_size": 16, "steps": best_step, "max_steps": 800,
+                "best_step": best_step, "hit_max_steps": best_step == 800, "stopped_early": False, "seconds": 10.0,
+                "peak_rss_mb": 1.0, "generator_params": 10}
+    (directory / "summary.json").write_text(json.dumps({"training": training, "seconds_per_model": 0.1,
+                                                        "sampler": "ddim", "sample_steps": 10}))
+    return directory / "samples.csv"
+
+
+def test_ablation_rows_are_means_over_replicates_with_their_spread(tmp_path):
+    """write_ablation: one row per setting in the configured order, mean and sample std over its replicates (the
+    seeds), n_seeds, hit_max_steps if any replicate hit it; every replicate's own row in the replicates file."""
+    csvs = [_replicate(tmp_path / "a0", "mamba-2d-perm-runs3-tok16", [0.50, 0.54], 400),
+            _replicate(tmp_path / "a1", "mamba-2d-perm-runs3-tok16-seed1", [0.40, 0.44], 800),
+            _replicate(tmp_path / "b0", "mamba-2d-noperm-runs3-tok16", [0.10, 0.12], 200),
+            _replicate(tmp_path / "b1", "mamba-2d-noperm-runs3-tok16-seed1", [0.14, 0.16], 600)]
+    labels = ["with", "with", "without", "without"]
+    out, replicates = tmp_path / "permutation.csv", tmp_path / "permutation.replicates.csv"
+    table = ax.write_ablation(config_from_dict({}), "permutation", labels, csvs, out, replicates)
+    assert table.setting.tolist() == ["with", "without"] and (table.n_seeds == 2).all()
+    with_state = table.iloc[0]
+    assert with_state.generated_avg == pytest.approx((52 + 42) / 2)
+    assert with_state.generated_avg_std == pytest.approx(pd.Series([52.0, 42.0]).std(), abs=1e-4)  # rounded
+    assert with_state.best_step == 600
+    assert with_state.best_step_std == pytest.approx(pd.Series([400, 800]).std(), abs=1e-4)
+    assert bool(with_state.hit_max_steps) and not bool(table.iloc[1].hit_max_steps)
+    assert with_state.variant == "mamba-2d-perm-runs3-tok16 mamba-2d-perm-runs3-tok16-seed1"
+    per_seed = pd.read_csv(replicates)
+    assert len(per_seed) == 4 and per_seed.generated_avg.tolist() == pytest.approx([52, 42, 11, 15])
+    assert pd.read_csv(out).generated_avg_std.tolist() == table.generated_avg_std.tolist()

@@ -106,8 +106,12 @@ def test_collect_run_refuses_a_backbone_of_another_shape(tmp_path):
 def test_variant_names_round_trip_and_reject_garbage():
     v = ax.Variant("lstm", "learnable", False, 10, 64)
     assert v.id == "lstm-learnable-noperm-runs10-tok64" and ax.Variant.parse(v.id) == v
-    with pytest.raises(ValueError, match="not a variant name"):
-        ax.Variant.parse("mamba-3d-perm-runs1-tok64")
+    replicate = ax.Variant("mamba", "2d", True, 3, 256, seed=2)
+    assert replicate.id == "mamba-2d-perm-runs3-tok256-seed2" and ax.Variant.parse(replicate.id) == replicate
+    assert replicate.seed_of(5) == 5 + 2 * ax.SEED_STRIDE and v.seed_of(5) == 5
+    for garbage in ("mamba-3d-perm-runs1-tok64", "mamba-2d-perm-runs1-tok64-seed0", "mamba-2d-perm-runs1-tok64-s1"):
+        with pytest.raises(ValueError, match="not a variant name"):
+            ax.Variant.parse(garbage)
 
 
 def test_ablations_change_one_thing_and_share_the_table1_setting():
@@ -123,6 +127,19 @@ def test_ablations_change_one_thing_and_share_the_table1_setting():
     assert [(v.permutation_state, v.runs) for _, v in perm] == [(True, 1), (False, 1), (True, 3), (False, 3),
                                                                  (True, 10), (False, 10)]
     assert ax.variant_model_config(ax.arch_spec(cfg, "cnn_s"), perm[5][1], n).condition == "none"
+
+
+def test_ablation_seeds_replicate_every_setting_under_its_label():
+    """architectures.ablations.seeds = 3: each setting three times (replicates 0, 1, 2, in order, same label);
+    replicate 0 is the one-seed variant, so the settings shared between families are still trained once."""
+    n = 3014
+    one = ax.ablation_variants(config_from_dict({}), n)
+    three = ax.ablation_variants(config_from_dict({"architectures": {"ablations": {"seeds": 3}}}), n)
+    for family, rows in one.items():
+        assert [(label, v.seed) for label, v in three[family]] == [(label, k) for label, _ in rows for k in range(3)]
+        assert [v for _, v in three[family] if v.seed == 0] == [v for _, v in rows]
+    ids = [v.id for rows in three.values() for _, v in rows]
+    assert len(set(ids)) == len({v.id for rows in one.values() for _, v in rows}) * 3
 
 
 def test_auto_size_follows_table15():

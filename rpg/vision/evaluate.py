@@ -47,9 +47,10 @@ class ImageEvaluator:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, prepare: Callable[[torch.Tensor], torch.Tensor]
                  | None = None, img_size: int = 32, device: torch.device | str = "cpu", batch_size: int = 1000,
-                 bf16: bool = False, flip_average: bool = False):
+                 bf16: bool = False, flip_average: bool = False, channels_last: bool = True):
         self.images, self.labels = images, labels.cpu()
-        self.prepare = prepare or Preprocess(img_size=img_size, device=device)
+        # channels-last inputs: 1.6-1.7x faster forward passes of the BatchNorm CNNs on the 2-core CPUs (oneDNN)
+        self.prepare = prepare or Preprocess(img_size=img_size, device=device, channels_last=channels_last)
         self.batch_size, self.bf16, self.flip_average = batch_size, bf16, flip_average
 
     def predict(self, model: nn.Module) -> torch.Tensor:

@@ -112,6 +112,7 @@ rule ablation:
             caption="../report/table.rst",
             category="Architecture study (Table 1, ablations)",
         ),
+        replicates=f"{RES}/ablations/{{family}}.replicates.csv",
     log:
         f"{RES}/logs/table1/ablation_{{family}}.log",
     conda:

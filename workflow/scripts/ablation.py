@@ -4,4 +4,4 @@ from rpg.experiments.rules import run_rule
 
 smk = snakemake  # noqa: F821
 run_rule(smk, lambda cfg: write_ablation(cfg, smk.wildcards.family, smk.params.labels, smk.input.samples,
-                                         smk.output.table))
+                                         smk.output.table, smk.output.replicates))

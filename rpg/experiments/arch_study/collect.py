@@ -91,9 +91,10 @@ def train_collection(train_images: torch.Tensor, train_labels: torch.Tensor, *, 
         rows.append({"file": path.name, "run": run, "index": k, "step": done, "scored": scored, **scores})
 
     t0 = time.perf_counter()
+    prepare = Preprocess(img_size=img_size, device=dev, channels_last=True)  # oneDNN's faster layout on CPU
     train_classifier(model, train_images, train_labels, steps=total, batch_size=recipe.batch_size, optimizer=opt,
                      lr_at=lambda step: _lr_at(step, main_steps, recipe), gen=torch.Generator().manual_seed(seed),
-                     prepare=Preprocess(img_size=img_size, device=dev), translate=recipe.translate, flip=recipe.flip,
+                     prepare=prepare, translate=recipe.translate, flip=recipe.flip,
                      label_smoothing=recipe.label_smoothing, bf16=resolve_amp(recipe.amp, dev),
                      on_step=save_checkpoint, progress=progress, desc=f"collect {arch} run {run}")
     table = pd.DataFrame(rows)

@@ -8,9 +8,11 @@ generate_variant  sample full models, evaluate them and the originals on the tes
 write_table1 / write_ablation   the tables
 
 A *variant* is one generator setting on one architecture's collection, named by what the ablations vary:
-``<recurrent>-<position>-<perm|noperm>-runs<R>-tok<token size>`` (e.g. ``mamba-2d-perm-runs1-tok256``). Table 1 uses
-each architecture's configured setting; an ablation changes one thing of the ablation architecture's setting, so
-variants that coincide (e.g. Mamba in the recurrent family and 2-D in the position family) are trained once.
+``<recurrent>-<position>-<perm|noperm>-runs<R>-tok<token size>[-seed<k>]`` (e.g. ``mamba-2d-perm-runs1-tok256``).
+Table 1 uses each architecture's configured setting; an ablation changes one thing of the ablation architecture's
+setting, so variants that coincide (e.g. Mamba in the recurrent family and 2-D in the position family) are trained
+once. `-seed<k>` (k >= 1) is an independent replicate of the same setting: the generator's training and sampling
+draw from seed + k * SEED_STRIDE (`architectures.ablations.seeds` replicates per setting; replicate 0 has no suffix).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from rpg.utils import (load_safetensors, read_safetensors_metadata, resolve_devi
                        write_csv_atomic, write_json_atomic, write_text_atomic)
 
 STUDIES = ("main", "ablation")  # Table 1 generators / ablation generators (shorter training, ablations.train)
-VARIANT_PATTERN = r"(mamba|lstm|transformer|none)-(2d|1d|learnable)-(perm|noperm)-runs(\d+)-tok(\d+)"
+VARIANT_PATTERN = (r"(mamba|lstm|transformer|none)-(2d|1d|learnable)-(perm|noperm)-runs(\d+)-tok(\d+)"
+                   r"(?:-seed([1-9]\d*))?")
+SEED_STRIDE = 7919  # replicate k of a variant trains and samples from cfg.seed + k * SEED_STRIDE
 ABLATION_FAMILIES = ("recurrent", "position", "permutation", "token_size")
 
 
@@ -71,19 +75,26 @@ class Variant:
     permutation_state: bool
     runs: int
     token_size: int
+    seed: int = 0  # replicate index (0: the setting's first generator)
 
     @property
     def id(self) -> str:
         perm = "perm" if self.permutation_state else "noperm"
-        return f"{self.recurrent}-{self.position}-{perm}-runs{self.runs}-tok{self.token_size}"
+        replicate = f"-seed{self.seed}" if self.seed else ""
+        return f"{self.recurrent}-{self.position}-{perm}-runs{self.runs}-tok{self.token_size}{replicate}"
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
         m = re.fullmatch(VARIANT_PATTERN, text)
         if m is None:
-            raise ValueError(f"'{text}' is not a variant name (expected e.g. mamba-2d-perm-runs1-tok256)")
-        rec, pos, perm, runs, tok = m.groups()
-        return cls(rec, pos, perm == "perm", int(runs), int(tok))
+            raise ValueError(f"'{text}' is not a variant name (expected e.g. mamba-2d-perm-runs1-tok256 or "
+                             "mamba-2d-perm-runs1-tok256-seed2)")
+        rec, pos, perm, runs, tok, seed = m.groups()
+        return cls(rec, pos, perm == "perm", int(runs), int(tok), int(seed or 0))
+
+    def seed_of(self, base: int) -> int:
+        """The seed this replicate's generator trains and samples from."""
+        return base + SEED_STRIDE * self.seed
 
 
 def arch_spec(cfg: Config, name: str, study: str = "main") -> ArchSpec:
@@ -126,11 +137,12 @@ def variant_model_config(spec: ArchSpec, variant: Variant, n_params: int) -> Mod
 
 
 def ablation_variants(cfg: Config, n_params: int) -> dict[str, list[tuple[str, Variant]]]:
-    """family -> [(setting label, variant)] for the ablation architecture."""
+    """family -> [(setting label, variant)] for the ablation architecture: each setting `ablations.seeds` times
+    (replicates 0, 1, ... in order, under the same label)."""
     ab = cfg.architectures.ablations
     base = main_variant(cfg, ab.arch, n_params)
     rep = dataclasses.replace
-    return {
+    settings = {
         "recurrent": [(r, rep(base, recurrent=r)) for r in ab.recurrent],
         "position": [(p, rep(base, position=p)) for p in ab.position],
         "permutation": [(f"{'with' if on else 'without'} permutation state, {r} run{'s' * (r > 1)}",
@@ -138,6 +150,8 @@ def ablation_variants(cfg: Config, n_params: int) -> dict[str, list[tuple[str, V
                         for r in ab.permutation_runs for on in (True, False)],
         "token_size": [(str(t), rep(base, token_size=t)) for t in ab.token_size],
     }
+    return {family: [(label, rep(v, seed=k)) for label, v in rows for k in range(ab.seeds)]
+            for family, rows in settings.items()}
 
 
 def parameter_count(spec: ArchSpec) -> int:
@@ -230,7 +244,7 @@ def train_variant(cfg: Config, name: str, variant_id: str, run_dirs: Sequence[st
                              directory=Path(cfg.results_dir) / "wandb")
     summary = train_on_collection(
         state_dicts, out_dir, model_cfg=model_cfg, diffusion_cfg=cfg.diffusion, train_cfg=spec.train,
-        seed=cfg.seed, device=device, score_fn=data.val.state_dict_scorer(template),
+        seed=variant.seed_of(cfg.seed), device=device, score_fn=data.val.state_dict_scorer(template),
         val_samples=spec.train.val_samples, names=[str(f) for f in files], tracker=tracker,
         progress=cfg.logging.progress, force=True)  # the workflow's config decides: a new step count retrains
     tracker.finish()
@@ -257,7 +271,8 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     model, tokenizer, diffusion_cfg, meta = load_rpg(rpg_path, device)
     n = cfg.architectures.samples
     start = time.perf_counter()
-    sds = sample_models(model, tokenizer, diffusion_cfg, n, seed=cfg.seed + 29, mode=cfg.generate.mode,
+    seed = variant.seed_of(cfg.seed)
+    sds = sample_models(model, tokenizer, diffusion_cfg, n, seed=seed + 29, mode=cfg.generate.mode,
                         tokens_per_call=cfg.generate.tokens_per_call, bf16=spec.train.bf16)
     gen_seconds = (time.perf_counter() - start) / n
     template = build_model(spec.arch, spec.model_kwargs).to(device)
@@ -274,13 +289,13 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     variants = {}
     n_bn = cfg.architectures.bn_recompute_images
     if n_bn > 0 and has_batchnorm(template):
-        variants["generated_bn_recomputed"] = bn_recomputed(template, sds, data, n_bn, seed=cfg.seed + 37)
+        variants["generated_bn_recomputed"] = bn_recomputed(template, sds, data, n_bn, seed=seed + 37)
     pred_files = [files[i].with_name(predictions_name(int(files[i].stem))) for i in scored]
     scored_preds = (torch.stack([load_safetensors(f)[0]["test"] for f in pred_files])
                     if all(f.is_file() for f in pred_files) else None)
     table, baseline_settings = compare_with_collection(
         [load_safetensors(f)[0] for f in files], sds, data.test.state_dict_predictor(template), data.test.labels,
-        seed=cfg.seed + 31, scored=scored, n_baseline=cfg.architectures.baseline_samples, variants=variants,
+        seed=seed + 31, scored=scored, n_baseline=cfg.architectures.baseline_samples, variants=variants,
         scored_preds=scored_preds)
     table = _with_sources(table, [files[i] for i in scored], models_dir)
     table["architecture"], table["variant"] = name, variant_id
@@ -370,10 +385,30 @@ def write_table1(cfg: Config, samples_csvs: Sequence[str | Path], out_csv: str |
     return _write_table(cfg, [summarise_variant(p) for p in samples_csvs], out_csv)
 
 
+# Columns of an ablation row given as the mean over the setting's replicates with their standard deviation beside.
+REPLICATE_STD_COLUMNS = ("generated_best", "generated_avg", "generated_min", "gap_best", "gap_avg", "best_step",
+                         "train_seconds")
+
+
 def write_ablation(cfg: Config, family: str, labels: Sequence[str], samples_csvs: Sequence[str | Path],
-                   out_csv: str | Path) -> pd.DataFrame:
-    """ablations/<family>.csv: one row per setting of the family."""
+                   out_csv: str | Path, replicates_csv: str | Path) -> pd.DataFrame:
+    """ablations/<family>.csv: one row per setting of the family, its numbers the mean over the setting's replicates
+    (`architectures.ablations.seeds`; `n_seeds`, and `<column>_std` for REPLICATE_STD_COLUMNS, the sample standard
+    deviation, NaN for one replicate). Every replicate's own row goes to `replicates_csv`."""
     if len(labels) != len(samples_csvs):
         raise ValueError(f"{len(labels)} labels for {len(samples_csvs)} variants")
-    rows = [{"family": family, "setting": label, **summarise_variant(p)} for label, p in zip(labels, samples_csvs)]
+    per_seed = pd.DataFrame([{"family": family, "setting": label, **summarise_variant(p)}
+                             for label, p in zip(labels, samples_csvs)])
+    write_csv_atomic(replicates_csv, per_seed.round(4))
+    rows = []
+    for label in dict.fromkeys(labels):  # the settings in their configured order
+        group = per_seed[per_seed.setting == label]
+        row = {column: (group[column].mean() if pd.api.types.is_numeric_dtype(group[column])
+                        and not pd.api.types.is_bool_dtype(group[column]) else group[column].iloc[0])
+               for column in group.columns}
+        row["variant"] = " ".join(group.variant)
+        row["n_seeds"] = len(group)
+        row.update({f"{column}_std": group[column].std() for column in REPLICATE_STD_COLUMNS})
+        row["hit_max_steps"] = bool(group.hit_max_steps.fillna(False).any())
+        rows.append(row)
     return _write_table(cfg, rows, out_csv)
