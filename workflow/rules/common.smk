@@ -210,7 +210,11 @@ def zoo_owner(key):
 def features_of(regime):
     """The features a regime's heads are trained and scored on: the workflow's, or its domain features."""
     key = ST.domain_features_key(regime_cfg(regime))
-    return FEATURES if key is None else f"{STUDY}/domain_features/{key}/features.safetensors"
+    return (
+        FEATURES
+        if key is None
+        else f"{STUDY}/domain_features/{key}/features.safetensors"
+    )
 
 
 def regime_features(wildcards):

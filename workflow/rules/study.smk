@@ -128,7 +128,13 @@ rule study_generate:
         stage="generate",
         regime=lambda wc: wc.regime,
         setting=regime_setting(
-            "seed", "rpg", "diffusion", "generate", "train.canonicalise", "tasks", "domains"
+            "seed",
+            "rpg",
+            "diffusion",
+            "generate",
+            "train.canonicalise",
+            "tasks",
+            "domains",
         ),
     script:
         "../scripts/study_stage.py"
