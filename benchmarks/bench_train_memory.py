@@ -153,7 +153,7 @@ def run_size(job: dict[str, Any]) -> dict[str, Any]:
         idx = torch.randint(0, k, (batch_size,), generator=gen)
         picked = torch.randperm(batch_size * n, generator=gen)[: job["diffusion_batch"]]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = objective(tokens[idx.to(device)], mask, picked.to(device), idx.to(device), None, noise_gen)
+            loss = objective(tokens, idx.to(device), mask, picked.to(device), idx.to(device), None, noise_gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

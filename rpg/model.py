@@ -70,6 +70,32 @@ class RPG(nn.Module):
     def n_permutation_states(self) -> int:
         return 0 if self.permutation is None else self.permutation.num_embeddings
 
+    def _codes(self, batch_size: int, perm: torch.Tensor | None, cond: torch.Tensor | None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The per-sample vectors added to every token's position: permutation state and task code, (B, D) each
+        (None where the model has none)."""
+        perm_code = cond_code = None
+        if self.permutation is not None:
+            if perm is None:
+                raise ValueError("this RPG has permutation states: pass perm (B,) row indices")
+            perm_code = self.permutation(perm)  # (B, D)
+        if self.task_encoder is not None:
+            if cond is None:
+                raise ValueError("this RPG is task-conditioned: pass cond (B, condition_dim)")
+            cond_code = self.task_encoder(cond)  # (B, D)
+        return perm_code, cond_code
+
+    def recurrent_input(self, start: int, end: int, batch_size: int, perm_code: torch.Tensor | None,
+                        cond_code: torch.Tensor | None) -> torch.Tensor:
+        """The recurrent model's input for tokens start..end-1: position (+ permutation state, + gated task code).
+        Shapes: codes (B, D) -> (B, end - start, D)."""
+        x = self.position()[start:end][None].expand(batch_size, -1, -1)  # (B, T, D)
+        if perm_code is not None:
+            x = x + perm_code[:, None, :]
+        if cond_code is not None:
+            x = x + cond_code[:, None, :] * self.condition_gate[start:end]
+        return x
+
     def prototypes(self, batch_size: int, perm: torch.Tensor | None = None,
                    cond: torch.Tensor | None = None) -> torch.Tensor:
         """One prototype per token for each element of the batch.
@@ -78,13 +104,21 @@ class RPG(nn.Module):
             perm: (B,) permutation-state rows (required iff the model has permutation states).
             cond: (B, condition_dim) task bits (required iff condition == "task").
         """
-        x = self.position()[None].expand(batch_size, -1, -1)  # (B, N, D)
-        if self.permutation is not None:
-            if perm is None:
-                raise ValueError("this RPG has permutation states: pass perm (B,) row indices")
-            x = x + self.permutation(perm)[:, None, :]
-        if self.task_encoder is not None:
-            if cond is None:
-                raise ValueError("this RPG is task-conditioned: pass cond (B, condition_dim)")
-            x = x + self.task_encoder(cond)[:, None, :] * self.condition_gate  # (B, N, D)
-        return self.recurrent(x)  # (B, N, D)
+        codes = self._codes(batch_size, perm, cond)
+        return self.recurrent(self.recurrent_input(0, self.n_tokens, batch_size, *codes))  # (B, N, D)
+
+    def prototypes_at(self, picked: torch.Tensor, batch_size: int, perm: torch.Tensor | None = None,
+                      cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The prototypes of the tokens `picked` (M,), flat indices into the B * N tokens of the batch: the values
+        of `prototypes(...).reshape(B * N, -1)[picked]`, shape (M, D).
+
+        With segment checkpointing in training (`MambaStack.picked_segments`), the recurrent input and output are
+        built and kept one segment of tokens at a time and only the picked rows outlive their segment, so no
+        (B, N, D) tensor (nor its gradient) exists: what a training step holds then barely grows with N.
+        """
+        if getattr(self.recurrent, "picked_segments", lambda: False)():
+            codes = self._codes(batch_size, perm, cond)
+            return self.recurrent.forward_picked(
+                lambda start, end, *c: self.recurrent_input(start, end, batch_size, *c), codes, self.n_tokens,
+                picked)
+        return self.prototypes(batch_size, perm, cond).reshape(batch_size * self.n_tokens, -1)[picked]

@@ -71,15 +71,19 @@ class DiffusionObjective(nn.Module):
         self.model = model
         self.diffusion = diffusion
 
-    def forward(self, x0: torch.Tensor, mask: torch.Tensor, picked: torch.Tensor, perm: torch.Tensor | None,
-                cond: torch.Tensor | None, generator: torch.Generator | None = None, *,
+    def forward(self, tokens: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, picked: torch.Tensor,
+                perm: torch.Tensor | None, cond: torch.Tensor | None, generator: torch.Generator | None = None, *,
                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 denominator: torch.Tensor | None = None) -> torch.Tensor:
-        """Shapes: x0 (B, N, L); mask (N, L); picked (M,) flat indices into B*N tokens; t (M,), noise (M, L) (drawn
-        from `generator` when not given); see `GaussianDiffusion.training_loss` for `denominator`."""
-        b, n, length = x0.shape
-        proto = self.model.prototypes(b, perm, cond).reshape(b * n, -1)[picked]  # (M, D)
-        x0_sel = x0.reshape(b * n, length)[picked]  # (M, L)
+        """The loss of the step's checkpoints `tokens[idx]` at the picked tokens.
+
+        Shapes: tokens (K, N, L) the whole token set, idx (B,) the step's rows of it; mask (N, L); picked (M,) flat
+        indices into the B*N tokens of the step; t (M,), noise (M, L) (drawn from `generator` when not given); see
+        `GaussianDiffusion.training_loss` for `denominator`. Only the picked tokens are gathered (no (B, N, L) copy).
+        """
+        n = tokens.shape[1]
+        proto = self.model.prototypes_at(picked, len(idx), perm, cond)  # (M, D)
+        x0_sel = tokens[idx[picked // n], picked % n]  # (M, L)
         mask_sel = mask[picked % n]  # (M, L): no (B*N, L) copy of the mask
         return self.diffusion.training_loss(self.model.denoiser, x0_sel, proto, mask_sel, generator=generator,
                                             t=t, noise=noise, denominator=denominator)
@@ -309,12 +313,11 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
             denominator = mask_count[picked % n].sum().clamp_min(1.0) / world
             picked, t, noise = shard_step(k0, k1, picked, n, t, noise)
             idx = idx[k0:k1]
-        x0 = tokens_dev[idx.to(device)]
         perm = idx.to(device) if model.permutation is not None else None
         c = cond_dev[idx.to(device)] if cond_dev is not None else None
         objective.train()  # a validator (rank 0 only) may leave eval mode on; all processes' BatchNorms must train
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = ddp(x0, mask, picked, perm, c, t=t, noise=noise, denominator=denominator)
+            loss = ddp(tokens_dev, idx.to(device), mask, picked, perm, c, t=t, noise=noise, denominator=denominator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # the global loss, for the log (each process holds its share of the sum)
@@ -433,7 +436,8 @@ def _check_weights(model: nn.Module, step: int, out_dir: Path) -> None:
     bad = first_non_finite(model.state_dict())
     if bad is not None:
         raise TrainingDivergedError(f"training diverged by step {step}: weight '{bad}' is not finite; nothing of "
-                                    f"this step was written and {_last_good(out_dir)}. Lower train.lr, then train again")
+                                    f"this step was written and {_last_good(out_dir)}. Lower train.lr, then train "
+                                    "again")
 
 
 def _truncate_log(path: Path, step: int) -> None:

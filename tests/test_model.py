@@ -243,26 +243,37 @@ def test_activation_checkpointing_gives_the_same_gradients(checkpoint_tokens):
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(p1, p2))
 
 
-def test_activation_checkpointing_gives_the_same_rpg_loss_and_gradients():
-    """A whole RPG training loss (DiffusionObjective) and every gradient: plain vs. segments of 16 tokens."""
+@pytest.mark.parametrize("setting", ["unconditional", "task_learnable_early"])
+def test_activation_checkpointing_gives_the_same_rpg_loss_and_gradients(setting):
+    """A whole RPG training loss (DiffusionObjective) and every gradient: plain vs. segments of 16 tokens, where
+    only the picked prototypes outlive their segment (RPG.prototypes_at). Unconditional with permutation states and
+    2-D positions; task-conditioned with learnable positions, picked tokens only in the first 20 of 40 (the last
+    segment is not run)."""
     from rpg.diffusion import GaussianDiffusion
     from rpg.train import DiffusionObjective
 
     n = 40
     layer_index = torch.arange(n) // 10
     token_index = torch.arange(n) % 10
+    task = setting == "task_learnable_early"
+    extra = {"condition": "task", "position": "learnable"} if task else {"condition": "none"}
     results = []
     for ckpt in (dict(), dict(checkpoint_activations=True, checkpoint_tokens=16)):
         torch.manual_seed(0)
         cfg = resolve_model_config({"size": "cpu_tiny", "token_size": 16, "d_model": 32, "d_state": 8,
-                                    "headdim": 16, "condition": "none", **ckpt})
+                                    "headdim": 16, **extra, **ckpt})
         model = RPG(cfg, layer_index, token_index, n_permutation_states=3)
         objective = DiffusionObjective(model, GaussianDiffusion())
+        assert model.recurrent.picked_segments() == bool(ckpt)  # the segment path is the one under test
         gen = torch.Generator().manual_seed(1)
         x0 = torch.randn(2, n, 16, generator=gen)
         mask = torch.ones(n, 16, dtype=torch.bool)
         picked = torch.randperm(2 * n, generator=gen)[:24]
-        loss = objective(x0, mask, picked, torch.tensor([0, 2]), None, torch.Generator().manual_seed(2))
+        if task:
+            picked = picked[picked % n < 20]
+        cond = torch.tensor([[1, 0] * 5, [0, 1] * 5]).float() if task else None
+        loss = objective(x0, torch.arange(2), mask, picked, torch.tensor([0, 2]), cond,
+                         torch.Generator().manual_seed(2))
         loss.backward()
         results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
     (l1, g1), (l2, g2) = results

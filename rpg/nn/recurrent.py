@@ -12,6 +12,8 @@ alone). None of them is auto-regressive over generated values: noise enters only
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -72,6 +74,41 @@ class MambaStack(nn.Module):
             x = x + y
             new_states += [conv_state, ssm_state]
         return (self.final_norm(x), *new_states)
+
+    def picked_segments(self) -> bool:
+        """Whether `forward_picked` keeps only the picked rows (segment checkpointing, training with gradients)."""
+        return (self.checkpoint_activations and self.checkpoint_tokens is not None and self.training
+                and torch.is_grad_enabled())
+
+    def forward_picked(self, make_input: Callable[..., torch.Tensor], codes: Sequence[torch.Tensor | None],
+                       n_tokens: int, picked: torch.Tensor) -> torch.Tensor:
+        """Outputs at `picked` (M,) flat indices into (B, n_tokens), shape (M, D), segment by segment.
+
+        `make_input(start, end, *codes)` builds a segment's input (B, T, D) inside the recomputed function, so the
+        whole input is never held, and each segment keeps only its picked output rows; the segments after the last
+        picked token are not run (the stack is causal). Same values and gradients as `forward` then indexing.
+        """
+        size = self.checkpoint_tokens
+        rows, cols = picked // n_tokens, picked % n_tokens
+        states: tuple[torch.Tensor | None, ...] = (None,) * (2 * len(self.layers))
+        pieces, order = [], []
+        for start in range(0, int(cols.max()) + 1, size):
+            end = min(start + size, n_tokens)
+            here = ((cols >= start) & (cols < end)).nonzero().squeeze(1)  # positions in `picked`
+            out, *new = checkpoint(self._picked_segment, make_input, start, end, rows[here], cols[here] - start,
+                                   len(codes), *codes, *states, use_reentrant=False)
+            pieces.append(out)
+            order.append(here)
+            states = tuple(new)
+        inverse = torch.empty_like(picked)
+        inverse[torch.cat(order)] = torch.arange(len(picked), device=picked.device)
+        return torch.cat(pieces)[inverse]
+
+    def _picked_segment(self, make_input: Callable[..., torch.Tensor], start: int, end: int, rows: torch.Tensor,
+                        cols: torch.Tensor, n_codes: int, *codes_and_states: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, ...]:
+        out, *new = self._segment(make_input(start, end, *codes_and_states[:n_codes]), *codes_and_states[n_codes:])
+        return (out[rows, cols], *new)
 
     def _forward_segments(self, x: torch.Tensor, size: int) -> torch.Tensor:
         states: tuple[torch.Tensor | None, ...] = (None,) * (2 * len(self.layers))
