@@ -195,7 +195,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
               tokens: torch.Tensor, out_dir: str | Path, *, cond: torch.Tensor | None = None, seed: int = 0,
               device: torch.device | str = "cpu", validate: Validator | None = None,
               tracker: Tracker | None = None, progress: bool = True,
-              stop_after: int | None = None, force: bool = False) -> dict[str, Any]:
+              stop_after: int | None = None, force: bool = False, metadata: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     """Train (or resume) a generator on `tokens` and write best/last checkpoints to `out_dir`.
 
     Args:
@@ -204,6 +205,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         validate: called every `eval_every` steps on the (EMA) model; must return {"score": higher-is-better, ...}.
         stop_after: stop (as if killed) after this many steps of this call; for tests of resuming.
         force: train from scratch over a run of another step count in `out_dir` (refused otherwise).
+        metadata: stored in every generator file's metadata under "extra" (e.g. the domain names of the condition,
+            which `rpg generate --domain` reads); not part of the run's fingerprint.
     Returns:
         summary dict (best step and score, final loss, seconds, peak memory).
     """
@@ -299,7 +302,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
             "total_steps": cfg.steps,
             **({"ema": ema.state_dict()} if ema is not None else {}),
         })
-        save_rpg(last_path, model, tokenizer, diffusion_cfg, step=step)  # a loadable copy of the same weights
+        save_rpg(last_path, model, tokenizer, diffusion_cfg, step=step,  # a loadable copy of the same weights
+                 extra=metadata)
 
     for step in bar:
         lr = lr_at(step, cfg)
@@ -343,7 +347,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
             if metrics["score"] > best["score"]:
                 best = {"score": float(metrics["score"]), "step": done}
                 save_rpg(out_dir / "best.safetensors", ema if ema is not None else model, tokenizer, diffusion_cfg,
-                         step=done, extra={"val": metrics})
+                         step=done, extra={**(metadata or {}), "val": metrics})
             tqdm.write(f"step {done}: " + ", ".join(f"{key} {v:.4f}" for key, v in metrics.items()))
         if rank == 0:
             tracker.log(record, step=done)
@@ -366,7 +370,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         if final_step == cfg.steps and (validate is None or best["step"] < 0):
             # Without validation the final weights are the result.
             save_rpg(out_dir / "best.safetensors", ema if ema is not None else model, tokenizer, diffusion_cfg,
-                     step=final_step)
+                     step=final_step, extra=metadata)
             best = {"score": best["score"], "step": final_step}
     summary = {
         "best_step": best["step"], "best_score": best["score"], "final_loss_ema": loss_ema,

@@ -105,7 +105,7 @@ def run(tmp_path_factory, repo_root):
     out = tmp / "generated"
     generate_and_evaluate(cfg, tmp / "rpg" / "best.safetensors", split_path, features, zoo, out, backbone)
     tables = write_tables(cfg, out / "samples.csv", {}, names=["table16", "seen_summary"])
-    return {"cfg": cfg, "feats": feats, "zoo": zoo, "split": read_split(split_path), "tables": tables,
+    return {"cfg": cfg, "feats": feats, "zoo": zoo, "split": read_split(split_path), "tables": tables, "tmp": tmp,
             "samples": pd.read_csv(out / "samples.csv", dtype={"embedding": str})}
 
 
@@ -168,3 +168,18 @@ def test_tables_and_generated_heads(run):
     rpg = run["samples"][run["samples"].kind == "rpg"]
     assert np.isfinite(rpg.accuracy).all() and set(HEAD_KEYS) == {"0.weight", "0.bias", "2.weight"}
     assert run["cfg"].model.condition_dim == 13
+
+
+def test_cli_generates_for_a_domain_task_from_the_regimes_generator(run, capsys):
+    """The regime's generator file names its domains, so `rpg generate --domain` samples (class set, domain) tasks
+    and scores them on that domain's features."""
+    from rpg.cli.main import main
+
+    tmp = run["tmp"]
+    assert main(["generate", "--checkpoint", str(tmp / "rpg" / "best.safetensors"), "--embedding", "0100111010",
+                 "--domain", NAMES[1], "--out", str(tmp / "cli"), "--evaluate",
+                 "--features", str(tmp / "features.safetensors")]) == 0
+    assert "task 0100111010 accuracy" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(tmp / "rpg" / "best.safetensors"), "--embedding", "0100111010",
+                 "--out", str(tmp / "cli")]) == 2
+    assert ", ".join(NAMES) in capsys.readouterr().err

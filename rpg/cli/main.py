@@ -29,8 +29,9 @@ from rpg.collection import format_report, inspect_collection, load_collection
 from rpg.config import ConfigError, config_from_dict, deep_update, load_config
 from rpg.data import CorruptDataError
 from rpg.generate import GENERATION_MODES, sample_models
-from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, embedding_bits, embedding_to_id, id_to_embedding,
-                       parse_embedding, positive_classes)
+from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, domain_task_id, embedding_bits,
+                                             embedding_to_id, id_to_embedding, parse_embedding, positive_classes,
+                                             task_condition)
 from rpg.cli.user_eval import load_score_function
 from rpg.train import RunConflictError, TrainingDivergedError
 from rpg.utils import (CheckpointError, check_finite, load_safetensors, read_safetensors_metadata, resolve_device,
@@ -55,6 +56,34 @@ def _task_from_args(args: argparse.Namespace) -> str:
         raise TaskError(f"--classes {args.classes!r} names no class: give comma-separated CIFAR-10 classes, "
                         "e.g. --classes ship,truck")
     return classes_to_embedding(names)
+
+
+def _task_condition(args: argparse.Namespace, embedding: str, condition_dim: int, meta: dict
+                    ) -> tuple[int, int | None, torch.Tensor]:
+    """(task id, domain index or None, condition (1, condition_dim)) of the requested task.
+
+    A generator of the study's domain regimes is conditioned on (class set, image domain): its condition has one
+    entry per domain after the 10 class bits, and its file names the domains (metadata "extra.domains").
+    """
+    class_set = embedding_to_id(embedding)
+    n_domains = condition_dim - 10
+    if n_domains <= 0:
+        if args.domain is not None:
+            raise TaskError(f"--domain {args.domain!r}: this generator is conditioned on the class set only")
+        return class_set, None, embedding_bits([class_set])
+    names = list(meta.get("extra", {}).get("domains") or [])
+    if args.domain is None:
+        known = ", ".join(names) if names else f"0..{n_domains - 1}"
+        raise TaskError(f"this generator is conditioned on (class set, image domain): pass --domain, one of {known}")
+    if args.domain in names:
+        domain = names.index(args.domain)
+    elif args.domain.isdigit() and int(args.domain) < n_domains:
+        domain = int(args.domain)
+    else:
+        known = ", ".join(names) if names else f"0..{n_domains - 1}"
+        raise TaskError(f"--domain {args.domain!r} is not a domain of this generator (one of {known})")
+    task_id = domain_task_id(class_set, domain)
+    return task_id, domain, task_condition([task_id], n_domains)
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -89,13 +118,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if model.task_encoder is None:
         return _generate_unconditional(args, model, tokenizer, dcfg, meta)
     embedding = _task_from_args(args)
-    task_id = embedding_to_id(embedding)
+    task_id, domain, cond = _task_condition(args, embedding, model.cfg.condition_dim, meta)
     if args.evaluate and not Path(args.features).is_file():
         raise FileNotFoundError(f"--evaluate needs the features file {args.features} (not found); pass --features")
     dcfg = _sampler_config(args, dcfg)
     sampler, steps = dcfg.sampler, dcfg.sample_steps
     states = sample_models(model, tokenizer, dcfg, args.samples, seed=args.seed, mode=args.mode,
-                           cond=embedding_bits([task_id]).repeat(args.samples, 1),
+                           cond=cond.repeat(args.samples, 1),
                            tokens_per_call=args.tokens_per_call)
     out_dir = Path(args.out)
     generated: dict[Path, dict[str, torch.Tensor]] = {}
@@ -105,14 +134,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         d = sd["0.weight"].shape[1] if "0.weight" in sd else None
         save_safetensors_atomic(sd, path, {
             "arch": "binary_head", "feature_dim": d, "task_id": task_id, "embedding": embedding,
-            "positive_classes": positive_classes(embedding), "sample": s, "seed": args.seed, "sampler": sampler,
+            "positive_classes": positive_classes(embedding), **({} if domain is None else {"domain": domain}),
+            "sample": s, "seed": args.seed, "sampler": sampler,
             "steps": steps, "generator": str(args.checkpoint), "generator_step": meta["step"],
             "build": "rpg.experiments.task_zoo.heads.make_head(feature_dim).load_state_dict(safetensors.torch.load_file(path))",
         })
         generated[path] = sd
         print(path)
     if args.evaluate:
-        _print_eval(generated, args.features, task_id)
+        _print_eval(generated, args.features, embedding_to_id(embedding), domain)
     return 0
 
 
@@ -168,13 +198,21 @@ def _metadata_or_empty(path: Path) -> dict:
         return {}
 
 
-def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_id: int) -> None:
-    """Test accuracy of each head on one task; the features file is read once for all of them."""
+def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_id: int,
+                domain: int | None = None) -> None:
+    """Test accuracy of each head on one class set (`task_id` < 1024), on the features of `domain` when given (a
+    domain regime's features file, (D, N, d) arrays); the features file is read once for all of them."""
     from rpg.experiments.task_zoo.features import load_features
 
     feats = load_features(features)
-    m = evaluate_heads(stack_state_dicts(list(heads.values())), [task_id] * len(heads), feats["test_x"],
-                       feats["test_y"])
+    test_x = feats["test_x"]
+    if (domain is not None) != (test_x.ndim == 3):
+        raise ValueError(f"--features {features} holds {'per-domain' if test_x.ndim == 3 else 'plain'} features "
+                         f"but the task {'has' if domain is not None else 'has no'} domain: pass a "
+                         f"{'domain regime' if domain is not None else 'plain'} features file")
+    if domain is not None:
+        test_x = test_x[domain]
+    m = evaluate_heads(stack_state_dicts(list(heads.values())), [task_id] * len(heads), test_x, feats["test_y"])
     for i, path in enumerate(heads):
         print(f"{path}: task {id_to_embedding(task_id)} accuracy {100 * m['accuracy'][i]:.2f} % "
               f"balanced accuracy {100 * m['balanced_accuracy'][i]:.2f} %")
@@ -301,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True, help="trained RPG generator (best.safetensors)")
     g.add_argument("--embedding", help="10-bit task embedding, e.g. 0100010111 (bit i = CIFAR-10 class i)")
     g.add_argument("--classes", help="comma-separated positive classes, e.g. ship,truck (case-insensitive)")
+    g.add_argument("--domain", help="image domain (name or index) for a generator of the study's domain regimes, "
+                   "conditioned on (class set, domain), e.g. --domain blur")
     g.add_argument("--samples", type=int, default=1, help="models to generate")
     g.add_argument("--seed", type=int, default=0, help="seed of all sampling noise (same seed, same models)")
     g.add_argument("--steps", type=int, default=None, help="sampler steps, at least 1 (None: the generator's config)")

@@ -210,7 +210,8 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
         write_json_atomic(out_dir / "layout.json", tokenizer.layout())
     summary = train_rpg(model_cfg, cfg.diffusion, cfg.train, tokenizer, tokens, out_dir, cond=cond, seed=cfg.seed,
                         device=device, validate=validate, tracker=tracker, progress=cfg.logging.progress,
-                        force=True)  # the workflow's config is the source of truth: a new step count retrains
+                        force=True,  # the workflow's config is the source of truth: a new step count retrains
+                        metadata={"domains": list(cfg.domains.names)} if cfg.domains.names else None)
     tracker.finish()
     summary = {**summary, "n_train_tasks": len(split.train), "n_val_tasks": len(split.val),
                "val_original_accuracy": float(orig.mean()) if len(orig) else None}
