@@ -70,7 +70,7 @@ class RPG(nn.Module):
     def n_permutation_states(self) -> int:
         return 0 if self.permutation is None else self.permutation.num_embeddings
 
-    def _codes(self, batch_size: int, perm: torch.Tensor | None, cond: torch.Tensor | None
+    def _codes(self, perm: torch.Tensor | None, cond: torch.Tensor | None
                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The per-sample vectors added to every token's position: permutation state and task code, (B, D) each
         (None where the model has none)."""
@@ -104,7 +104,7 @@ class RPG(nn.Module):
             perm: (B,) permutation-state rows (required iff the model has permutation states).
             cond: (B, condition_dim) task bits (required iff condition == "task").
         """
-        codes = self._codes(batch_size, perm, cond)
+        codes = self._codes(perm, cond)
         return self.recurrent(self.recurrent_input(0, self.n_tokens, batch_size, *codes))  # (B, N, D)
 
     def prototypes_at(self, picked: torch.Tensor, batch_size: int, perm: torch.Tensor | None = None,
@@ -116,8 +116,8 @@ class RPG(nn.Module):
         built and kept one segment of tokens at a time and only the picked rows outlive their segment, so no
         (B, N, D) tensor (nor its gradient) exists: what a training step holds then barely grows with N.
         """
-        if getattr(self.recurrent, "picked_segments", lambda: False)():
-            codes = self._codes(batch_size, perm, cond)
+        if len(picked) and getattr(self.recurrent, "picked_segments", lambda: False)():
+            codes = self._codes(perm, cond)
             return self.recurrent.forward_picked(
                 lambda start, end, *c: self.recurrent_input(start, end, batch_size, *c), codes, self.n_tokens,
                 picked)

@@ -317,11 +317,12 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
             denominator = mask_count[picked % n].sum().clamp_min(1.0) / world
             picked, t, noise = shard_step(k0, k1, picked, n, t, noise)
             idx = idx[k0:k1]
-        perm = idx.to(device) if model.permutation is not None else None
-        c = cond_dev[idx.to(device)] if cond_dev is not None else None
+        idx = idx.to(device)
+        perm = idx if model.permutation is not None else None
+        c = cond_dev[idx] if cond_dev is not None else None
         objective.train()  # a validator (rank 0 only) may leave eval mode on; all processes' BatchNorms must train
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = ddp(tokens_dev, idx.to(device), mask, picked, perm, c, t=t, noise=noise, denominator=denominator)
+            loss = ddp(tokens_dev, idx, mask, picked, perm, c, t=t, noise=noise, denominator=denominator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # the global loss, for the log (each process holds its share of the sum)

@@ -72,15 +72,14 @@ def _task_condition(args: argparse.Namespace, embedding: str, condition_dim: int
             raise TaskError(f"--domain {args.domain!r}: this generator is conditioned on the class set only")
         return class_set, None, embedding_bits([class_set])
     names = list(meta.get("extra", {}).get("domains") or [])
+    known = ", ".join(names) if names else f"0..{n_domains - 1}"
     if args.domain is None:
-        known = ", ".join(names) if names else f"0..{n_domains - 1}"
         raise TaskError(f"this generator is conditioned on (class set, image domain): pass --domain, one of {known}")
     if args.domain in names:
         domain = names.index(args.domain)
     elif args.domain.isdigit() and int(args.domain) < n_domains:
         domain = int(args.domain)
     else:
-        known = ", ".join(names) if names else f"0..{n_domains - 1}"
         raise TaskError(f"--domain {args.domain!r} is not a domain of this generator (one of {known})")
     task_id = domain_task_id(class_set, domain)
     return task_id, domain, task_condition([task_id], n_domains)
