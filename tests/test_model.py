@@ -243,6 +243,19 @@ def test_activation_checkpointing_gives_the_same_gradients(checkpoint_tokens):
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(p1, p2))
 
 
+def test_segment_states_do_not_keep_the_segment_alive():
+    """The (conv, ssm) state a segment hands to the next owns its memory: a view would keep the segment's whole
+    conv input (or every chunk's state) alive while the state lives - under segment checkpointing, every segment's,
+    so a training step's memory would grow by ~4 KB per token (measured by bench_train_memory.py)."""
+    from rpg.nn.mamba import Mamba2
+
+    layer = Mamba2(32, d_state=8, d_conv=4, expand=2, headdim=16)
+    layer.chunk_size = 8
+    _, conv_state, ssm_state = layer.forward_with_state(torch.randn(1, 64, 32))
+    for state in (conv_state, ssm_state):
+        assert state.untyped_storage().nbytes() == state.numel() * state.element_size()
+
+
 @pytest.mark.parametrize("setting", ["unconditional", "task_learnable_early"])
 def test_activation_checkpointing_gives_the_same_rpg_loss_and_gradients(setting):
     """A whole RPG training loss (DiffusionObjective) and every gradient: plain vs. segments of 16 tokens, where

@@ -330,7 +330,9 @@ class Mamba2(nn.Module):
         if conv_state is None:
             conv_state = xBC.new_zeros(batch, xBC.shape[1], self.d_conv - 1)
         full = torch.cat([conv_state.to(xBC.dtype), xBC], dim=-1)  # (B, conv_dim, d_conv - 1 + L)
-        new_conv_state = full[..., full.shape[-1] - (self.d_conv - 1):]  # the last d_conv - 1 conv inputs
+        # The last d_conv - 1 conv inputs, copied: a view would keep the whole segment's `full` alive for as long as
+        # the state lives (every segment's, under segment checkpointing: ~4 KB per token of a training step).
+        new_conv_state = full[..., full.shape[-1] - (self.d_conv - 1):].clone(memory_format=torch.contiguous_format)
         xBC = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv1d.groups)  # (B, conv_dim, L)
         xBC = F.silu(rearrange(xBC, "b d l -> b l d"))
         x, B, C = torch.split(xBC, [self.d_ssm, g * n, g * n], dim=-1)
@@ -341,6 +343,7 @@ class Mamba2(nn.Module):
         x, dt, A = self._scan_inputs(x, dt, zxbcdt.dtype)
         y, new_ssm_state = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, initial_states=ssm_state,
                                        return_final_state=True)  # (B, L, H, P), (B, H, P, N)
+        new_ssm_state = new_ssm_state.clone(memory_format=torch.contiguous_format)  # not a view of every chunk's state
         y = self._skip_and_gate(y, x, z)
         return self._output(y, z, z0, x0, d_mlp, zxbcdt.dtype), new_conv_state, new_ssm_state
 
