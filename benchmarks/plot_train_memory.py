@@ -7,6 +7,10 @@ guide, with the issue's target slope (memory ~ params^0.3) and a linear slope fo
 
     .venv/bin/python benchmarks/plot_train_memory.py benchmarks/measured/cpu/train_memory.csv \
         --out benchmarks/measured/cpu/train_memory.png
+
+Several CSVs (e.g. runs before and after a change) go on one figure, each line labelled with its `--labels` entry:
+
+    .venv/bin/python benchmarks/plot_train_memory.py old.csv new.csv --labels "before" "now" --out both.png
 """
 
 from __future__ import annotations
@@ -20,32 +24,44 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csv", type=Path, help="train_memory.csv written by bench_train_memory.py")
-    p.add_argument("--out", type=Path, default=None, help="PNG path (default: next to the CSV)")
+    p.add_argument("csv", type=Path, nargs="+", help="train_memory.csv file(s) written by bench_train_memory.py")
+    p.add_argument("--labels", nargs="+", default=None, help="one prefix per CSV for its lines' labels")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default: next to the first CSV)")
     args = p.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.csv):
+        p.error(f"--labels needs one entry per CSV ({len(args.csv)}), got {len(args.labels)}")
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with args.csv.open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r["row"] == "size"]
-    lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
-    for r in rows:
-        lines[r.get("variant") or "off"].append((float(r["n_params"]), float(r["train_peak_mb"]), float(r["step_s"])))
+    rows, lines = [], defaultdict(list)  # lines: (prefix, variant) -> [(params, train peak MB, step s)]
+    for i, path in enumerate(args.csv):
+        with path.open() as fh:
+            these = [r for r in csv.DictReader(fh) if r["row"] == "size"]
+        rows += these
+        prefix = args.labels[i] if args.labels else ""
+        for r in these:
+            lines[prefix, r.get("variant") or "off"].append(
+                (float(r["n_params"]), float(r["train_peak_mb"]), float(r["step_s"])))
     cpu = rows[0].get("cpu_model", "") if rows else ""
 
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(12, 4.8))
     labels = {"off": "no checkpointing", "layer": "checkpointing per block (all tokens)"}
-    for name, pts in lines.items():
+    for (prefix, name), pts in lines.items():
         pts.sort()
         xs, ys, ts = zip(*pts)
         base, _, token = name.partition("@")
+        base, _, allocator = base.partition("+")
         label = labels.get(base, f"checkpointing per {base.split('/')[-1]}-token segment"
                            if base.startswith("segment") else base)
+        if allocator:
+            label += f", glibc {allocator.replace('mmap', 'mmap threshold ')}"
         if token:
             label += f", token size {token}"
+        if prefix:
+            label = f"{prefix}: {label}"
         ax.plot(xs, ys, marker="o", label=label)
         ax_t.plot(xs, ts, marker="o", label=label)
     all_x = [x for pts in lines.values() for x, _, _ in pts]
@@ -74,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     fig.suptitle(f"bench_train_memory.py, cpu_tiny RPG, fp32 on {cpu}" if cpu else "bench_train_memory.py",
                  fontsize=9)
     fig.tight_layout()
-    out = args.out or args.csv.with_suffix(".png")
+    out = args.out or args.csv[0].with_suffix(".png")
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
