@@ -242,10 +242,10 @@ class DomainsConfig:
 class StudyConfig:
     """The study of regimes (issue 13): which regime files, where, and the overrides every regime shares."""
 
-    regimes: tuple[str, ...] = ("shared_init", "per_task_init", "per_task_init_sort", "per_task_init_match", "seen16",
-                                "seen64", "seen256", "seen64_per_task", "seen64_per_task_sort", "holdout_neighbours",
-                                "domains", "domains_1200", "domains_few", "domains_few_2400",
-                                "domains_few_cond1024")
+    regimes: tuple[str, ...] = ("shared_init", "shared_init_sort", "per_task_init", "per_task_init_sort",
+                                "per_task_init_match", "seen16", "seen64", "seen64_sort", "seen256", "seen64_per_task",
+                                "seen64_per_task_sort", "holdout_neighbours", "domains", "domains_1200", "domains_few",
+                                "domains_few_2400", "domains_few_cond1024", "domains_few_sort", "domains_few_d512x4")
     regime_dir: str = "config/experiments/regimes"
     common: str | None = "config/experiments/regimes/common.yaml"
 
