@@ -214,6 +214,22 @@ def test_every_regime_file_resolves(monkeypatch):
     assert regimes["seen64"]["tasks"]["n_seen"] == 64 and regimes["holdout_neighbours"]["tasks"]["holdout_neighbours"]
     assert regimes["seen16"]["results_dir"].endswith("study/seen16")
     assert regimes["seen16"]["train"]["steps"] < base["train"]["steps"]  # the study's budget (common.yaml)
+    few, variant = regimes["domains_few"], regimes["domains_few_cond1024"]  # a one-change variant via `base:`
+    assert variant["rpg"]["condition_hidden"] == 1024 and variant["domains"] == few["domains"]
+    assert variant["tasks"] == few["tasks"] and variant["train"] == few["train"]
+
+
+def test_regime_file_starts_from_its_base(tmp_path):
+    """`base: <regime>` starts a regime file from another's overrides (recursively; the file's own keys win), and a
+    cycle of bases is refused by name."""
+    (tmp_path / "a.yaml").write_text("tasks: {n_seen: 64}\ntrain: {steps: 10, lr: 0.5}\n")
+    (tmp_path / "b.yaml").write_text("base: a\ntrain: {steps: 20}\n")
+    (tmp_path / "c.yaml").write_text("base: b\nrpg: {d_model: 8}\n")
+    assert S.regime_overrides(tmp_path, "c") == {"tasks": {"n_seen": 64}, "train": {"steps": 20, "lr": 0.5},
+                                                 "rpg": {"d_model": 8}}
+    (tmp_path / "a.yaml").write_text("base: c\n")
+    with pytest.raises(ValueError, match="c -> b -> a -> c"):
+        S.regime_overrides(tmp_path, "c")
 
 
 def test_regime_may_not_change_the_shared_backbone(monkeypatch, tmp_path):

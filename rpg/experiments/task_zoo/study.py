@@ -1,9 +1,10 @@
 """The study of regimes (issue 13): what generation adds over the baselines, regime by regime.
 
 A regime is the workflow's config plus `study.common` (the study's smaller budget) plus
-`<study.regime_dir>/<name>.yaml`; it reuses the workflow's backbone and cached features (a regime may not change
-`data`, `backbone` or `seed`) and runs the same stage functions as the default DAG (`pipeline.build_zoo`,
-`write_split`, `train_conditional_rpg`, `generate_and_evaluate`, `tables.write_tables`) under
+`<study.regime_dir>/<name>.yaml` (which may name a `base:` regime file to start from); it reuses the workflow's
+backbone and cached features (a regime may not change `data`, `backbone` or `seed`) and runs the same stage
+functions as the default DAG (`pipeline.build_zoo`, `write_split`, `train_conditional_rpg`, `generate_and_evaluate`,
+`tables.write_tables`) under
 `<results_dir>/study/<name>/`. Regimes whose zoo settings agree share one zoo: the workflow's own zoo when they equal
 its settings, else `<results_dir>/study/zoos/<key>/`. `gather_study` turns every regime's tables into one long table,
 `unseen_study.csv`: one row per regime x task group (unseen / seen) x method (originals, RPG best / mean, each
@@ -38,6 +39,20 @@ def _get(raw: Mapping, dotted: str):
     return value
 
 
+def regime_overrides(regime_dir: str | Path, name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The overrides of regime file `<regime_dir>/<name>.yaml`. A file may start from another regime's with
+    `base: <regime>` (e.g. one-change variants of `domains_few`); its own keys override the base's.
+
+    Raises:
+        ValueError: the bases form a cycle.
+    """
+    if name in _seen:
+        raise ValueError(f"regime files form a cycle of bases: {' -> '.join((*_seen, name))}")
+    own = read_config_file(Path(regime_dir) / f"{name}.yaml")
+    parent = own.pop("base", None)
+    return deep_update(regime_overrides(regime_dir, parent, (*_seen, name)), own) if parent else own
+
+
 def regime_config(base: Mapping, name: str) -> dict:
     """The validated, complete config dict of regime `name` (see the module docstring).
 
@@ -52,7 +67,7 @@ def regime_config(base: Mapping, name: str) -> dict:
     raw = copy.deepcopy(dict(base))
     if study.get("common"):
         raw = deep_update(raw, read_config_file(study["common"]))
-    raw = deep_update(raw, read_config_file(Path(study["regime_dir"]) / f"{name}.yaml"))
+    raw = deep_update(raw, regime_overrides(study["regime_dir"], name))
     raw["experiment"] = f"{base['experiment']}_study_{name}"
     raw["results_dir"] = str(Path(base["results_dir"]) / "study" / name)
     full = validate_config(raw)
