@@ -153,5 +153,9 @@ def test_arch_spec_merges_overrides_and_names_bad_keys():
     assert spec.recipe.lr == 0.5 and spec.recipe.n_checkpoints == 50 and spec.train.steps == 7
     with pytest.raises(ValueError, match="unknown architecture 'w'"):
         ax.arch_spec(cfg, "w")
+    sorted_heads = config_from_dict({"train": {"canonicalise": "sort", "lr": 0.002},
+                                     "architectures": {"models": {"v": {"arch": "rpg_cnn_s"}}}})
+    spec_sorted = ax.arch_spec(sorted_heads, "v")  # the heads' unit order is not a whole model's setting
+    assert spec_sorted.train.canonicalise == "none" and spec_sorted.train.lr == 0.002
     with pytest.raises(ValueError, match="architectures.models.v.collect"):  # at load time, naming the path
         config_from_dict({"architectures": {"models": {"v": {"arch": "rpg_cnn_s", "collect": {"lrr": 0.5}}}}})

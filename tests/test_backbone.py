@@ -7,7 +7,8 @@ import timm
 import torch
 
 import rpg.vision.cifar_cnn  # noqa: F401  (registration)
-from rpg.experiments.task_zoo.backbone import extract_features, train_backbone
+from rpg.experiments.task_zoo.backbone import (evaluate_backbone, extract_features, accuracy_from_features,
+                                               train_backbone)
 from rpg.vision.preprocess import augment
 from rpg.data import Cifar10, load_cifar10, write_synthetic_cifar10
 
@@ -82,6 +83,19 @@ def test_train_backbone_deterministic(tiny_data: Cifar10) -> None:
     assert torch.equal(feats_a, feats_b)
     plain = extract_features(model_a, tiny_data.test_images, flip_average=False)
     assert plain.shape == (64, 32) and not torch.equal(plain, feats_a)
+
+
+def test_accuracy_from_features_equals_a_second_pass(tiny_data: Cifar10) -> None:
+    """The workflow skips the backbone's own test pass: the head on flip-averaged features gives the same accuracy."""
+    model, metrics = train_backbone(
+        tiny_data, arch="rpg_cifar_cnn_s", feature_dim=32, epochs=1, batch_size=64, lr=0.1, weight_decay=5e-4,
+        label_smoothing=0.1, seed=0, progress=False, evaluate=False)
+    assert "test_accuracy" not in metrics
+    feats = extract_features(model, tiny_data.test_images, batch_size=32)
+    from_features = accuracy_from_features(model, feats, tiny_data.test_labels)
+    assert from_features == pytest.approx(evaluate_backbone(model, tiny_data.test_images, tiny_data.test_labels))
+    own = model.forward_head(feats).argmax(1)  # labels the head agrees with: the number follows the labels
+    assert accuracy_from_features(model, feats, own) == 1.0 and from_features < 1.0
 
 
 def test_unknown_option_rejected(tiny_data: Cifar10) -> None:

@@ -106,7 +106,10 @@ def arch_spec(cfg: Config, name: str, study: str = "main") -> ArchSpec:
     if name not in section.models:
         raise ValueError(f"unknown architecture '{name}' (configured: {', '.join(section.models)})")
     entry = section.models[name]
-    train = {**section.train, **entry.train, **(section.ablations.train if study == "ablation" else {})}
+    # canonicalise orders the hidden units of the task zoo's heads: whole models keep their own order, so the
+    # top-level train.canonicalise neither applies here nor reruns these generators
+    train = {"canonicalise": "none", **section.train, **entry.train,
+             **(section.ablations.train if study == "ablation" else {})}
     return ArchSpec(
         name=name, arch=entry.arch, model_kwargs=dict(entry.model_kwargs), img_size=entry.img_size,
         pretrained=entry.pretrained, pretrained_file=entry.pretrained_file,

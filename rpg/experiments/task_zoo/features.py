@@ -48,8 +48,8 @@ def build_backbone(cfg: Config, out_path: str | Path) -> dict:
         model, metrics = train_backbone(
             data, arch=bb.arch, feature_dim=bb.feature_dim, epochs=bb.epochs, batch_size=bb.batch_size, lr=bb.lr,
             weight_decay=bb.weight_decay, label_smoothing=bb.label_smoothing, seed=cfg.seed, device=str(device),
-            progress=cfg.logging.progress, train_indices=train_idx,
-        )
+            progress=cfg.logging.progress, train_indices=train_idx, evaluate=False,
+        )  # its test accuracy comes from the cached test features (`cache_features`): no second pass here
         metrics = {**metrics, "source": "train", "arch": bb.arch, "wall_seconds": time.time() - start}
     meta = {"arch": bb.arch, "feature_dim": bb.feature_dim, "source": bb.source, "metrics": metrics}
     save_safetensors_atomic(model.state_dict(), out_path, meta)
@@ -122,7 +122,13 @@ def cache_features(cfg: Config, backbone_path: str | Path, out_path: str | Path)
     }
     info = {"feature_dim": int(tensors["train_x"].shape[1]), "n_train": len(train_idx), "n_val": len(val_idx),
             "n_test": len(data.test_labels), "seconds": time.time() - start, "backbone": str(backbone_path)}
+    if cfg.backbone.source == "train":  # a classifier head of its own: its 10-class accuracy, from the features
+        from rpg.experiments.task_zoo.backbone import accuracy_from_features
+
+        model, _ = load_backbone(backbone_path)
+        info["backbone_test_accuracy"] = accuracy_from_features(model, tensors["test_x"], tensors["test_y"])
     save_safetensors_atomic(tensors, out_path, info)
+    write_json_atomic(Path(out_path).with_suffix(".json"), info)
     return info
 
 
