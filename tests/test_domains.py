@@ -143,7 +143,7 @@ def test_baselines_per_domain_and_compose_fails_off_domain(run):
     # nearest: the mean head of the Hamming-nearest training tasks *of the same domain*, recomputed by hand
     from rpg.experiments.task_zoo.baselines import load_training_zoo, nearest_heads, unflatten_heads
 
-    zoo = load_training_zoo(run["zoo"], run["split"], 3)
+    zoo = load_training_zoo(run["zoo"], run["split"], 3, run["cfg"].train.canonicalise)  # the gauge RPG trains in
     ev = DomainHeadEvaluator(run["feats"]["test_x"], run["feats"]["test_y"])
     for t in unseen.task_id.unique():
         c, d = split_task_id(t)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 import torch
 
 from rpg.config import load_config
@@ -199,7 +200,9 @@ def test_new_keys_at_their_neutral_default_leave_rule_settings_unchanged():
     changed = {**cfg, "zoo": {**cfg["zoo"], "init": "per_task"}}
     assert '"init": "per_task"' in config_setting(changed, "seed", "zoo")
     assert "n_seen" not in config_setting(cfg, "tasks.n_seen", "tasks.n_val")
-    assert "canonicalise" not in config_setting(cfg, "train")
+    raw_order = {**cfg, "train": {**cfg["train"], "canonicalise": "none"}}
+    assert "canonicalise" not in config_setting(raw_order, "train")
+    assert '"canonicalise": "sort"' in config_setting({**cfg, "train": {**cfg["train"], "canonicalise": "sort"}}, "train")
 
 
 def test_every_regime_file_resolves(monkeypatch):
@@ -211,9 +214,13 @@ def test_every_regime_file_resolves(monkeypatch):
     assert S.zoo_key(base, regimes["per_task_init"]) == S.zoo_key(base, regimes["per_task_init_match"])
     assert S.zoo_key(base, regimes["per_task_init"]).startswith("per_task_")
     assert regimes["per_task_init_sort"]["train"]["canonicalise"] == "sort"
+    # the workflow sorts units, the regimes name their own order: the raw-order rows stay raw
+    assert base["train"]["canonicalise"] == "sort"
+    assert {regimes[r]["train"]["canonicalise"] for r in ("shared_init", "per_task_init", "seen64", "domains")} == {"none"}
     assert regimes["seen64"]["tasks"]["n_seen"] == 64 and regimes["holdout_neighbours"]["tasks"]["holdout_neighbours"]
     assert regimes["seen16"]["results_dir"].endswith("study/seen16")
-    assert regimes["seen16"]["train"]["steps"] < base["train"]["steps"]  # the study's budget (common.yaml)
+    common = yaml.safe_load((REPO / "config" / "experiments" / "regimes" / "common.yaml").read_text())
+    assert regimes["seen16"]["train"]["steps"] == common["train"]["steps"]  # the study's budget (common.yaml)
     few, variant = regimes["domains_few"], regimes["domains_few_cond1024"]  # a one-change variant via `base:`
     assert variant["rpg"]["condition_hidden"] == 1024 and variant["domains"] == few["domains"]
     assert variant["tasks"] == few["tasks"] and variant["train"] == few["train"]

@@ -12,7 +12,9 @@ Head baselines, for any target task (flattened heads in `HEAD_KEYS` order):
   when the complement is a training task; absent otherwise;
 - `mean`: the mean training head;
 - `noise`: the last checkpoint of the (lowest-id) Hamming-nearest training task plus Gaussian noise whose L2 norm is
-  the mean novelty of RPG's samples (Zeng et al. 2025: generators often do not beat a checkpoint plus noise).
+  the mean novelty of RPG's samples (Zeng et al. 2025: generators often do not beat a checkpoint plus noise). Under a
+  sorting gauge (`train.canonicalise: sort`) the noisy head is re-sorted before its novelty is measured, like every
+  head, so it can measure a few percent farther than its noise.
 Function-space baseline, `compose`: no per-task weights at all; the backbone's own 10-class classifier on the cached
 features, p(positive) = sum of its softmax over the task's positive classes (every task is a union of classes).
 
