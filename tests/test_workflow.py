@@ -114,6 +114,8 @@ def test_table1_family(workflow_run):
         assert t1[col].between(0, 100).all(), col
     assert (t1.original_best >= t1.original_avg).all() and (t1.generated_avg >= t1.generated_min).all()
     assert (res / "table1.config.yaml").is_file()
+    # whole models sample with architectures.sample_steps, not the task zoo's diffusion.sample_steps
+    assert arch.sample_steps != cfg.diffusion.sample_steps and (t1.sample_steps == arch.sample_steps).all()
     ab = arch.ablations
     expected = {"recurrent": len(ab.recurrent), "position": len(ab.position),
                 "permutation": 2 * len(ab.permutation_runs), "token_size": len(ab.token_size)}

@@ -158,6 +158,12 @@ def generator_setting(wildcards):
     )
 
 
+def generation_setting(wildcards):
+    """What sampling a generator's models depends on beyond the generator: its setting and the DDIM steps of
+    architectures.sample_steps (a generation-only key: it reruns no training)."""
+    return repr((generator_setting(wildcards), CFG.architectures.sample_steps))
+
+
 def ablation_inputs(wildcards):
     name, families = ablation_variants()
     return [arch_samples("ablation", name, v.id) for _, v in families[wildcards.family]]

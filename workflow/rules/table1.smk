@@ -73,7 +73,7 @@ rule generate_arch:
         mem_mb=4000,
         gpu=GPU,
     params:
-        setting=generator_setting,
+        setting=generation_setting,
     script:
         "../scripts/generate_arch.py"
 

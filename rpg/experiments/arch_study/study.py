@@ -272,6 +272,8 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     device = resolve_device(cfg.device)
     data = load_image_data(cfg, spec.img_size, device)
     model, tokenizer, diffusion_cfg, meta = load_rpg(rpg_path, device)
+    if cfg.architectures.sample_steps is not None and diffusion_cfg.sampler == "ddim":
+        diffusion_cfg = dataclasses.replace(diffusion_cfg, sample_steps=cfg.architectures.sample_steps)
     n = cfg.architectures.samples
     start = time.perf_counter()
     seed = variant.seed_of(cfg.seed)
