@@ -310,7 +310,7 @@ class ArchitecturesConfig:
     rpg: Mapping[str, Any] = field(default_factory=lambda: {"size": "cpu_tiny", "permutation_state": True})
     train: Mapping[str, Any] = field(default_factory=dict)
     samples: int = 10
-    sample_steps: int | None = None  # DDIM steps of these generators' sampling (None: the generator's own)
+    sample_steps: int | tuple[int, ...] | None = None  # DDIM steps when sampling (a list: chosen on validation)
     threads: int = 1
     val_images: int = 2000
     bn_recompute_images: int = 0  # > 0: also score generated BatchNorm nets with running stats recomputed on these

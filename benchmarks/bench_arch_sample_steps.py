@@ -1,0 +1,83 @@
+"""Whole models: test accuracy and seconds per generated model against the DDIM step count, same generators.
+
+For every Table 1 generator of a results folder (`RESULTS/table1/main/rpg/<arch>/<variant>/best.safetensors`), samples
+`architectures.samples` models at each `--steps` count from the same initial noise (`study.sample_variant`, the
+seed `generate_arch` uses), scores them on the CIFAR-10 test set, and puts the originals' accuracy beside them (the
+"original" rows of the generation's own `samples.csv`, same run). The count the table used (`sample_steps` of
+table1.csv, chosen on validation images when `architectures.sample_steps` is a list) reproduces its generated row:
+a check that the benchmark measures what the table reports. Why it exists: the task zoo samples heads with DDIM-10
+(as good as DDIM-50 there, README), but the best count for whole networks differs by architecture; this shows, on
+the test set and after the fact, what the validation choice gave up or gained.
+
+    flock /work/heavy.lock .venv/bin/python benchmarks/bench_arch_sample_steps.py --steps 10 20 50 100
+Writes results/benchmarks/arch_sample_steps.csv (+ .json), one row per architecture x step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import ROOT, set_threads, write_results  # noqa: E402
+
+from rpg.checkpoint import load_rpg  # noqa: E402
+from rpg.config import load_config  # noqa: E402
+from rpg.experiments.arch_study.study import (Variant, arch_spec, load_image_data, sample_variant,  # noqa: E402
+                                              with_sample_steps)
+from rpg.utils import resolve_device  # noqa: E402
+from rpg.vision.architectures import build_model  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", default=["config/config.yaml"], help="the profile the results came from")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100], help="DDIM step counts")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=Path("results/benchmarks/arch_sample_steps.csv"))
+    return p.parse_args(argv)
+
+
+def accuracy(predict, state_dicts: Sequence[dict[str, torch.Tensor]], labels: torch.Tensor) -> list[float]:
+    return [100.0 * float((predict(sd) == labels).float().mean()) for sd in state_dicts]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    cfg = load_config([ROOT / c for c in args.config])
+    device = resolve_device(cfg.device)
+    generators = sorted((args.results / "table1" / "main" / "rpg").glob("*/*/best.safetensors"))
+    if not generators:
+        raise SystemExit(f"no Table 1 generators under {args.results}/table1/main/rpg (run the table1 target first)")
+    rows = []
+    for path in generators:
+        name, variant_id = path.parent.parent.name, path.parent.name
+        spec = arch_spec(cfg, name)
+        samples = pd.read_csv(args.results / "table1" / "main" / "generated" / name / variant_id / "samples.csv")
+        originals = 100.0 * samples.loc[samples.kind == "original", "accuracy"]  # stored as a fraction
+        data = load_image_data(cfg, spec.img_size, device)
+        predict = data.test.state_dict_predictor(build_model(spec.arch, spec.model_kwargs).to(device))
+        model, tokenizer, diffusion_cfg, _ = load_rpg(path, device)
+        for steps in args.steps:
+            sds, seconds = sample_variant(cfg, spec, model, tokenizer, with_sample_steps(diffusion_cfg, steps),
+                                          Variant.parse(variant_id).seed_of(cfg.seed))
+            acc = pd.Series(accuracy(predict, sds, data.test.labels))
+            rows.append({"architecture": name, "variant": variant_id, "sample_steps": steps,
+                         "generated_best": acc.max(), "generated_avg": acc.mean(), "generated_min": acc.min(),
+                         "original_best": originals.max(), "original_avg": originals.mean(),
+                         "gap_avg": originals.mean() - acc.mean(), "seconds_per_model": seconds,
+                         "table_sample_steps": str(cfg.architectures.sample_steps)})
+            print(f"{name:10s} DDIM-{steps:<4d} generated best/avg/min {acc.max():.2f} / {acc.mean():.2f} / "
+                  f"{acc.min():.2f}  originals avg {originals.mean():.2f}  {seconds:.2f} s/model", flush=True)
+    write_results(args.out, rows, vars(args), device)
+
+
+if __name__ == "__main__":
+    main()
