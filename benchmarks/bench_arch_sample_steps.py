@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import ROOT, set_threads, write_results  # noqa: E402
@@ -44,10 +43,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def accuracy(predict, state_dicts: Sequence[dict[str, torch.Tensor]], labels: torch.Tensor) -> list[float]:
-    return [100.0 * float((predict(sd) == labels).float().mean()) for sd in state_dicts]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -63,12 +58,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         samples = pd.read_csv(args.results / "table1" / "main" / "generated" / name / variant_id / "samples.csv")
         originals = 100.0 * samples.loc[samples.kind == "original", "accuracy"]  # stored as a fraction
         data = load_image_data(cfg, spec.img_size, device)
-        predict = data.test.state_dict_predictor(build_model(spec.arch, spec.model_kwargs).to(device))
+        test_accuracy = data.test.state_dict_scorer(build_model(spec.arch, spec.model_kwargs).to(device))
         model, tokenizer, diffusion_cfg, _ = load_rpg(path, device)
         for steps in args.steps:
             sds, seconds = sample_variant(cfg, spec, model, tokenizer, with_sample_steps(diffusion_cfg, steps),
                                           Variant.parse(variant_id).seed_of(cfg.seed))
-            acc = pd.Series(accuracy(predict, sds, data.test.labels))
+            acc = pd.Series([100.0 * test_accuracy(sd) for sd in sds])
             rows.append({"architecture": name, "variant": variant_id, "sample_steps": steps,
                          "generated_best": acc.max(), "generated_avg": acc.mean(), "generated_min": acc.min(),
                          "original_best": originals.max(), "original_avg": originals.mean(),

@@ -325,18 +325,19 @@ def sample_with_chosen_steps(cfg: Config, spec: ArchSpec, model: RPG, tokenizer:
     points better than DDIM-10 on the average CNN model, 2.3 points worse on the ViT's; README), and choosing it on
     the test images would report a tuned number. Every candidate starts from the same noise (`sample_variant`)."""
     setting = cfg.architectures.sample_steps
-    if not isinstance(setting, (tuple, list)) or diffusion_cfg.sampler != "ddim":
-        diffusion_cfg = with_sample_steps(diffusion_cfg, setting if not isinstance(setting, (tuple, list)) else None)
+    choose = isinstance(setting, (tuple, list)) and diffusion_cfg.sampler == "ddim"
+    if not choose:  # one count: the configured int, else the generator's own (null, or a list under DDPM)
+        diffusion_cfg = with_sample_steps(diffusion_cfg, setting if isinstance(setting, int) else None)
         sds, seconds = sample_variant(cfg, spec, model, tokenizer, diffusion_cfg, seed)
         return sds, seconds, diffusion_cfg, {}
     scores: dict[int, float] = {}
-    best: tuple[float, list[StateDict], float, DiffusionConfig] | None = None
-    for steps in setting:
-        candidate_cfg = with_sample_steps(diffusion_cfg, int(steps))
+    best: tuple[float, list[StateDict], float, DiffusionConfig] | None = None  # only the best models are kept
+    for steps in map(int, setting):
+        candidate_cfg = with_sample_steps(diffusion_cfg, steps)
         sds, seconds = sample_variant(cfg, spec, model, tokenizer, candidate_cfg, seed)
-        scores[int(steps)] = 100.0 * sum(val_score(sd) for sd in sds) / len(sds)
-        if best is None or scores[int(steps)] > best[0]:
-            best = (scores[int(steps)], sds, seconds, candidate_cfg)
+        scores[steps] = 100.0 * sum(val_score(sd) for sd in sds) / len(sds)
+        if best is None or scores[steps] > best[0]:
+            best = (scores[steps], sds, seconds, candidate_cfg)
     assert best is not None  # the schema requires at least one candidate
     return best[1], best[2], best[3], scores
 
@@ -350,7 +351,7 @@ def with_sample_steps(diffusion_cfg: DiffusionConfig, sample_steps: int | None) 
 
 
 def sample_variant(cfg: Config, spec: ArchSpec, model: RPG, tokenizer: Tokenizer,
-                   diffusion_cfg: DiffusionConfig, seed: int) -> tuple[list[dict[str, torch.Tensor]], float]:
+                   diffusion_cfg: DiffusionConfig, seed: int) -> tuple[list[StateDict], float]:
     """`architectures.samples` state dicts from a loaded generator, and the wall seconds per model.
 
     The initial noise depends on `seed` only, so two step counts (or two runs) start from the same noise."""
