@@ -32,8 +32,7 @@ from _machine import ROOT, set_threads, write_results  # noqa: E402
 
 from rpg.checkpoint import load_rpg  # noqa: E402
 from rpg.config import load_config  # noqa: E402
-from rpg.experiments.arch_study.collect import collection_files  # noqa: E402
-from rpg.experiments.arch_study.study import arch_spec, load_image_data  # noqa: E402
+from rpg.experiments.arch_study.study import Variant, arch_spec, load_image_data, variant_collection  # noqa: E402
 from rpg.utils import load_safetensors, resolve_device, write_csv_atomic  # noqa: E402
 from rpg.vision.architectures import build_model  # noqa: E402
 from rpg.weightspace import flatten  # noqa: E402
@@ -92,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not any(k.endswith("running_var") for k in template.state_dict()):
             continue
         _, tokenizer, _, _ = load_rpg(results / "table1" / "main" / "rpg" / name / variant_id / "best.safetensors")
-        run_dirs = sorted((results / "table1" / "collections" / name).glob("run*"))
-        files = collection_files(run_dirs[:1], spec.recipe.n_checkpoints, spec.recipe.n_checkpoints)
+        runs = Variant.parse(variant_id).runs
+        files = variant_collection(spec, [results / "table1" / "collections" / name / f"run{r}" for r in range(runs)],
+                                   runs)
         collection = [load_safetensors(f)[0] for f in files]
         points = flatten(collection)
         samples = [load_safetensors(f)[0] for f in sorted((variant_dir / "models").glob("*.safetensors"))]
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             gen_tok, ck_tok = tokenizer.tokenize(sample), tokenizer.tokenize(nearest)
             token_error = {}
             for layer in tokenizer.layers:
-                diff = (gen_tok - ck_tok)[layer.offset: layer.offset + layer.n_tokens].flatten()[: layer.numel]
+                diff = tokenizer.layer_values(gen_tok - ck_tok, layer)
                 token_error[layer.name] = diff.pow(2).mean().sqrt().item()
             for row in layer_errors(sample, nearest, token_error):
                 layer_rows.append({"architecture": name, "variant": variant_id, "model": i, **row})

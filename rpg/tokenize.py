@@ -159,14 +159,18 @@ class Tokenizer:
         tokens = tokens.detach().to("cpu", torch.float64)
         state: dict[str, torch.Tensor] = {}
         for layer in self.layers:
-            values = tokens[layer.offset : layer.offset + layer.n_tokens].reshape(-1)[: layer.numel]
-            values = values * layer.std + layer.mean
+            values = self.layer_values(tokens, layer) * layer.std + layer.mean
             if layer.transform == "log_var":
                 values = ((torch.exp(values) - 0.05) * layer.var_scale).clamp_min(VAR_FLOOR)
             state[layer.name] = values.view(layer.shape).to(getattr(torch, layer.dtype))
         for name, tensor in self.copied.items():
             state[name] = tensor.clone()
         return state
+
+    @staticmethod
+    def layer_values(tokens: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
+        """The layer's normalised values (layer.numel,) out of tokens (n_tokens, token_size), padding dropped."""
+        return tokens[layer.offset : layer.offset + layer.n_tokens].reshape(-1)[: layer.numel]
 
     # ------------------------------------------------------------------------------------------------------------
     @property

@@ -226,7 +226,8 @@ def collect_run(cfg: Config, name: str, run: int, out_dir: str | Path,
                             progress=cfg.logging.progress, init_state=init_state)
 
 
-def _collection(spec: ArchSpec, run_dirs: Sequence[str | Path], runs: int) -> list[Path]:
+def variant_collection(spec: ArchSpec, run_dirs: Sequence[str | Path], runs: int) -> list[Path]:
+    """The checkpoint files a variant of `runs` training runs learns from: the first `runs` of `run_dirs`."""
     if len(run_dirs) < runs:
         raise ValueError(f"the variant needs {runs} training runs, got {len(run_dirs)} collections")
     n = spec.recipe.n_checkpoints
@@ -239,7 +240,7 @@ def train_variant(cfg: Config, name: str, variant_id: str, run_dirs: Sequence[st
     spec = arch_spec(cfg, name, study)
     variant = Variant.parse(variant_id)
     device = resolve_device(cfg.device)
-    files = _collection(spec, run_dirs, variant.runs)
+    files = variant_collection(spec, run_dirs, variant.runs)
     state_dicts = [load_safetensors(f)[0] for f in files]
     n_params = sum(v.numel() for v in state_dicts[0].values() if v.is_floating_point())
     template = build_model(spec.arch, spec.model_kwargs).to(device)  # scores generated weights
@@ -280,7 +281,7 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     sds, gen_seconds, diffusion_cfg, steps_val = sample_with_chosen_steps(
         cfg, spec, model, tokenizer, diffusion_cfg, seed, data.val.state_dict_scorer(template))
 
-    files = _collection(spec, run_dirs, variant.runs)
+    files = variant_collection(spec, run_dirs, variant.runs)
     arch_meta = {k: v for k, v in read_safetensors_metadata(files[0]).items()
                  if k in ("arch", "model_kwargs", "img_size", "num_classes")}
     models_dir = Path(out_dir) / "models"
