@@ -35,7 +35,7 @@ from rpg.config import load_config  # noqa: E402
 from rpg.experiments.arch_study.study import Variant, arch_spec, load_image_data, variant_collection  # noqa: E402
 from rpg.utils import load_safetensors, resolve_device, write_csv_atomic  # noqa: E402
 from rpg.vision.architectures import build_model  # noqa: E402
-from rpg.weightspace import flatten  # noqa: E402
+from rpg.weightspace import flatten, nearest_neighbours  # noqa: E402
 
 STAT_SUFFIXES = ("running_mean", "running_var")
 EPS = 1e-5  # BatchNorm's own epsilon
@@ -101,14 +101,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         data = load_image_data(cfg, spec.img_size, device)
         score = data.test.state_dict_scorer(template)
         for i, sample in enumerate(samples):
-            distances = torch.linalg.vector_norm(points - flatten([sample]), dim=1)
-            nearest = collection[int(distances.argmin())]
+            distance, index = nearest_neighbours(flatten([sample]), points)
+            nearest = collection[int(index)]
             kinds = {"generated": sample, "generated_weights+ckpt_stats": with_statistics(sample, nearest),
                      "ckpt_weights+generated_stats": with_statistics(nearest, sample), "checkpoint": nearest}
             for kind, sd in kinds.items():
                 acc = 100.0 * score(sd)
                 rows.append({"architecture": name, "variant": variant_id, "model": i, "kind": kind,
-                             "test_accuracy": acc, "l2_to_nearest": distances.min().item()})
+                             "test_accuracy": acc, "l2_to_nearest": distance.item()})
                 print(f"{name} model {i:2d} {kind:30s} {acc:6.2f} %", flush=True)
             gen_tok, ck_tok = tokenizer.tokenize(sample), tokenizer.tokenize(nearest)
             token_error = {}

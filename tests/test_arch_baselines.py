@@ -16,8 +16,8 @@ from rpg.experiments.arch_study.baselines import BASELINES, compare_with_collect
 from rpg.tokenize import VAR_FLOOR
 from rpg.utils import save_safetensors_atomic
 from rpg.vision.evaluate import ImageEvaluator
-from rpg.weightspace import (flatten, gaussian_samples, nearest_distance, noise_at_distance, random_averages,
-                             unflatten)
+from rpg.weightspace import (flatten, gaussian_samples, nearest_distance, nearest_neighbours, noise_at_distance,
+                             random_averages, unflatten)
 
 
 def _bn_net() -> nn.Module:
@@ -57,6 +57,17 @@ def test_nearest_distance_matches_cdist_and_an_exact_copy_is_zero():
     assert torch.equal(nearest_distance(ref[[2, 5]], ref), torch.zeros(2))  # copies: exactly 0
     own = torch.cdist(ref.double(), ref.double()) + torch.diag(torch.full((7,), float("inf")))
     assert torch.allclose(nearest_distance(ref, ref, exclude_self=True), own.min(1).values.float(), atol=1e-5)
+
+
+def test_nearest_neighbours_indices_match_cdist_argmin_and_skip_self():
+    gen = torch.Generator().manual_seed(1)
+    ref, pts = torch.randn(9, 30, generator=gen), torch.randn(5, 30, generator=gen)
+    _, index = nearest_neighbours(pts, ref)
+    assert torch.equal(index, torch.cdist(pts.double(), ref.double()).argmin(1))
+    assert torch.equal(nearest_neighbours(ref[[3, 7]], ref)[1], torch.tensor([3, 7]))  # a copy finds itself
+    own = torch.cdist(ref.double(), ref.double()) + torch.diag(torch.full((9,), float("inf")))
+    _, index = nearest_neighbours(ref, ref, exclude_self=True)
+    assert torch.equal(index, own.argmin(1)) and not torch.any(index == torch.arange(9))
 
 
 def test_average_of_16_is_the_mean_of_16_random_checkpoints():
