@@ -3,7 +3,7 @@
 The row `cnn_1m` (config/experiments/table1_cnn_1m.yaml, 1.2M parameters in 4,701 tokens) plateaued at a diffusion
 loss of ~0.27 — the loss of a denoiser that ignores its condition — and generated models at chance (10 %). The probe
 trains the row's own generator (same collection, preset, tokenizer, diffusion) once per *arm*, each arm a set of
-overrides of the row's `train` and `rpg` (model) settings, for `--steps` steps at a constant rate after warm-up (no
+overrides of the row's `train`, `rpg` (model) and `diffusion` settings, for `--steps` steps at a constant rate after warm-up (no
 decay hides a plateau), records the loss curve, then scores `--samples` generated models on the row's held-out
 *validation* images (never the test set). Side by side in one run, one arm at a time.
 
@@ -13,7 +13,8 @@ decay hides a plateau), records the loss curve, then scores `--samples` generate
 `--layers head proj stages.0` trains on a slice of the collection (the tensors whose names start with one of
 them; 90K of the 1.2M parameters), cheap enough to compare arms over hundreds of steps; a slice is not a network,
 so it reports the loss curve only (no accuracy).
-An arm is `label:key=value;key=value`, keys `train.<TrainConfig field>` or `model.<ModelConfig field>`, values
+An arm is `label:key=value;key=value`, keys `train.<TrainConfig field>`, `model.<ModelConfig field>` or
+`diffusion.<DiffusionConfig field>` (`diffusion.prediction=x0`), values
 YAML (`model.denoiser_channels=[1, 16, 32, 16, 1]`). Writes results/benchmarks/generator_probe.csv (+ .json) and
 generator_probe_curves.csv (loss per step per arm).
 """
@@ -46,14 +47,15 @@ from rpg.vision.architectures import build_model, count_parameters  # noqa: E402
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
-    """`label:train.lr=0.01;model.denoiser_channels=[1, 8, 1]` -> (label, {"train": {...}, "model": {...}})."""
+    """`label:train.lr=0.01;model.denoiser_channels=[1, 8, 1]` -> (label, {"train": {...}, "model": {...}, ...})."""
     label, _, body = text.partition(":")
-    overrides: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    overrides: dict[str, dict[str, Any]] = {"train": {}, "model": {}, "diffusion": {}}
     for item in filter(None, (s.strip() for s in body.split(";"))):
         key, eq, value = item.partition("=")
         section, dot, field = key.strip().partition(".")
         if not eq or not dot or section not in overrides:
-            raise SystemExit(f"arm {text!r}: expected train.<field>=<value> or model.<field>=<value>, got {item!r}")
+            raise SystemExit(f"arm {text!r}: expected train.<field>=<value>, model.<field>=<value> or "
+                             f"diffusion.<field>=<value>, got {item!r}")
         parsed = yaml.safe_load(value)
         overrides[section][field] = tuple(parsed) if isinstance(parsed, list) else parsed
     return label.strip() or body, overrides
@@ -99,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_cfg = dataclasses.replace(train_cfg, **over["train"])
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            train_on_collection(state_dicts, tmp, model_cfg=model_cfg, diffusion_cfg=cfg.diffusion,
+            diffusion_cfg = dataclasses.replace(cfg.diffusion, **over["diffusion"])
+            train_on_collection(state_dicts, tmp, model_cfg=model_cfg, diffusion_cfg=diffusion_cfg,
                                 train_cfg=train_cfg, seed=cfg.seed, progress=False, force=True)
             seconds = time.perf_counter() - start
             log = pd.read_csv(Path(tmp) / "train_log.csv")

@@ -184,3 +184,51 @@ def test_q_sample_endpoints(diffusion, x0):
     far = diffusion.q_sample(x0, torch.full((M,), 999), noise)
     assert (near - x0).abs().max() < 0.05
     assert (far - noise).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# x0-prediction
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def x0_view(diffusion: GaussianDiffusion, eps_denoiser):
+    """The x0-predictor equivalent to an eps-predictor: x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)."""
+    abar = diffusion.alphas_cumprod
+
+    def denoise(x_t, t, cond):
+        a = abar[t][:, None]
+        return ((x_t.double() - (1 - a).sqrt() * eps_denoiser(x_t, t, cond).double()) / a.sqrt()).float()
+
+    return denoise
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 1000, 0.0), ("ddim", 20, 0.0), ("ddim", 50, 1.0)])
+@pytest.mark.parametrize("clip", [None, 1.5])
+def test_x0_prediction_samples_like_the_equivalent_eps_predictor(diffusion, x0, sampler, steps, eta, clip):
+    """An x0-predictor and the eps-predictor it is equivalent to give the same samples (same noise), and the true
+    x0 as the prediction returns it exactly."""
+    x0_diffusion = GaussianDiffusion(1000, 1e-4, 0.02, prediction="x0")
+    kw = dict(sampler=sampler, steps=steps, eta=eta, clip_x0=clip)
+    from_eps = diffusion.sample(arbitrary_denoiser, x0, L, generator=torch.Generator().manual_seed(3), **kw)
+    from_x0 = x0_diffusion.sample(x0_view(diffusion, arbitrary_denoiser), x0, L,
+                                  generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(from_x0, from_eps, atol=1e-3, rtol=0)
+    exact = x0_diffusion.sample(lambda x_t, t, cond: cond, x0, L, generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(exact, x0 if clip is None else x0.clamp(-clip, clip), atol=1e-4, rtol=0)
+
+
+def test_x0_prediction_loss_targets_the_clean_tokens(diffusion, x0):
+    """With prediction="x0" the loss is the MSE to x0 (0 for the oracle), not to the noise."""
+    x0_diffusion = create_diffusion(DiffusionConfig(prediction="x0"))
+    assert x0_diffusion.prediction == "x0"
+    cond = torch.zeros(M, 4)
+    oracle_loss = x0_diffusion.training_loss(lambda x_t, t, c: x0, x0, cond, generator=torch.Generator().manual_seed(4))
+    assert oracle_loss.item() == 0.0
+    loss = x0_diffusion.training_loss(elementwise_denoiser, x0, cond, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randint(0, 1000, (M,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    pred = elementwise_denoiser(diffusion.q_sample(x0, t, noise), t, cond)
+    torch.testing.assert_close(loss, ((pred - x0) ** 2).mean(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(prediction="v")
