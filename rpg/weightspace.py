@@ -1,7 +1,7 @@
-"""A collection of checkpoints as points in weight space: flattening, nearest-neighbour distances, and the simple
-non-generative predictors a generator must beat (Zeng et al. 2025, "Generative modeling of weights: generalization
-or memorization?"): a checkpoint plus isotropic Gaussian noise of a given L2 norm, the average of a few checkpoints,
-and a per-parameter Gaussian fitted to the collection.
+"""A collection of checkpoints as points in weight space: flattening, nearest-neighbour and mean distances, and the
+simple non-generative predictors a generator must beat (Zeng et al. 2025, "Generative modeling of weights:
+generalization or memorization?"): a checkpoint plus isotropic Gaussian noise of a given L2 norm, the average of a
+few checkpoints, and a per-parameter Gaussian fitted to the collection.
 
 Only what a generator generates is a coordinate: floating-point entries with more than one element (the rule of
 `rpg.tokenize`); the rest (e.g. BatchNorm `num_batches_tracked`) is copied from a template checkpoint. A sampled
@@ -11,7 +11,7 @@ clips generated ones, so a baseline is never broken by a negative variance the g
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -50,28 +50,43 @@ def unflatten(vector: torch.Tensor, template: StateDict) -> dict[str, torch.Tens
     return out
 
 
-def nearest_neighbours(points: torch.Tensor, reference: torch.Tensor,
-                       exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 distance of each point to its nearest reference point, and that reference point's index.
+def _distances_to(points: torch.Tensor, reference: torch.Tensor, exclude_self: bool) -> Iterator[torch.Tensor]:
+    """Each point's L2 distances to every reference point (B,), its own row NaN with exclude_self.
 
     Row by row into one reused (B, P) buffer: exact (an exact copy is at 0, unlike the |a|^2 + |b|^2 - 2ab of
     `torch.cdist`), no (A, B, P) temporary, and ~3x faster than allocating the difference per row (1.2M parameters).
-    Shapes: points (A, P), reference (B, P) -> distances (A,), indices (A,). With exclude_self, points is reference
-    and each point's own row is skipped (its nearest *other* checkpoint).
     """
-    distances, indices = torch.empty(len(points)), torch.empty(len(points), dtype=torch.long)
     diff = torch.empty_like(reference)
     for i, row in enumerate(points):
         dist = torch.linalg.vector_norm(torch.sub(reference, row, out=diff), dim=1)
         if exclude_self:
-            dist[i] = float("inf")
-        distances[i], indices[i] = dist.min(dim=0)
+            dist[i] = float("nan")
+        yield dist
+
+
+def nearest_neighbours(points: torch.Tensor, reference: torch.Tensor,
+                       exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 distance of each point to its nearest reference point, and that reference point's index.
+
+    Shapes: points (A, P), reference (B, P) -> distances (A,), indices (A,). With exclude_self, points is reference
+    and each point's own row is skipped (its nearest *other* checkpoint).
+    """
+    distances, indices = torch.empty(len(points)), torch.empty(len(points), dtype=torch.long)
+    for i, dist in enumerate(_distances_to(points, reference, exclude_self)):
+        distances[i], indices[i] = dist.nan_to_num(nan=float("inf")).min(dim=0)
     return distances, indices
 
 
 def nearest_distance(points: torch.Tensor, reference: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
     """L2 distance of each point to its nearest reference point (`nearest_neighbours` without the indices)."""
     return nearest_neighbours(points, reference, exclude_self)[0]
+
+
+def mean_distance(points: torch.Tensor, reference: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+    """Mean L2 distance of each point to the reference points (the others, with exclude_self; NaN when there are
+    none). With points = reference it measures how spread a set of models is. Shapes: (A, P), (B, P) -> (A,)."""
+    means = [dist.nanmean() for dist in _distances_to(points, reference, exclude_self)]
+    return torch.stack(means) if means else torch.empty(0)
 
 
 def noise_at_distance(points: torch.Tensor, n: int, distance: float, generator: torch.Generator) -> torch.Tensor:

@@ -274,3 +274,28 @@ def test_ablation_rows_are_means_over_replicates_with_their_spread(tmp_path):
     per_seed = pd.read_csv(replicates)
     assert len(per_seed) == 4 and per_seed.generated_avg.tolist() == pytest.approx([52, 42, 11, 15])
     assert pd.read_csv(out).generated_avg_std.tolist() == table.generated_avg_std.tolist()
+
+
+def test_spread_measures_how_far_models_of_one_kind_are_from_one_another():
+    """l2_spread: the mean L2 to the other models of the same kind (originals: the other checkpoints, also when only
+    some are scored); identical samples have spread 0, and the summary relates the generated spread to the
+    collection's (`generated_spread_ratio`)."""
+    sds = _collection(6)
+    predict = _Predictor()
+    labels = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(5))
+    points = flatten(sds).double()
+    pairwise = torch.cdist(points, points)
+    others = pairwise.sum(1) / (len(sds) - 1)
+    for scored in (None, [1, 4]):
+        table, _ = compare_with_collection(sds, [sds[2], sds[2], sds[2]], predict, labels, seed=0, scored=scored)
+        orig, gen = table[table.kind == "original"], table[table.kind == "generated"]
+        expected = others if scored is None else others[scored]
+        assert torch.allclose(torch.tensor(orig.l2_spread.to_numpy()).double(), expected, rtol=1e-4)
+        assert (gen.l2_spread == 0).all()
+        row = summary_columns(table)
+        assert row["generated_spread_ratio"] == 0 and row["original_l2_spread"] == pytest.approx(orig.l2_spread.mean())
+    table, _ = compare_with_collection(sds, [sds[0], sds[3]], predict, labels, seed=0)
+    gen = table[table.kind == "generated"]
+    assert gen.l2_spread.to_numpy() == pytest.approx([float(pairwise[0, 3])] * 2, rel=1e-4)
+    assert summary_columns(table)["generated_spread_ratio"] == pytest.approx(float(pairwise[0, 3] / others.mean()),
+                                                                            rel=1e-4)

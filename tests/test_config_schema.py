@@ -126,3 +126,15 @@ def test_architectures_section_is_typed():
     assert isinstance(cfg.architectures, C.ArchitecturesConfig)
     assert isinstance(cfg.architectures.collect, C.CollectConfig) and cfg.architectures.collect.lr == 0.1
     assert isinstance(cfg.architectures.models["cnn_s"], C.ArchModelConfig)
+
+
+EXPERIMENTS = sorted((C.SCHEMA_PATH.parents[1] / "config" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_config_loads_on_the_default(overlay):
+    """Each `config/experiments/*.yaml` is an overlay of the default profile that the schema accepts (a renamed or
+    removed key fails here, not half-way through a run), and it sends its outputs to a results folder of its own."""
+    default = C.SCHEMA_PATH.parents[1] / "config" / "config.yaml"
+    cfg = C.load_config([default, overlay])
+    assert cfg.results_dir != C.load_config(default).results_dir

@@ -11,6 +11,9 @@ recomputed on training images instead of generated (when `architectures.bn_recom
 Novelty of every model (generated, baseline, and each original against the *other* originals):
   l2_nearest  L2 distance to the nearest collection checkpoint (for originals: their own nearest-neighbour distance)
   max_iou     maximum IoU of its misclassified test images against any collection checkpoint's
+  l2_spread   mean L2 distance to the other models of its own kind (originals: the other collection checkpoints), how
+              spread a generator's samples are beside the collection they were learnt from: samples much closer to
+              one another than the checkpoints are have collapsed towards one model, whatever their accuracy
 A generator whose samples are no better than `noise` at the same novelty, or than an average, has learnt no more than
 to copy or to average its training checkpoints.
 """
@@ -23,7 +26,8 @@ import pandas as pd
 import torch
 
 from rpg.vision.similarity import max_iou_to_reference
-from rpg.weightspace import flatten, gaussian_samples, nearest_distance, noise_at_distance, random_averages, unflatten
+from rpg.weightspace import (flatten, gaussian_samples, mean_distance, nearest_distance, noise_at_distance,
+                              random_averages, unflatten)
 
 StateDict = Mapping[str, torch.Tensor]
 Predictor = Callable[[StateDict], torch.Tensor]  # state dict -> predicted classes (N,)
@@ -43,7 +47,8 @@ def baseline_points(points: torch.Tensor, n: int, novelty: float, seed: int) -> 
 def model_rows(kind: str, points: torch.Tensor, preds: torch.Tensor, reference: torch.Tensor,
                reference_preds: torch.Tensor, labels: torch.Tensor, of_reference: bool = False,
                index: Sequence[int] | None = None) -> pd.DataFrame:
-    """One row per model: kind, index, accuracy, l2_nearest, max_iou (against the reference = the collection).
+    """One row per model: kind, index, accuracy, l2_nearest, max_iou (against the reference = the collection) and
+    l2_spread (against the other models of these points).
 
     With of_reference the models are the collection itself and each is compared with the others (NaN for a
     collection of one). Shapes: points (A, P), preds (A, N), reference (B, P), reference_preds (B, N), labels (N,).
@@ -56,6 +61,7 @@ def model_rows(kind: str, points: torch.Tensor, preds: torch.Tensor, reference: 
         "l2_nearest": (nan if lonely else nearest_distance(points, reference, exclude_self=of_reference)).numpy(),
         "max_iou": (nan if lonely else max_iou_to_reference(preds, reference_preds, labels,
                                                              exclude_self=of_reference)).numpy(),
+        "l2_spread": mean_distance(points, points, exclude_self=True).numpy(),
     })
 
 
@@ -86,6 +92,7 @@ def compare_with_collection(collection: Sequence[StateDict], generated: Sequence
                                of_reference=True, index=scored)
         if len(collection) > 1:
             originals["l2_nearest"] = nearest_distance(points, points, exclude_self=True)[scored].numpy()
+            originals["l2_spread"] = mean_distance(points, points, exclude_self=True)[scored].numpy()
     frames = [originals, model_rows("generated", gen_points, gen_preds, points, ref_preds, labels)]
     for kind, models in (variants or {}).items():
         preds = torch.stack([predict(sd) for sd in models])
@@ -105,9 +112,11 @@ def compare_with_collection(collection: Sequence[StateDict], generated: Sequence
 def summary_columns(samples: pd.DataFrame) -> dict[str, float]:
     """Table columns from a samples table with baseline and novelty columns (accuracies in percent).
 
-    Per baseline: best / avg / min accuracy, mean l2_nearest and max_iou. Novelty: the originals' mean
+    Per baseline: best / avg / min accuracy, mean l2_nearest, max_iou and l2_spread. Novelty: the originals' mean
     nearest-neighbour distance and max IoU among themselves, the generated models' mean distance to the collection
     relative to it (`generated_novelty_ratio`), and the generated average minus the best baseline's average.
+    Diversity: the originals' mean distance to the other checkpoints (`original_l2_spread`) and the generated
+    models' mean distance to one another relative to it (`generated_spread_ratio`; 1 = as spread as the collection).
     """
     out: dict[str, float] = {}
     by_kind = {kind: part for kind, part in samples.groupby("kind")}
@@ -119,9 +128,14 @@ def summary_columns(samples: pd.DataFrame) -> dict[str, float]:
             acc = part["accuracy"] * 100
             out.update({f"{kind}_best": acc.max(), f"{kind}_avg": acc.mean(), f"{kind}_min": acc.min()})
         out.update({f"{kind}_l2_nearest": part["l2_nearest"].mean(), f"{kind}_max_iou": part["max_iou"].mean()})
+        if "l2_spread" in part:
+            out[f"{kind}_l2_spread"] = part["l2_spread"].mean()
     orig = by_kind["original"]
     out.update({"original_nn_l2": orig["l2_nearest"].mean(), "original_max_iou": orig["max_iou"].mean()})
     out["generated_novelty_ratio"] = out["generated_l2_nearest"] / out["original_nn_l2"]
+    if "l2_spread" in orig:
+        out["original_l2_spread"] = orig["l2_spread"].mean()
+        out["generated_spread_ratio"] = out["generated_l2_spread"] / out["original_l2_spread"]
     baseline_avgs = [out[f"{kind}_avg"] for kind in BASELINES if f"{kind}_avg" in out]
     out["generated_minus_best_baseline"] = (
         by_kind["generated"]["accuracy"].mean() * 100 - max(baseline_avgs))

@@ -388,7 +388,7 @@ def _with_sources(table: pd.DataFrame, files: Sequence[Path], models_dir: Path) 
     table.loc[orig, "accuracy"] = [float(m["test_accuracy"]) for m in meta]
     gen = (table.kind == "generated").to_numpy()
     table.loc[gen, "file"] = [str(models_dir / f"{i:02d}.safetensors") for i in table.loc[gen, "index"]]
-    return table[["kind", "index", "run", "file", "accuracy", "l2_nearest", "max_iou"]]
+    return table[["kind", "index", "run", "file", "accuracy", "l2_nearest", "max_iou", "l2_spread"]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
