@@ -156,7 +156,7 @@ def test_arch_sample_steps_benchmark_reproduces_table1(workflow_run, tmp_path):
     assert set(steps.sample_steps) == {1, *arch.sample_steps}
     same = steps.merge(t1.sample_steps.reset_index(), on=["architecture", "sample_steps"]).set_index("architecture")
     assert len(same) == len(t1)
-    for col in ("generated_best", "generated_avg", "original_avg"):
+    for col in ("generated_best", "generated_avg", "original_avg", "generated_l2_spread", "original_l2_spread"):
         assert (same[col] - t1.loc[same.index, col]).abs().max() < 0.01, col
 
 
