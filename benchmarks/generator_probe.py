@@ -3,9 +3,10 @@
 The row `cnn_1m` (config/experiments/table1_cnn_1m.yaml, 1.2M parameters in 4,701 tokens) plateaued at a diffusion
 loss of ~0.27 — the loss of a denoiser that ignores its condition — and generated models at chance (10 %). The probe
 trains the row's own generator (same collection, preset, tokenizer, diffusion) once per *arm*, each arm a set of
-overrides of the row's `train`, `rpg` (model) and `diffusion` settings, for `--steps` steps at a constant rate after warm-up (no
-decay hides a plateau), records the loss curve, then scores `--samples` generated models on the row's held-out
-*validation* images (never the test set). Side by side in one run, one arm at a time.
+overrides of the row's `train`, `rpg` (model) and `diffusion` settings, for `--steps` steps at a constant rate after
+warm-up (no decay hides a plateau), records the loss curve, then scores `--samples` generated models on the row's
+held-out *validation* images (never the test set). Side by side in one run, one arm at a time. The loss is not
+comparable between arms that predict different things (`diffusion.prediction`); the validation accuracy is.
 
     flock /work/heavy.lock .venv/bin/python benchmarks/generator_probe.py \
         --collection results/cnn_1m/table1/collections/cnn_1m/run0 --steps 150 \
