@@ -50,18 +50,15 @@ def unflatten(vector: torch.Tensor, template: StateDict) -> dict[str, torch.Tens
     return out
 
 
-def _distances_to(points: torch.Tensor, reference: torch.Tensor, exclude_self: bool) -> Iterator[torch.Tensor]:
-    """Each point's L2 distances to every reference point (B,), its own row NaN with exclude_self.
+def _distances_to(points: torch.Tensor, reference: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Each point's L2 distances to every reference point (B,).
 
     Row by row into one reused (B, P) buffer: exact (an exact copy is at 0, unlike the |a|^2 + |b|^2 - 2ab of
     `torch.cdist`), no (A, B, P) temporary, and ~3x faster than allocating the difference per row (1.2M parameters).
     """
     diff = torch.empty_like(reference)
-    for i, row in enumerate(points):
-        dist = torch.linalg.vector_norm(torch.sub(reference, row, out=diff), dim=1)
-        if exclude_self:
-            dist[i] = float("nan")
-        yield dist
+    for row in points:
+        yield torch.linalg.vector_norm(torch.sub(reference, row, out=diff), dim=1)
 
 
 def nearest_neighbours(points: torch.Tensor, reference: torch.Tensor,
@@ -72,8 +69,10 @@ def nearest_neighbours(points: torch.Tensor, reference: torch.Tensor,
     and each point's own row is skipped (its nearest *other* checkpoint).
     """
     distances, indices = torch.empty(len(points)), torch.empty(len(points), dtype=torch.long)
-    for i, dist in enumerate(_distances_to(points, reference, exclude_self)):
-        distances[i], indices[i] = dist.nan_to_num(nan=float("inf")).min(dim=0)
+    for i, dist in enumerate(_distances_to(points, reference)):
+        if exclude_self:
+            dist[i] = float("inf")
+        distances[i], indices[i] = dist.min(dim=0)
     return distances, indices
 
 
@@ -83,10 +82,13 @@ def nearest_distance(points: torch.Tensor, reference: torch.Tensor, exclude_self
 
 
 def mean_distance(points: torch.Tensor, reference: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
-    """Mean L2 distance of each point to the reference points (the others, with exclude_self; NaN when there are
-    none). With points = reference it measures how spread a set of models is. Shapes: (A, P), (B, P) -> (A,)."""
-    means = [dist.nanmean() for dist in _distances_to(points, reference, exclude_self)]
-    return torch.stack(means) if means else torch.empty(0)
+    """Mean L2 distance of each point to the reference points (the others, with exclude_self: points is reference;
+    NaN when there are none). With points = reference it measures how spread a set of models is.
+    Shapes: (A, P), (B, P) -> (A,)."""
+    means = torch.empty(len(points))
+    for i, dist in enumerate(_distances_to(points, reference)):
+        means[i] = torch.cat([dist[:i], dist[i + 1:]]).mean() if exclude_self else dist.mean()
+    return means
 
 
 def noise_at_distance(points: torch.Tensor, n: int, distance: float, generator: torch.Generator) -> torch.Tensor:
