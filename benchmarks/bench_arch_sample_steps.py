@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         originals = 100.0 * samples.loc[samples.kind == "original", "accuracy"]  # stored as a fraction
         original_spread = (float(samples.loc[samples.kind == "original", "l2_spread"].mean())
                            if "l2_spread" in samples else float("nan"))
-        data = load_image_data(cfg, spec.img_size, device)
+        data = load_image_data(cfg, spec, device)
         test_accuracy = data.test.state_dict_scorer(build_model(spec.arch, spec.model_kwargs).to(device))
         model, tokenizer, diffusion_cfg, _ = load_rpg(path, device)
         for steps, eta in itertools.product(args.steps, args.eta):
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "generated_l2_spread": spread, "original_l2_spread": original_spread,
                          "original_best": originals.max(), "original_avg": originals.mean(),
                          "gap_avg": originals.mean() - acc.mean(), "seconds_per_model": seconds,
-                         "table_sample_steps": str(cfg.architectures.sample_steps)})
+                         "table_sample_steps": str(spec.sample_steps)})
             print(f"{name:10s} DDIM-{steps:<4d} eta {sampling.eta:.1f}  generated best/avg/min {acc.max():.2f} / "
                   f"{acc.mean():.2f} / {acc.min():.2f}  spread {spread:.3f} (originals {original_spread:.3f})  "
                   f"originals avg {originals.mean():.2f}  {seconds:.2f} s/model", flush=True)

@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         points = flatten(collection)
         samples = [load_safetensors(f)[0] for f in sorted((variant_dir / "models").glob("*.safetensors"))]
         samples = samples[: args.models or None]
-        data = load_image_data(cfg, spec.img_size, device)
+        data = load_image_data(cfg, spec, device)
         score = data.test.state_dict_scorer(template)
         for i, sample in enumerate(samples):
             distance, index = nearest_neighbours(flatten([sample]), points)

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     template = build_model(spec.arch, spec.model_kwargs)
     n_params = count_parameters(template)
     base_model = variant_model_config(spec, main_variant(cfg, args.arch, n_params), n_params)
-    data = load_image_data(cfg, spec.img_size, torch.device("cpu"))
+    data = load_image_data(cfg, spec, torch.device("cpu"))
     score = data.val.state_dict_scorer(template)
     rows, curves = [], []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_cfg = dataclasses.replace(train_cfg, **over["train"])
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            diffusion_cfg = dataclasses.replace(cfg.diffusion, **over["diffusion"])
+            diffusion_cfg = dataclasses.replace(spec.diffusion, **over["diffusion"])
             train_on_collection(state_dicts, tmp, model_cfg=model_cfg, diffusion_cfg=diffusion_cfg,
                                 train_cfg=train_cfg, seed=cfg.seed, progress=False, force=True)
             seconds = time.perf_counter() - start

@@ -274,10 +274,17 @@ class CollectConfig:
     score_every: int = 1  # score every k-th checkpoint (counted back from the last) on the test set
 
 
+# Keys of `architectures` that one entry of `architectures.models` may set for itself (absent or null: the family's).
+ARCH_MODEL_FAMILY_KEYS = ("samples", "sample_steps", "threads", "val_images", "bn_recompute_images",
+                          "baseline_samples")
+
+
 @dataclass(frozen=True)
 class ArchModelConfig:
-    """One entry of `architectures.models`; `collect` / `rpg` / `train` hold only the keys it overrides (the
-    schema checks them against the full sections)."""
+    """One entry of `architectures.models`; `collect` / `rpg` / `train` / `diffusion` hold only the keys it
+    overrides (the schema checks them against the full sections), and the keys of ARCH_MODEL_FAMILY_KEYS, when
+    set, replace the family's for this architecture (a million-parameter row samples, scores and threads
+    differently from a 3K-parameter one)."""
 
     arch: str
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -287,6 +294,13 @@ class ArchModelConfig:
     collect: Mapping[str, Any] = field(default_factory=dict)
     rpg: Mapping[str, Any] = field(default_factory=dict)
     train: Mapping[str, Any] = field(default_factory=dict)
+    diffusion: Mapping[str, Any] = field(default_factory=dict)
+    samples: int | None = None
+    sample_steps: int | tuple[int, ...] | None = None
+    threads: int | None = None
+    val_images: int | None = None
+    bn_recompute_images: int | None = None
+    baseline_samples: int | None = None
 
 
 @dataclass(frozen=True)

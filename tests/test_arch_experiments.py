@@ -10,7 +10,7 @@ from rpg.vision.architectures import architecture_metadata, build_model, count_p
 from rpg.config import CollectConfig
 from rpg.experiments.arch_study.collect import collection_files, pick_checkpoints, train_collection
 from rpg.vision.evaluate import ImageEvaluator
-from rpg.config import config_from_dict, paper_size
+from rpg.config import ConfigError, config_from_dict, paper_size
 from rpg.utils import load_safetensors, read_safetensors_metadata
 
 
@@ -140,6 +140,27 @@ def test_ablation_seeds_replicate_every_setting_under_its_label():
         assert [v for _, v in three[family] if v.seed == 0] == [v for _, v in rows]
     ids = [v.id for rows in three.values() for _, v in rows]
     assert len(set(ids)) == len({v.id for rows in one.values() for _, v in rows}) * 3
+
+
+def test_model_entry_overrides_the_family_keys_and_diffusion():
+    """A Table 1 row may sample, score, thread and denoise differently from the family (the million-parameter
+    row: x0-prediction, 2 threads, BatchNorm statistics recomputed); the other rows keep the family's."""
+    cfg = config_from_dict({"architectures": {
+        "sample_steps": [10, 20, 50], "threads": 1, "val_images": 2000, "samples": 10,
+        "models": {"big": {"arch": "rpg_cnn_s", "diffusion": {"prediction": "x0"}, "sample_steps": [10, 20],
+                           "threads": 2, "val_images": 1000, "bn_recompute_images": 500, "baseline_samples": 3,
+                           "samples": 4},
+                   "small": {"arch": "rpg_cnn_s"}}}})
+    big, small = ax.arch_spec(cfg, "big"), ax.arch_spec(cfg, "small")
+    assert (big.diffusion.prediction, big.sample_steps, big.threads, big.val_images, big.bn_recompute_images,
+            big.baseline_samples, big.samples) == ("x0", (10, 20), 2, 1000, 500, 3, 4)
+    assert big.diffusion.timesteps == cfg.diffusion.timesteps  # only the keys it names
+    assert (small.diffusion, small.sample_steps, small.threads, small.val_images, small.bn_recompute_images,
+            small.baseline_samples, small.samples) == (cfg.diffusion, (10, 20, 50), 1, 2000, 0, None, 10)
+    with pytest.raises(ConfigError, match="architectures.models.big.diffusion"):
+        config_from_dict({"architectures": {"models": {"big": {"arch": "rpg_cnn_s", "diffusion": {"predict": "x0"}}}}})
+    with pytest.raises(ConfigError, match="architectures.models.big.threads"):
+        config_from_dict({"architectures": {"models": {"big": {"arch": "rpg_cnn_s", "threads": 0}}}})
 
 
 def test_auto_size_follows_table15():

@@ -103,6 +103,8 @@ def test_tables_exist_with_expected_columns(workflow_run):
 def test_table1_family(workflow_run):
     """table1.csv has one row per configured architecture; each ablation family one row per setting; generated
     models are saved ready to rebuild from their metadata."""
+    from rpg.checkpoint import load_rpg
+    from rpg.experiments.arch_study import study as ax
     from rpg.vision.architectures import load_model_file
 
     res, cfg = workflow_run["results"], workflow_run["cfg"]
@@ -114,12 +116,20 @@ def test_table1_family(workflow_run):
         assert t1[col].between(0, 100).all(), col
     assert (t1.original_best >= t1.original_avg).all() and (t1.generated_avg >= t1.generated_min).all()
     assert (res / "table1.config.yaml").is_file()
-    # whole models sample with the architectures.sample_steps candidate that scores best on validation images
+    # whole models sample with the architectures.sample_steps candidate that scores best on validation images;
+    # a row with its own settings (vit_nano: x0-prediction, one step count) uses them, the others the family's
     assert cfg.diffusion.sample_steps not in arch.sample_steps and t1.sample_steps.isin(arch.sample_steps).all()
     for row in t1.itertuples():
+        spec = ax.arch_spec(cfg, row.architecture)
+        generator = res / "table1" / "main" / "rpg" / row.architecture / row.variant / "best.safetensors"
+        assert load_rpg(generator)[2].prediction == spec.diffusion.prediction
+        if isinstance(spec.sample_steps, int):
+            assert row.sample_steps == spec.sample_steps and pd.isna(row.sample_steps_val)
+            continue
         val = {int(k): float(v) for k, v in (item.split(":") for item in row.sample_steps_val.split())}
-        assert sorted(val) == sorted(arch.sample_steps)
-        assert row.sample_steps == min(val, key=lambda k: (-val[k], arch.sample_steps.index(k)))
+        assert sorted(val) == sorted(spec.sample_steps)
+        assert row.sample_steps == min(val, key=lambda k: (-val[k], spec.sample_steps.index(k)))
+    assert {ax.arch_spec(cfg, name).diffusion.prediction for name in arch.table1} == {"eps", "x0"}
     ab = arch.ablations
     expected = {"recurrent": len(ab.recurrent), "position": len(ab.position),
                 "permutation": 2 * len(ab.permutation_runs), "token_size": len(ab.token_size)}

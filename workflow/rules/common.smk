@@ -145,23 +145,39 @@ def collect_setting(wildcards):
 
 
 def generator_setting(wildcards):
-    """What a generator depends on beyond its collection: its config and the diffusion settings."""
+    """What a generator depends on beyond its collection: its config, the diffusion settings and the validation
+    images that pick its best step."""
     spec = AX.arch_spec(CFG, wildcards.arch, wildcards.study)
     return repr(
         (
             spec.rpg,
             spec.train,
-            CFG.diffusion,
+            spec.diffusion,
             CFG.generate,
-            CFG.architectures.samples,
+            spec.samples,
+            spec.val_images,
         )
     )
 
 
 def generation_setting(wildcards):
-    """What sampling a generator's models depends on beyond the generator: its setting and the DDIM steps of
-    architectures.sample_steps (a generation-only key: it reruns no training)."""
-    return repr((generator_setting(wildcards), CFG.architectures.sample_steps))
+    """What sampling a generator's models depends on beyond the generator: its setting, the DDIM steps
+    (architectures.sample_steps) and how the models and baselines are scored (generation-only keys: they rerun
+    no training)."""
+    spec = AX.arch_spec(CFG, wildcards.arch, wildcards.study)
+    return repr(
+        (
+            generator_setting(wildcards),
+            spec.sample_steps,
+            spec.bn_recompute_images,
+            spec.baseline_samples,
+        )
+    )
+
+
+def arch_threads(wildcards):
+    """Threads of an architecture's jobs (architectures.threads, or its own entry's)."""
+    return AX.arch_spec(CFG, wildcards.arch).threads
 
 
 def ablation_inputs(wildcards):

@@ -20,7 +20,7 @@ rule collect_checkpoints:
         f"{RES}/benchmarks/rules/table1/collect_{{arch}}_run{{run}}.tsv"
     conda:
         "../envs/rpg.yaml"
-    threads: CFG.architectures.threads
+    threads: arch_threads
     resources:
         mem_mb=4000,
         gpu=GPU,
@@ -43,7 +43,7 @@ rule train_arch_rpg:
         f"{RES}/benchmarks/rules/table1/train_{{study}}_{{arch}}_{{variant}}.tsv"
     conda:
         "../envs/rpg.yaml"
-    threads: CFG.architectures.threads
+    threads: arch_threads
     resources:
         mem_mb=6000,
         gpu=GPU,
@@ -68,7 +68,7 @@ rule generate_arch:
         f"{RES}/benchmarks/rules/table1/generate_{{study}}_{{arch}}_{{variant}}.tsv"
     conda:
         "../envs/rpg.yaml"
-    threads: CFG.architectures.threads
+    threads: arch_threads
     resources:
         mem_mb=4000,
         gpu=GPU,

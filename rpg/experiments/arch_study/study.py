@@ -33,8 +33,8 @@ from rpg.checkpoint import load_rpg
 from rpg.experiments.arch_study.baselines import StateDict, compare_with_collection, summary_columns
 from rpg.experiments.arch_study.collect import collection_files, predictions_name, train_collection
 from rpg.vision.evaluate import ImageEvaluator, has_batchnorm, recompute_batchnorm_statistics
-from rpg.config import (CollectConfig, Config, DiffusionConfig, ModelConfig, TrainConfig, config_to_yaml, paper_size,
-                        resolve_model_config)
+from rpg.config import (ARCH_MODEL_FAMILY_KEYS, CollectConfig, Config, DiffusionConfig, ModelConfig, TrainConfig,
+                        config_to_yaml, paper_size, resolve_model_config)
 from rpg.data import load_cifar10, split_train_val
 from rpg.tracking import start_tracking
 from rpg.generate import sample_models
@@ -69,6 +69,13 @@ class ArchSpec:
     recipe: CollectConfig
     rpg: dict  # raw generator section (sizes resolved per variant)
     train: TrainConfig
+    diffusion: DiffusionConfig
+    samples: int  # generated models per variant
+    sample_steps: int | tuple[int, ...] | None  # DDIM steps (a tuple: chosen on validation images)
+    threads: int
+    val_images: int
+    bn_recompute_images: int
+    baseline_samples: int | None
 
 
 @dataclass(frozen=True)
@@ -101,8 +108,9 @@ class Variant:
 
 
 def arch_spec(cfg: Config, name: str, study: str = "main") -> ArchSpec:
-    """The architecture `name` of `architectures.models` with the global collect / rpg / train sections applied
-    (and, for study "ablation", `architectures.ablations.train`). The schema has checked every override's keys."""
+    """The architecture `name` of `architectures.models` with the global collect / rpg / train / diffusion sections
+    and the family's sampling and scoring keys applied under its own (and, for study "ablation",
+    `architectures.ablations.train`). The schema has checked every override's keys."""
     if study not in STUDIES:
         raise ValueError(f"unknown study '{study}' (expected one of {', '.join(STUDIES)})")
     section = cfg.architectures
@@ -118,7 +126,16 @@ def arch_spec(cfg: Config, name: str, study: str = "main") -> ArchSpec:
         pretrained=entry.pretrained, pretrained_file=entry.pretrained_file,
         recipe=dataclasses.replace(section.collect, **entry.collect), rpg={**section.rpg, **entry.rpg},
         train=dataclasses.replace(cfg.train, **{k: tuple(v) if isinstance(v, list) else v for k, v in train.items()}),
+        diffusion=dataclasses.replace(cfg.diffusion, **entry.diffusion),
+        **{key: section_or_entry(section, entry, key) for key in ARCH_MODEL_FAMILY_KEYS},
     )
+
+
+def section_or_entry(section: Any, entry: Any, key: str) -> Any:
+    """The entry's value of a family key, else the family's (a list read from YAML becomes a tuple)."""
+    value = getattr(entry, key)
+    value = getattr(section, key) if value is None else value
+    return tuple(value) if isinstance(value, list) else value
 
 
 def base_model_config(spec: ArchSpec, n_params: int) -> ModelConfig:
@@ -178,16 +195,16 @@ class ImageData:
     test: ImageEvaluator
 
 
-def load_image_data(cfg: Config, img_size: int, device: torch.device) -> ImageData:
+def load_image_data(cfg: Config, spec: ArchSpec, device: torch.device) -> ImageData:
     """Training images minus the held-out validation images (`data.val_images`, seeded as the zoo's), the first
-    `architectures.val_images` of those for validation, and the full test set."""
+    `spec.val_images` of those for validation, and the full test set, at the architecture's input size."""
     data = load_cifar10(cfg.data.root, download=cfg.data.download)
     train_idx, val_idx = split_train_val(data, cfg.data.val_images, cfg.seed)
-    val_idx = val_idx[: cfg.architectures.val_images]
+    val_idx = val_idx[: spec.val_images]
     return ImageData(
         data.train_images[train_idx], data.train_labels[train_idx],
-        ImageEvaluator(data.train_images[val_idx], data.train_labels[val_idx], img_size=img_size, device=device),
-        ImageEvaluator(data.test_images, data.test_labels, img_size=img_size, device=device),
+        ImageEvaluator(data.train_images[val_idx], data.train_labels[val_idx], img_size=spec.img_size, device=device),
+        ImageEvaluator(data.test_images, data.test_labels, img_size=spec.img_size, device=device),
     )
 
 
@@ -218,7 +235,7 @@ def collect_run(cfg: Config, name: str, run: int, out_dir: str | Path,
         if {k: tuple(v.shape) for k, v in template.items()} != {k: tuple(v.shape) for k, v in init_state.items()}:
             raise ValueError(f"the backbone {init_file} does not fit architecture '{name}' ({spec.arch} with "
                              f"{spec.model_kwargs}): set its arch / model_kwargs to backbone.arch and its feature_dim")
-    data = load_image_data(cfg, spec.img_size, device)
+    data = load_image_data(cfg, spec, device)
     return train_collection(data.train_images, data.train_labels, arch=spec.arch, model_kwargs=spec.model_kwargs,
                             recipe=spec.recipe, seed=run_seed(cfg, run), out_dir=out_dir,
                             evaluators={"test": data.test}, img_size=spec.img_size, pretrained=spec.pretrained,
@@ -245,12 +262,12 @@ def train_variant(cfg: Config, name: str, variant_id: str, run_dirs: Sequence[st
     n_params = sum(v.numel() for v in state_dicts[0].values() if v.is_floating_point())
     template = build_model(spec.arch, spec.model_kwargs).to(device)  # scores generated weights
     model_cfg = variant_model_config(spec, variant, count_parameters(template))
-    data = load_image_data(cfg, spec.img_size, device)
+    data = load_image_data(cfg, spec, device)
     tracker = start_tracking(cfg.logging, name=f"{study}-{name}-{variant_id}", group="table1", job_type="train_rpg",
                              config={"architecture": name, "variant": variant_id, "study": study, **cfg.raw},
                              directory=Path(cfg.results_dir) / "wandb")
     summary = train_on_collection(
-        state_dicts, out_dir, model_cfg=model_cfg, diffusion_cfg=cfg.diffusion, train_cfg=spec.train,
+        state_dicts, out_dir, model_cfg=model_cfg, diffusion_cfg=spec.diffusion, train_cfg=spec.train,
         seed=variant.seed_of(cfg.seed), device=device, score_fn=data.val.state_dict_scorer(template),
         val_samples=spec.train.val_samples, names=[str(f) for f in files], tracker=tracker,
         progress=cfg.logging.progress, force=True)  # the workflow's config decides: a new step count retrains
@@ -263,18 +280,18 @@ def train_variant(cfg: Config, name: str, variant_id: str, run_dirs: Sequence[st
 
 def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Path, run_dirs: Sequence[str | Path],
                      out_dir: str | Path, study: str = "main") -> pd.DataFrame:
-    """Sample `architectures.samples` models, save them ready to load, and score them and the originals (test set).
+    """Sample `spec.samples` models, save them ready to load, and score them and the originals (test set).
 
     Writes ``samples.csv`` (kind original / generated / a baseline of `baselines.BASELINES`, accuracy and the
     novelty columns l2_nearest, max_iou: see rpg.experiments.arch_study.baselines) and
     ``models/{i:02d}.safetensors`` (weights plus the architecture metadata
     `rpg.vision.architectures.model_from_metadata` rebuilds them from). The baselines cost one test-set evaluation
-    per collection checkpoint (for the mistake overlap) and 3 x `architectures.samples` more.
+    per collection checkpoint (for the mistake overlap) and 3 x `spec.baseline_samples` more.
     """
     spec = arch_spec(cfg, name, study)
     variant = Variant.parse(variant_id)
     device = resolve_device(cfg.device)
-    data = load_image_data(cfg, spec.img_size, device)
+    data = load_image_data(cfg, spec, device)
     model, tokenizer, diffusion_cfg, meta = load_rpg(rpg_path, device)
     seed = variant.seed_of(cfg.seed)
     template = build_model(spec.arch, spec.model_kwargs).to(device)
@@ -291,7 +308,7 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     # the checkpoints scored on the test set when collected (collect.score_every): the "original" rows
     scored = [i for i, f in enumerate(files) if "test_accuracy" in read_safetensors_metadata(f)]
     variants = {}
-    n_bn = cfg.architectures.bn_recompute_images
+    n_bn = spec.bn_recompute_images
     if n_bn > 0 and has_batchnorm(template):
         variants["generated_bn_recomputed"] = bn_recomputed(template, sds, data, n_bn, seed=seed + 37)
     pred_files = [files[i].with_name(predictions_name(int(files[i].stem))) for i in scored]
@@ -299,7 +316,7 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
                     if all(f.is_file() for f in pred_files) else None)
     table, baseline_settings = compare_with_collection(
         [load_safetensors(f)[0] for f in files], sds, data.test.state_dict_predictor(template), data.test.labels,
-        seed=seed + 31, scored=scored, n_baseline=cfg.architectures.baseline_samples, variants=variants,
+        seed=seed + 31, scored=scored, n_baseline=spec.baseline_samples, variants=variants,
         scored_preds=scored_preds)
     table = _with_sources(table, [files[i] for i in scored], models_dir)
     table["architecture"], table["variant"] = name, variant_id
@@ -317,7 +334,7 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
 def sample_with_chosen_steps(cfg: Config, spec: ArchSpec, model: RPG, tokenizer: Tokenizer,
                              diffusion_cfg: DiffusionConfig, seed: int, val_score: Callable[[StateDict], float]
                              ) -> tuple[list[StateDict], float, DiffusionConfig, dict[int, float]]:
-    """`architectures.samples` models sampled with `architectures.sample_steps` DDIM steps; given a list, the step
+    """`spec.samples` models sampled with `spec.sample_steps` DDIM steps; given a list, the step
     count whose models score best on the held-out validation images (the first of the list on a tie, so list the
     cheapest first). Returns the models, seconds per model at the chosen count, the diffusion settings used and the
     validation accuracy (%) of the mean model per candidate ({} without a choice).
@@ -325,7 +342,7 @@ def sample_with_chosen_steps(cfg: Config, spec: ArchSpec, model: RPG, tokenizer:
     Why choose: the right count depends on the network (measured with the same generators: DDIM-50 is 2.6 / 0.7
     points better than DDIM-10 on the average CNN model, 2.3 points worse on the ViT's; README), and choosing it on
     the test images would report a tuned number. Every candidate starts from the same noise (`sample_variant`)."""
-    setting = cfg.architectures.sample_steps
+    setting = spec.sample_steps
     choose = isinstance(setting, (tuple, list)) and diffusion_cfg.sampler == "ddim"
     if not choose:  # one count: the configured int, else the generator's own (null, or a list under DDPM)
         diffusion_cfg = with_sample_steps(diffusion_cfg, setting if isinstance(setting, int) else None)
@@ -353,10 +370,10 @@ def with_sample_steps(diffusion_cfg: DiffusionConfig, sample_steps: int | None) 
 
 def sample_variant(cfg: Config, spec: ArchSpec, model: RPG, tokenizer: Tokenizer,
                    diffusion_cfg: DiffusionConfig, seed: int) -> tuple[list[StateDict], float]:
-    """`architectures.samples` state dicts from a loaded generator, and the wall seconds per model.
+    """`spec.samples` state dicts from a loaded generator, and the wall seconds per model.
 
     The initial noise depends on `seed` only, so two step counts (or two runs) start from the same noise."""
-    n = cfg.architectures.samples
+    n = spec.samples
     start = time.perf_counter()
     sds = sample_models(model, tokenizer, diffusion_cfg, n, seed=seed + 29, mode=cfg.generate.mode,
                         tokens_per_call=cfg.generate.tokens_per_call, bf16=spec.train.bf16)
