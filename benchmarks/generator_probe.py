@@ -5,8 +5,11 @@ loss of ~0.27 — the loss of a denoiser that ignores its condition — and gene
 trains the row's own generator (same collection, preset, tokenizer, diffusion) once per *arm*, each arm a set of
 overrides of the row's `train`, `rpg` (model) and `diffusion` settings, for `--steps` steps at a constant rate after
 warm-up (no decay hides a plateau), records the loss curve, then scores `--samples` generated models on the row's
-held-out *validation* images (never the test set). Side by side in one run, one arm at a time. The loss is not
-comparable between arms that predict different things (`diffusion.prediction`); the validation accuracy is.
+held-out *validation* images (never the test set) and measures how spread out they are: mean L2 between the
+samples (`generated_l2_spread`) beside the collection's own (`collection_l2_spread`), and each sample's L2 to the
+nearest checkpoint (`generated_l2_nearest`) beside the checkpoints' own nearest-neighbour distance
+(`collection_nn_l2`). Side by side in one run, one arm at a time. The loss is not comparable between arms that
+predict different things (`diffusion.prediction`); the validation accuracy and the distances are.
 
     flock /work/heavy.lock .venv/bin/python benchmarks/generator_probe.py \
         --collection results/cnn_1m/table1/collections/cnn_1m/run0 --steps 150 \
@@ -45,6 +48,7 @@ from rpg.generate import sample_models  # noqa: E402
 from rpg.unconditional import train_on_collection  # noqa: E402
 from rpg.utils import load_safetensors  # noqa: E402
 from rpg.vision.architectures import build_model, count_parameters  # noqa: E402
+from rpg.weightspace import flatten, mean_distance, nearest_distance  # noqa: E402
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -93,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     base_model = variant_model_config(spec, main_variant(cfg, args.arch, n_params), n_params)
     data = load_image_data(cfg, spec, torch.device("cpu"))
     score = data.val.state_dict_scorer(template)
+    collection = flatten(state_dicts)
+    collection_spread = {"collection_l2_spread": float(mean_distance(collection, collection, exclude_self=True).mean()),
+                         "collection_nn_l2": float(nearest_distance(collection, collection, exclude_self=True).mean())}
     rows, curves = [], []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for label, over in arms:
@@ -108,10 +115,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             seconds = time.perf_counter() - start
             log = pd.read_csv(Path(tmp) / "train_log.csv")
             model, tokenizer, diffusion_cfg, _ = load_rpg(Path(tmp) / "last.safetensors")
-        accs = [float("nan")]
+        accs, distances = [float("nan")], {}
         if not args.layers:
             sds = sample_models(model, tokenizer, diffusion_cfg, args.samples, seed=cfg.seed + 29)
             accs = [float(score(sd)) for sd in sds]
+            points = flatten(sds)
+            distances = {"generated_l2_spread": float(mean_distance(points, points, exclude_self=True).mean()),
+                         "generated_l2_nearest": float(nearest_distance(points, collection).mean()),
+                         **collection_spread}
         curves += [{"arm": label, "step": int(s), "loss": float(v)} for s, v in zip(log["step"], log["loss"])]
         tail = log["loss"].iloc[-max(1, len(log) // 5):]
         smooth = log["loss"].rolling(20, min_periods=1).mean()  # loss at a step: the mean of the 20 steps to it
@@ -120,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                "overrides": yaml.safe_dump(over, default_flow_style=True).strip(),
                "steps": train_cfg.steps, "lr": train_cfg.lr, "loss_first10": float(log["loss"].iloc[:10].mean()),
                "loss_tail": float(tail.mean()), **marks, "seconds_per_step": seconds / train_cfg.steps,
-               "val_accuracy_mean": sum(accs) / len(accs), "val_accuracy_max": max(accs)}
+               "val_accuracy_mean": sum(accs) / len(accs), "val_accuracy_max": max(accs), **distances}
         print(row, flush=True)
         rows.append(row)
         pd.DataFrame(curves).to_csv(Path(args.out).with_name(Path(args.out).stem + "_curves.csv"), index=False)

@@ -164,7 +164,7 @@ class DiffusionConfig:
     sample_steps: int = 50
     eta: float = 0.0
     clip_x0: float | None = 4.0
-    prediction: str = "eps"  # eps | x0: what the denoiser outputs (rpg.diffusion.GaussianDiffusion)
+    prediction: str = "eps"  # eps | x0 | v: what the denoiser outputs (rpg.diffusion.GaussianDiffusion)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """DDPM parameter diffusion: the training loss and the DDPM / DDIM samplers.
 
 Following DiT's split, the denoiser knows nothing about noise schedules: `GaussianDiffusion` owns them and is
-handed a `denoiser(x_t, t, cond)` callable that outputs the noise (`prediction="eps"`, the paper's DDPM) or the
-clean tokens (`prediction="x0"`); the samplers derive the other from it. Tokens live in the normalised parameter
+handed a `denoiser(x_t, t, cond)` callable that outputs the noise (`prediction="eps"`, the paper's DDPM), the
+clean tokens (`prediction="x0"`) or the velocity (`prediction="v"`); the samplers derive the others from it. Tokens live in the normalised parameter
 space, so the sampler may clamp its x0 estimate to a few standard deviations (`clip_x0`): a calibration prototype
 showed that this roughly halves the accuracy gap of generated classifiers.
 """
@@ -17,6 +17,7 @@ import torch
 from rpg.config import DiffusionConfig
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PREDICTIONS = ("eps", "x0", "v")
 
 
 @dataclass
@@ -26,10 +27,13 @@ class GaussianDiffusion:
     Args:
         timesteps: T (1000 in the paper).
         beta_start, beta_end: linear schedule ends (1e-4 -> 0.02).
-        prediction: "eps" (the paper's: the denoiser predicts the noise) or "x0" (it predicts the clean tokens).
-            Why x0 exists: a collection of checkpoints from one short stretch of training is nearly one point per
-            token, and with eps-prediction the x0 a sampler reads off at noise level t carries the eps error times
-            sqrt(1 - abar_t) / sqrt(abar_t); an x0 loss puts the error where the generated weights are.
+        prediction: "eps" (the paper's: the denoiser predicts the noise), "x0" (it predicts the clean tokens) or
+            "v" (the velocity sqrt(abar) eps - sqrt(1 - abar) x0 of Salimans & Ho 2022: eps at low noise, -x0 at
+            high noise). Why x0 exists: a collection of checkpoints from one short stretch of training is nearly
+            one point per token, and with eps-prediction the x0 a sampler reads off at noise level t carries the
+            eps error times sqrt(1 - abar_t) / sqrt(abar_t); an x0 loss puts the error where the generated weights
+            are. Why v: on whole networks x0 is accurate and its samples narrow, eps diverse and inaccurate (README);
+            v weights the two ends of the schedule the other way round.
     """
 
     timesteps: int = 1000
@@ -38,8 +42,8 @@ class GaussianDiffusion:
     prediction: str = "eps"
 
     def __post_init__(self) -> None:
-        if self.prediction not in ("eps", "x0"):
-            raise ValueError(f"unknown prediction '{self.prediction}' (expected eps or x0)")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction '{self.prediction}' (expected one of {', '.join(PREDICTIONS)})")
         betas = torch.linspace(self.beta_start, self.beta_end, self.timesteps, dtype=torch.float64)
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (T,)
@@ -61,7 +65,8 @@ class GaussianDiffusion:
                       mask: torch.Tensor | None = None, generator: torch.Generator | None = None, *,
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                       denominator: torch.Tensor | float | None = None) -> torch.Tensor:
-        """MSE between the true and the predicted noise (or clean tokens, `prediction="x0"`) on the unmasked positions.
+        """MSE between the true and the predicted noise (clean tokens, velocity: `prediction`) on the unmasked
+        positions.
 
         Args:
             t, noise: given (data-parallel training: each process takes its rows of one global draw), or drawn
@@ -74,12 +79,29 @@ class GaussianDiffusion:
         if t is None or noise is None:
             t, noise = self.draw(x0.shape[0], x0.shape[1], x0.device, x0.dtype, generator)
         out = denoiser(self.q_sample(x0, t, noise), t, cond)
-        target = noise if self.prediction == "eps" else x0
+        target = self._target(x0, t, noise)
         err = (out.float() - target.float()) ** 2
         if mask is None:
             return err.mean() if denominator is None else err.sum() / denominator
         mask = mask.to(err.dtype)
         return (err * mask).sum() / (mask.sum().clamp_min(1.0) if denominator is None else denominator)
+
+    def _target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to output for x_t = q_sample(x0, t, noise)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)[:, None]
+        return abar.sqrt() * noise - (1.0 - abar).sqrt() * x0
+
+    def _x0_from_output(self, x: torch.Tensor, a_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The clean tokens a denoiser output implies at x_t = x, abar_t = a_t (float32, as the sampler runs)."""
+        if self.prediction == "x0":
+            return out
+        if self.prediction == "eps":
+            return (x - (1 - a_t).sqrt().float() * out) / a_t.sqrt().float()
+        return a_t.sqrt().float() * x - (1 - a_t).sqrt().float() * out
 
     # ------------------------------------------------------------------------------------------------------------
     def _timesteps(self, steps: int) -> list[int]:
@@ -120,7 +142,7 @@ class GaussianDiffusion:
             a_prev = abar[t_prev] if t_prev >= 0 else torch.ones((), dtype=abar.dtype, device=device)
             t_batch = torch.full((m,), t, device=device, dtype=torch.long)
             out = denoiser(x, t_batch, cond).float()
-            x0 = (x - (1 - a_t).sqrt().float() * out) / a_t.sqrt().float() if self.prediction == "eps" else out
+            x0 = self._x0_from_output(x, a_t, out)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
             if sampler == "ddpm":

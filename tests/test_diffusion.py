@@ -231,4 +231,62 @@ def test_x0_prediction_loss_targets_the_clean_tokens(diffusion, x0):
     pred = elementwise_denoiser(diffusion.q_sample(x0, t, noise), t, cond)
     torch.testing.assert_close(loss, ((pred - x0) ** 2).mean(), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="prediction"):
-        GaussianDiffusion(prediction="v")
+        GaussianDiffusion(prediction="velocity")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# v-prediction
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def v_view(diffusion: GaussianDiffusion, eps_denoiser):
+    """The v-predictor equivalent to an eps-predictor: v = sqrt(abar) eps - sqrt(1-abar) x0(eps)."""
+    abar = diffusion.alphas_cumprod
+
+    def denoise(x_t, t, cond):
+        a = abar[t][:, None]
+        eps = eps_denoiser(x_t, t, cond).double()
+        x0_hat = (x_t.double() - (1 - a).sqrt() * eps) / a.sqrt()
+        return (a.sqrt() * eps - (1 - a).sqrt() * x0_hat).float()
+
+    return denoise
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 1000, 0.0), ("ddim", 20, 0.0), ("ddim", 50, 1.0)])
+@pytest.mark.parametrize("clip", [None, 1.5])
+def test_v_prediction_samples_like_the_equivalent_eps_predictor(diffusion, x0, sampler, steps, eta, clip):
+    """A v-predictor and the eps-predictor it is equivalent to give the same samples (same noise); the true
+    velocity of a known x0 (the oracle) returns that x0."""
+    v_diffusion = create_diffusion(DiffusionConfig(prediction="v"))
+    kw = dict(sampler=sampler, steps=steps, eta=eta, clip_x0=clip)
+    from_eps = diffusion.sample(arbitrary_denoiser, x0, L, generator=torch.Generator().manual_seed(3), **kw)
+    from_v = v_diffusion.sample(v_view(diffusion, arbitrary_denoiser), x0, L,
+                                generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(from_v, from_eps, atol=1e-3, rtol=0)
+    exact = v_diffusion.sample(v_view(diffusion, oracle(diffusion)), x0, L,
+                               generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(exact, x0 if clip is None else x0.clamp(-clip, clip), atol=1e-4, rtol=0)
+
+
+def test_v_prediction_loss_targets_the_velocity(diffusion, x0):
+    """With prediction="v" the loss is the MSE to sqrt(abar) noise - sqrt(1-abar) x0: 0 for the oracle, and
+    neither the eps loss nor the x0 loss."""
+    v_diffusion = create_diffusion(DiffusionConfig(prediction="v"))
+    cond = torch.zeros(M, 4)
+    abar = diffusion.alphas_cumprod
+
+    def oracle_v(x_t, t, c):
+        a = abar[t][:, None].to(x_t.dtype)
+        noise = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    assert v_diffusion.training_loss(oracle_v, x0, cond, generator=torch.Generator().manual_seed(4)).item() < 1e-10
+    loss = v_diffusion.training_loss(elementwise_denoiser, x0, cond, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randint(0, 1000, (M,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    pred = elementwise_denoiser(diffusion.q_sample(x0, t, noise), t, cond)
+    a = abar[t][:, None].float()
+    torch.testing.assert_close(loss, ((pred - (a.sqrt() * noise - (1 - a).sqrt() * x0)) ** 2).mean(), rtol=1e-5, atol=0)
+    eps_loss = diffusion.training_loss(elementwise_denoiser, x0, cond, generator=torch.Generator().manual_seed(4))
+    assert abs(loss.item() - eps_loss.item()) > 1e-3
