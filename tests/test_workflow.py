@@ -170,6 +170,40 @@ def test_arch_sample_steps_benchmark_reproduces_table1(workflow_run, tmp_path):
         assert (same[col] - t1.loc[same.index, col]).abs().max() < 0.01, col
 
 
+def test_generator_probe_compares_predictions_on_accuracy_and_spread(workflow_run, tmp_path):
+    """benchmarks/generator_probe.py trains one generator per arm on a Table 1 collection (here eps and v) and
+    reports validation accuracy beside the samples' spread and novelty; the collection's own distances are the
+    same for every arm and equal rpg.weightspace's."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from rpg.utils import load_safetensors
+    from rpg.weightspace import flatten, mean_distance, nearest_distance
+
+    res = workflow_run["results"]
+    local = tmp_path / "local.yaml"
+    local.write_text(yaml.safe_dump({"results_dir": str(res), "data": {"root": str(workflow_run["tmp"] / "data")}}))
+    collection = res / "table1" / "collections" / "cnn_s" / "run0"
+    out = tmp_path / "probe.csv"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/generator_probe.py", "--config", "config/config.yaml", "config/test.yaml",
+         str(local), "--arch", "cnn_s", "--collection", str(collection), "--steps", "3", "--samples", "2",
+         "--threads", "1", "--arm", "eps:diffusion.prediction=eps", "--arm", "v:diffusion.prediction=v",
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pd.read_csv(out)
+    assert rows.arm.tolist() == ["eps", "v"]
+    points = flatten([load_safetensors(f)[0] for f in sorted(collection.glob("[0-9][0-9].safetensors"))])
+    spread = float(mean_distance(points, points, exclude_self=True).mean())
+    nn = float(nearest_distance(points, points, exclude_self=True).mean())
+    assert (rows.collection_l2_spread - spread).abs().max() < 1e-4 and (rows.collection_nn_l2 - nn).abs().max() < 1e-4
+    assert (rows.generated_l2_spread > 0).all() and (rows.generated_l2_nearest > 0).all()
+    assert rows.val_accuracy_mean.between(0, 1).all()
+
+
 def test_config_beside_every_table(workflow_run):
     res = workflow_run["results"]
     for name in TABLES:
