@@ -2,9 +2,10 @@
 
 Following DiT's split, the denoiser knows nothing about noise schedules: `GaussianDiffusion` owns them and is
 handed a `denoiser(x_t, t, cond)` callable that outputs the noise (`prediction="eps"`, the paper's DDPM), the
-clean tokens (`prediction="x0"`) or the velocity (`prediction="v"`); the samplers derive the others from it. Tokens live in the normalised parameter
-space, so the sampler may clamp its x0 estimate to a few standard deviations (`clip_x0`): a calibration prototype
-showed that this roughly halves the accuracy gap of generated classifiers.
+clean tokens (`prediction="x0"`) or the velocity (`prediction="v"`); the samplers derive the others from it.
+Tokens live in the normalised parameter space, so the sampler may clamp its x0 estimate to a few standard
+deviations (`clip_x0`): a calibration prototype showed that this roughly halves the accuracy gap of generated
+classifiers.
 """
 
 from __future__ import annotations
