@@ -48,7 +48,7 @@ from rpg.generate import sample_models  # noqa: E402
 from rpg.unconditional import train_on_collection  # noqa: E402
 from rpg.utils import load_safetensors  # noqa: E402
 from rpg.vision.architectures import build_model, count_parameters  # noqa: E402
-from rpg.weightspace import flatten, mean_distance, nearest_distance  # noqa: E402
+from rpg.weightspace import flatten, mean_distance, nearest_and_mean_distance, nearest_distance  # noqa: E402
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -98,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = load_image_data(cfg, spec, torch.device("cpu"))
     score = data.val.state_dict_scorer(template)
     collection = flatten(state_dicts)
-    collection_spread = {"collection_l2_spread": float(mean_distance(collection, collection, exclude_self=True).mean()),
-                         "collection_nn_l2": float(nearest_distance(collection, collection, exclude_self=True).mean())}
+    collection_nn, collection_mean = nearest_and_mean_distance(collection, collection, exclude_self=True)
+    collection_spread = {"collection_l2_spread": float(collection_mean.mean()),
+                         "collection_nn_l2": float(collection_nn.mean())}
     rows, curves = [], []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for label, over in arms:

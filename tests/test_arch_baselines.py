@@ -16,8 +16,8 @@ from rpg.experiments.arch_study.baselines import BASELINES, compare_with_collect
 from rpg.tokenize import VAR_FLOOR
 from rpg.utils import save_safetensors_atomic
 from rpg.vision.evaluate import ImageEvaluator
-from rpg.weightspace import (flatten, gaussian_samples, nearest_distance, nearest_neighbours, noise_at_distance,
-                             random_averages, unflatten)
+from rpg.weightspace import (flatten, gaussian_samples, nearest_and_mean_distance, nearest_distance,
+                             nearest_neighbours, noise_at_distance, random_averages, unflatten)
 
 
 def _bn_net() -> nn.Module:
@@ -57,6 +57,21 @@ def test_nearest_distance_matches_cdist_and_an_exact_copy_is_zero():
     assert torch.equal(nearest_distance(ref[[2, 5]], ref), torch.zeros(2))  # copies: exactly 0
     own = torch.cdist(ref.double(), ref.double()) + torch.diag(torch.full((7,), float("inf")))
     assert torch.allclose(nearest_distance(ref, ref, exclude_self=True), own.min(1).values.float(), atol=1e-5)
+
+
+def test_nearest_and_mean_distance_in_one_pass_match_cdist():
+    """The fused pass gives nearest_distance's values exactly and the mean distance of cdist, to the others with
+    exclude_self (one point alone: nearest inf, mean NaN)."""
+    gen = torch.Generator().manual_seed(1)
+    ref, pts = torch.randn(7, 50, generator=gen), torch.randn(4, 50, generator=gen)
+    nearest, mean = nearest_and_mean_distance(pts, ref)
+    assert torch.equal(nearest, nearest_distance(pts, ref))
+    assert torch.allclose(mean, torch.cdist(pts.double(), ref.double()).mean(1).float(), atol=1e-5)
+    nearest, mean = nearest_and_mean_distance(ref, ref, exclude_self=True)
+    assert torch.equal(nearest, nearest_distance(ref, ref, exclude_self=True))
+    assert torch.allclose(mean, (torch.cdist(ref.double(), ref.double()).sum(1) / 6).float(), atol=1e-5)
+    alone = nearest_and_mean_distance(ref[:1], ref[:1], exclude_self=True)
+    assert alone[0].item() == float("inf") and alone[1].isnan().all()
 
 
 def test_nearest_neighbours_indices_match_cdist_argmin_and_skip_self():

@@ -26,8 +26,8 @@ import pandas as pd
 import torch
 
 from rpg.vision.similarity import max_iou_to_reference
-from rpg.weightspace import (flatten, gaussian_samples, mean_distance, nearest_distance, noise_at_distance,
-                              random_averages, unflatten)
+from rpg.weightspace import (flatten, gaussian_samples, mean_distance, nearest_and_mean_distance, nearest_distance,
+                              noise_at_distance, random_averages, unflatten)
 
 StateDict = Mapping[str, torch.Tensor]
 Predictor = Callable[[StateDict], torch.Tensor]  # state dict -> predicted classes (N,)
@@ -46,22 +46,28 @@ def baseline_points(points: torch.Tensor, n: int, novelty: float, seed: int) -> 
 
 def model_rows(kind: str, points: torch.Tensor, preds: torch.Tensor, reference: torch.Tensor,
                reference_preds: torch.Tensor, labels: torch.Tensor, of_reference: bool = False,
-               index: Sequence[int] | None = None) -> pd.DataFrame:
+               index: Sequence[int] | None = None,
+               distances: tuple[torch.Tensor, torch.Tensor] | None = None) -> pd.DataFrame:
     """One row per model: kind, index, accuracy, l2_nearest, max_iou (against the reference = the collection) and
     l2_spread (against the other models of these points).
 
     With of_reference the models are the collection itself and each is compared with the others (NaN for a
-    collection of one). Shapes: points (A, P), preds (A, N), reference (B, P), reference_preds (B, N), labels (N,).
+    collection of one). distances: (l2_nearest, l2_spread) when the caller has them (the originals': from the
+    whole collection, of which the rows may be a part). Shapes: points (A, P), preds (A, N), reference (B, P),
+    reference_preds (B, N), labels (N,).
     """
     lonely = of_reference and len(reference) < 2
     nan = torch.full((len(points),), float("nan"))
+    if distances is None:
+        distances = (nan if lonely else nearest_distance(points, reference, exclude_self=of_reference),
+                     mean_distance(points, points, exclude_self=True))
     return pd.DataFrame({
         "kind": kind, "index": range(len(points)) if index is None else list(index),
         "accuracy": (preds == labels).float().mean(1).numpy(),
-        "l2_nearest": (nan if lonely else nearest_distance(points, reference, exclude_self=of_reference)).numpy(),
+        "l2_nearest": distances[0].numpy(),
         "max_iou": (nan if lonely else max_iou_to_reference(preds, reference_preds, labels,
                                                              exclude_self=of_reference)).numpy(),
-        "l2_spread": mean_distance(points, points, exclude_self=True).numpy(),
+        "l2_spread": distances[1].numpy(),
     })
 
 
@@ -85,14 +91,13 @@ def compare_with_collection(collection: Sequence[StateDict], generated: Sequence
     ref_preds = (torch.stack([predict(collection[i]) for i in scored]) if scored_preds is None
                  else scored_preds.long())
     gen_preds = torch.stack([predict(sd) for sd in generated])
-    if len(scored) == len(collection):
-        originals = model_rows("original", points, ref_preds, points, ref_preds, labels, of_reference=True)
-    else:  # nearest other checkpoint among all; mistakes against the other scored ones
-        originals = model_rows("original", points[scored], ref_preds, points[scored], ref_preds, labels,
-                               of_reference=True, index=scored)
-        if len(collection) > 1:
-            originals["l2_nearest"] = nearest_distance(points, points, exclude_self=True)[scored].numpy()
-            originals["l2_spread"] = mean_distance(points, points, exclude_self=True)[scored].numpy()
+    # an original's distances: to all the other checkpoints (one pass); its mistakes: against the other scored ones
+    if len(collection) > 1:
+        nearest, spread = nearest_and_mean_distance(points, points, exclude_self=True)
+    else:
+        nearest = spread = torch.full((1,), float("nan"))
+    originals = model_rows("original", points[scored], ref_preds, points[scored], ref_preds, labels,
+                           of_reference=True, index=scored, distances=(nearest[scored], spread[scored]))
     frames = [originals, model_rows("generated", gen_points, gen_preds, points, ref_preds, labels)]
     for kind, models in (variants or {}).items():
         preds = torch.stack([predict(sd) for sd in models])
