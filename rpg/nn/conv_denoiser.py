@@ -1,8 +1,8 @@
 """The 1-D convolutional denoiser shared by all parameter tokens.
 
 A token is a 1-channel signal of length `token_size`. An encoder/decoder of same-length convolutions (channels
-e.g. 1-32-64-128-64-32-1, kernel 7) predicts the noise (or the clean token: `diffusion.prediction`, the network is
-the same). Conditioning follows the reference design: the prototype
+e.g. 1-32-64-128-64-32-1, kernel 7) predicts the noise (or the clean token or the velocity: `diffusion.prediction`;
+the network is the same). Conditioning follows the reference design: the prototype
 from the recurrent model, projected to `token_size`, is added to the feature map before every convolution, and a
 sinusoidal-then-MLP timestep embedding (also of length `token_size`) modulates it multiplicatively. Decoder
 layers receive the matching encoder activations as skip connections.
@@ -84,7 +84,7 @@ def _norm(channels: int) -> nn.Module:
 
 
 class ConvDenoiser(nn.Module):
-    """Denoising network: forward(x_t, t, cond) -> eps (or x0, as `rpg.diffusion.GaussianDiffusion.prediction` says).
+    """Denoising network: forward(x_t, t, cond) -> eps (or x0 or v: `rpg.diffusion.GaussianDiffusion.prediction`).
 
     Args:
         token_size: length of a token.
