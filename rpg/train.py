@@ -89,6 +89,22 @@ class DiffusionObjective(nn.Module):
                                             t=t, noise=noise, denominator=denominator)
 
 
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """Move the EMA copy's weights towards the model's after optimizer step `step` (0-based); copy its buffers.
+
+    The decay is warmed up, min(decay, (1 + step) / (10 + step)), so that the average forgets the random initial
+    weights within the first few hundred steps instead of carrying e.g. 0.999^800 = 45 % of them at step 800.
+    Buffers (the denoiser's BatchNorm running statistics) are copied, not averaged: an EMA copy that kept its
+    initial statistics (mean 0, variance 1) generates at chance however good its weights are.
+    """
+    rate = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1.0 - rate)
+        for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
+            be.copy_(bm)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at the last step."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -333,9 +349,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         _check_step(loss.item(), float(grad_norm), step + 1, out_dir)  # before the update: weights stay finite
         optimizer.step()
         if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - cfg.ema)
+            update_ema(ema, model, cfg.ema, step)
         loss_val = loss.item()
         loss_ema = loss_val if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_val
         done = step + 1

@@ -28,7 +28,7 @@ from rpg.config import DiffusionConfig, TrainConfig
 from rpg.diffusion import create_diffusion
 from rpg.generate import generate_state_dicts
 from rpg.tokenize import Tokenizer
-from rpg.train import lr_at, plateaued, train_rpg
+from rpg.train import lr_at, plateaued, train_rpg, update_ema
 from rpg.utils import load_safetensors
 
 N_CKPT = 4
@@ -81,14 +81,15 @@ def _flat(sd: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([sd[k].flatten().double() for k in sorted(sd)])
 
 
-@pytest.fixture(scope="module")
-def trained_rpg(mlp_checkpoints, tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, 0.99], ids=["weights", "ema"])
+def trained_rpg(mlp_checkpoints, tmp_path_factory, request):
+    """The generator as trained, and (ema) its exponential moving average, which is what best.safetensors holds."""
     out = tmp_path_factory.mktemp("rpg_mlp")
     mcfg = tiny_model_config(permutation_state=True, condition="none", recurrent="mamba", token_size=16)
     tok = Tokenizer.fit(mlp_checkpoints, mcfg.token_size)
     tokens = torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints])  # (4, 4, 16)
     tcfg = TrainConfig(steps=1000, batch_size=16, diffusion_batch=64, lr=1e-2, warmup_steps=20, weight_decay=0.0,
-                       grad_clip=1.0, bf16=False, save_every=500, eval_every=1000)
+                       grad_clip=1.0, bf16=False, save_every=500, eval_every=1000, ema=request.param)
     dcfg = DiffusionConfig(sampler="ddim", sample_steps=50, eta=0.0, clip_x0=4.0)
     summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, out, seed=0, progress=False)
     return {"out": out, "summary": summary, "tokenizer": tok}
@@ -142,6 +143,29 @@ def test_permutation_state_selects_its_checkpoint(generated, mlp_checkpoints):
     assert hits >= len(sds) - 1, hits
     # and the samples are not all the same point: different states give different weights
     assert (_flat(sds[0]) - _flat(sds[1])).norm() > 1.0
+
+
+def test_update_ema_warms_up_and_copies_buffers():
+    """Step 0 moves the average 90 % of the way (rate min(decay, 1/10)), late steps by 1 - decay; the BatchNorm running
+    statistics are the model's own, not averaged (an EMA copy with its initial statistics generates at chance)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema.load_state_dict(model.state_dict())
+    start = [p.detach().clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(8, 3) * 5 + 2)  # train mode: moves the running statistics
+    update_ema(ema, model, 0.999, step=0)
+    for pe, p0, pm in zip(ema.parameters(), start, model.parameters()):
+        assert torch.allclose(pe, 0.1 * p0 + 0.9 * pm)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(be, bm)
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.999, step=100_000)
+    for pe, pb, pm in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(pe, 0.999 * pb + 0.001 * pm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
