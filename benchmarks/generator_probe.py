@@ -9,7 +9,8 @@ held-out *validation* images (never the test set) and measures how spread out th
 samples (`generated_l2_spread`) beside the collection's own (`collection_l2_spread`), and each sample's L2 to the
 nearest checkpoint (`generated_l2_nearest`) beside the checkpoints' own nearest-neighbour distance
 (`collection_nn_l2`). Side by side in one run, one arm at a time. The loss is not comparable between arms that
-predict different things (`diffusion.prediction`); the validation accuracy and the distances are.
+predict different things (`diffusion.prediction`); the validation accuracy and the distances are. An arm with
+`train.ema=<decay>` also reports the moving average of its weights (row "<label> (EMA <decay>)"), from the same run.
 
     flock /work/heavy.lock .venv/bin/python benchmarks/generator_probe.py \
         --collection results/cnn_1m/table1/collections/cnn_1m/run0 --steps 150 \
@@ -115,26 +116,31 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 train_cfg=train_cfg, seed=cfg.seed, progress=False, force=True)
             seconds = time.perf_counter() - start
             log = pd.read_csv(Path(tmp) / "train_log.csv")
-            model, tokenizer, diffusion_cfg, _ = load_rpg(Path(tmp) / "last.safetensors")
-        accs, distances = [float("nan")], {}
-        if not args.layers:
-            sds = sample_models(model, tokenizer, diffusion_cfg, args.samples, seed=cfg.seed + 29)
-            accs = [float(score(sd)) for sd in sds]
-            points = flatten(sds)
-            distances = {"generated_l2_spread": float(mean_distance(points, points, exclude_self=True).mean()),
-                         "generated_l2_nearest": float(nearest_distance(points, collection).mean()),
-                         **collection_spread}
+            # the weights as trained (last), and with train.ema their moving average (what best.safetensors holds
+            # when nothing validates): both from the one training run
+            weights = {label: load_rpg(Path(tmp) / "last.safetensors")}
+            if train_cfg.ema:
+                weights[f"{label} (EMA {train_cfg.ema})"] = load_rpg(Path(tmp) / "best.safetensors")
         curves += [{"arm": label, "step": int(s), "loss": float(v)} for s, v in zip(log["step"], log["loss"])]
         tail = log["loss"].iloc[-max(1, len(log) // 5):]
         smooth = log["loss"].rolling(20, min_periods=1).mean()  # loss at a step: the mean of the 20 steps to it
         marks = {f"loss_at_{k}": float(smooth.iloc[k - 1]) for k in (100, 200, 400, 800, 1600) if k <= len(log)}
-        row = {"arm": label, "n_params": sum(v.numel() for v in state_dicts[0].values() if v.is_floating_point()),
-               "overrides": yaml.safe_dump(over, default_flow_style=True).strip(),
-               "steps": train_cfg.steps, "lr": train_cfg.lr, "loss_first10": float(log["loss"].iloc[:10].mean()),
-               "loss_tail": float(tail.mean()), **marks, "seconds_per_step": seconds / train_cfg.steps,
-               "val_accuracy_mean": sum(accs) / len(accs), "val_accuracy_max": max(accs), **distances}
-        print(row, flush=True)
-        rows.append(row)
+        for name, (model, tokenizer, diffusion_cfg, _) in weights.items():
+            accs, distances = [float("nan")], {}
+            if not args.layers:
+                sds = sample_models(model, tokenizer, diffusion_cfg, args.samples, seed=cfg.seed + 29)
+                accs = [float(score(sd)) for sd in sds]
+                points = flatten(sds)
+                distances = {"generated_l2_spread": float(mean_distance(points, points, exclude_self=True).mean()),
+                             "generated_l2_nearest": float(nearest_distance(points, collection).mean()),
+                             **collection_spread}
+            row = {"arm": name, "n_params": sum(v.numel() for v in state_dicts[0].values() if v.is_floating_point()),
+                   "overrides": yaml.safe_dump(over, default_flow_style=True).strip(),
+                   "steps": train_cfg.steps, "lr": train_cfg.lr, "loss_first10": float(log["loss"].iloc[:10].mean()),
+                   "loss_tail": float(tail.mean()), **marks, "seconds_per_step": seconds / train_cfg.steps,
+                   "val_accuracy_mean": sum(accs) / len(accs), "val_accuracy_max": max(accs), **distances}
+            print(row, flush=True)
+            rows.append(row)
         pd.DataFrame(curves).to_csv(Path(args.out).with_name(Path(args.out).stem + "_curves.csv"), index=False)
     write_results(args.out, rows, vars(args), "cpu")
 

@@ -173,7 +173,8 @@ def test_arch_sample_steps_benchmark_reproduces_table1(workflow_run, tmp_path):
 def test_generator_probe_compares_predictions_on_accuracy_and_spread(workflow_run, tmp_path):
     """benchmarks/generator_probe.py trains one generator per arm on a Table 1 collection (here eps and v) and
     reports validation accuracy beside the samples' spread and novelty; the collection's own distances are the
-    same for every arm and equal rpg.weightspace's."""
+    same for every arm and equal rpg.weightspace's. An arm with an EMA also reports the averaged weights (another
+    row of the same run: same losses, other samples)."""
     import subprocess
     import sys
 
@@ -190,12 +191,14 @@ def test_generator_probe_compares_predictions_on_accuracy_and_spread(workflow_ru
     proc = subprocess.run(
         [sys.executable, "benchmarks/generator_probe.py", "--config", "config/config.yaml", "config/test.yaml",
          str(local), "--arch", "cnn_s", "--collection", str(collection), "--steps", "3", "--samples", "2",
-         "--threads", "1", "--arm", "eps:diffusion.prediction=eps", "--arm", "v:diffusion.prediction=v",
+         "--threads", "1", "--arm", "eps:diffusion.prediction=eps", "--arm", "v:diffusion.prediction=v;train.ema=0.5",
          "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pd.read_csv(out)
-    assert rows.arm.tolist() == ["eps", "v"]
+    assert rows.arm.tolist() == ["eps", "v", "v (EMA 0.5)"]
+    v, ema = rows.iloc[1], rows.iloc[2]
+    assert v.loss_tail == ema.loss_tail and v.generated_l2_nearest != ema.generated_l2_nearest
     points = flatten([load_safetensors(f)[0] for f in sorted(collection.glob("[0-9][0-9].safetensors"))])
     spread = float(mean_distance(points, points, exclude_self=True).mean())
     nn = float(nearest_distance(points, points, exclude_self=True).mean())
