@@ -282,8 +282,8 @@ class _RunState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.data_gen.set_state(state["data_gen"])
         self.noise_gen.set_state(state["noise_gen"])
-        self.step, self.best_score, self.best_step = int(state["step"]), float(state["best_score"]), int(
-            state["best_step"])
+        self.step = int(state["step"])
+        self.best_score, self.best_step = float(state["best_score"]), int(state["best_step"])
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
 
@@ -337,7 +337,7 @@ class _RunFolder:
     def log(self, record: dict[str, float]) -> None:
         if self.is_main:
             self.tracker.log(record, step=int(record["step"]))
-            _append_history(self.path / "train_log.csv", [record])  # as we go: the log survives a kill
+            _append_log(self.path / "train_log.csv", [record])  # as we go: the log survives a kill
 
     def save_last(self, run: _RunState) -> None:
         """last.opt.pt, then last.safetensors, a loadable copy of the same weights (every process checks them)."""
@@ -618,7 +618,7 @@ def _truncate_log(path: Path, step: int) -> None:
         write_csv_rows(path, header, kept)
 
 
-def _append_history(path: Path, rows: list[dict[str, float]]) -> None:
+def _append_log(path: Path, rows: list[dict[str, float]]) -> None:
     """Append rows; a row with a column the file lacks (the first validation) rewrites it with the wider header."""
     if not rows:
         return
