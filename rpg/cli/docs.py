@@ -36,7 +36,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = Path("docs") / "reference"
 PAGES = ("README.md", "docs/*.md")
-MARKER = re.compile(r"<!-- rendered: (?P<spec>.+?) -->(?P<body>.*?)<!-- /rendered -->", re.S)
+# A marker in backticks is prose about markers, not one.
+MARKER = re.compile(r"(?<!`)<!-- rendered: (?P<spec>.+?) -->(?P<body>.*?)(?<!`)<!-- /rendered -->", re.S)
 MINUS = "\u2212"
 
 # Table 1 and the ablations name their columns in the arch study's words. The logical names on the left are the
@@ -53,6 +54,7 @@ TABLE1_COLUMNS = {
     "rpg_best_acc_std": "generated_best_std", "rpg_mean_acc_std": "generated_avg_std",
 }
 ARCH_BASELINES = ("noise", "average16", "gaussian")
+ARCH_BASELINE_NAMES = {"noise": "noise", "average16": "average of 16", "gaussian": "Gaussian"}
 ZOO_BASELINES = ("affine", "nearest", "complement", "noise", "mean", "compose")
 TIE = 0.1  # points: RPG's best-of-n within this of the best baseline is a tie
 
@@ -89,7 +91,10 @@ class Reference:
 
 def col(row: pd.Series, name: str):
     """A Table 1 / ablation column by its logical name (see TABLE1_COLUMNS); other names as they are."""
-    return row.get(TABLE1_COLUMNS.get(name, name), float("nan"))
+    for key in (TABLE1_COLUMNS.get(name), name):
+        if key in row.index:
+            return row[key]
+    return float("nan")
 
 
 # --------------------------------------------------------------------------------------------------- formatting
@@ -177,6 +182,11 @@ def _zoo_mean(ref: Reference, table: str) -> pd.Series:
     return _select(ref.csv(table), "embedding=mean")
 
 
+def _in(folder: str, table: str) -> str:
+    """`table16` of another run's folder (`zoo_x0/table16`), or the reference table itself."""
+    return f"{folder}/{table}" if folder else table
+
+
 def _arch_best_baseline(row: pd.Series) -> tuple[str, float]:
     name = max(ARCH_BASELINES, key=lambda b: col(row, f"{b}_mean_acc"))
     return name, col(row, f"{name}_mean_acc")
@@ -198,16 +208,17 @@ def v_headline(ref: Reference) -> str:
         name, base = _arch_best_baseline(r)
         rows.append([f"Table 1: `{r['architecture']}` ({num(r['params'], ',d')} parameters)",
                      num(col(r, "original_mean_acc")), num(col(r, "rpg_best_acc")), num(col(r, "rpg_mean_acc")),
-                     f"{num(base)} ({name})", num(col(r, "rpg_minus_best_baseline_acc"), "+.2f")])
+                     f"{num(base)} ({ARCH_BASELINE_NAMES[name]})", num(col(r, "rpg_minus_best_baseline_acc"), "+.2f")])
     return md_table(["rows (test accuracy %)", "originals (mean)", "RPG best-of-10", "RPG mean",
                      "best baseline", "RPG − best baseline"], rows)
 
 
 @view("zoo_summary")
-def v_zoo_summary(ref: Reference) -> str:
+def v_zoo_summary(ref: Reference, folder: str = "") -> str:
     """Tables 11 / 16 / seen summary: originals, RPG and every baseline (mean rows; balanced in brackets)."""
     rows = []
     for table, label in ZOO_TABLES:
+        table = _in(folder, table)
         m = _zoo_mean(ref, table)
         rows.append([label, pair(m["original_acc"], m["original_bal_acc"]), num(m["original_best_acc"]),
                      pair(m["rpg_best_acc"], m["rpg_best_bal_acc"]), num(m["rpg_mean_acc"])]
@@ -221,10 +232,11 @@ def v_zoo_summary(ref: Reference) -> str:
 
 
 @view("zoo_novelty")
-def v_zoo_novelty(ref: Reference) -> str:
+def v_zoo_novelty(ref: Reference, folder: str = "") -> str:
+    """Novelty of the generated heads beside the originals' own (mean rows)."""
     rows = []
     for table, label in ZOO_TABLES:
-        m = _zoo_mean(ref, table)
+        m = _zoo_mean(ref, _in(folder, table))
         rows.append([label, num(m["rpg_l2_novelty"]), num(m["original_l2_novelty"]), num(m["rpg_max_iou_original"]),
                      num(m["original_max_iou_original"]), num(m["rpg_pairwise_iou"]), num(m["original_pairwise_iou"])])
     return md_table(["rows", "RPG: L2 to nearest training checkpoint", "originals: the same",
@@ -295,9 +307,10 @@ def v_rule_total(ref: Reference, folder: str, column: str, group: str = "", pref
 
 
 @view("table1")
-def v_table1(ref: Reference, table: str = "table1") -> str:
+def v_table1(ref: Reference, folder: str = "table1") -> str:
+    """One row per architecture of `<folder>/table1.csv`: originals, RPG, baselines, novelty, steps."""
     rows = []
-    for _, r in ref.csv(table).iterrows():
+    for _, r in ref.csv(f"{folder}/table1").iterrows():
         name, base = _arch_best_baseline(r)
         rows.append([f"`{r['architecture']}`", num(r["params"], ",d"),
                      f"{num(col(r, 'original_best_acc'))} / {num(col(r, 'original_mean_acc'))}",
@@ -385,8 +398,14 @@ def v_csv(ref: Reference, table: str, spec: str = ".2f") -> str:
 
 @view("bench")
 def v_bench(ref: Reference, table: str, *columns: str) -> str:
-    """Chosen columns of a benchmark CSV: `bench generation/generation configuration seconds_per_model:.2f`."""
+    """Chosen columns of a CSV, `name:spec` each; `name=value` words keep only the matching rows:
+    `bench generation/generation group=sampler configuration:s seconds_per_model:.2f`."""
     df = ref.csv(table)
+    filters = [c for c in columns if "=" in c]
+    columns = tuple(c for c in columns if "=" not in c)
+    for f in filters:
+        key, _, value = f.partition("=")
+        df = df[df[key].astype(str) == value]
     names, specs = zip(*[(c.partition(":")[0], c.partition(":")[2] or ".2f") for c in columns])
     missing = [n for n in names if n not in df.columns]
     if missing:
