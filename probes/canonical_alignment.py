@@ -3,9 +3,9 @@
 For each gauge (none / sort / match) of `rpg.experiments.task_zoo.canonical`, on a zoo's training split: how much
 closer Hamming-1 neighbours' heads are than any two tasks' heads, and the seen-VALIDATION accuracy (held-out training
 images) of the affine / nearest baselines built in that gauge. Unseen tasks are never read. Writes
-results/benchmarks/canonical_alignment.csv (one row per zoo x gauge).
+results/probes/canonical_alignment.csv (one row per zoo x gauge).
 
-    PYTHONPATH=. python benchmarks/canonical_alignment.py --features results/features/cifar10_binary/features.safetensors \
+    PYTHONPATH=. python probes/canonical_alignment.py --features results/features/cifar10_binary/features.safetensors \
         --zoo shared=results/zoo/cifar10_binary per_task=results/study/zoos/<key> --split results/study/per_task_init/split.json
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--zoo", nargs="+", required=True, help="name=folder pairs")
     p.add_argument("--split", required=True, help="split.json (train / val tasks)")
     p.add_argument("--n-checkpoints", type=int, default=3)
-    p.add_argument("--out", default="results/benchmarks/canonical_alignment.csv")
+    p.add_argument("--out", default="results/probes/canonical_alignment.csv")
     args = p.parse_args()
     torch.set_num_threads(2)
     feats = load_features(args.features)

@@ -12,7 +12,7 @@ nearest checkpoint (`generated_l2_nearest`) beside the checkpoints' own nearest-
 predict different things (`diffusion.prediction`); the validation accuracy and the distances are. An arm with
 `train.ema=<decay>` also reports the moving average of its weights (row "<label> (EMA <decay>)"), from the same run.
 
-    flock /work/heavy.lock .venv/bin/python benchmarks/generator_probe.py \
+    flock /work/heavy.lock .venv/bin/python probes/generator_probe.py \
         --collection results/cnn_1m/table1/collections/cnn_1m/run0 --steps 150 \
         --arm "lr 0.002:train.lr=0.002" --arm "lr 0.03:train.lr=0.03"
 `--layers head proj stages.0` trains on a slice of the collection (the tensors whose names start with one of
@@ -20,7 +20,7 @@ them; 90K of the 1.2M parameters), cheap enough to compare arms over hundreds of
 so it reports the loss curve only (no accuracy).
 An arm is `label:key=value;key=value`, keys `train.<TrainConfig field>`, `model.<ModelConfig field>` or
 `diffusion.<DiffusionConfig field>` (`diffusion.prediction=x0`), values
-YAML (`model.denoiser_channels=[1, 16, 32, 16, 1]`). Writes results/benchmarks/generator_probe.csv (+ .json) and
+YAML (`model.denoiser_channels=[1, 16, 32, 16, 1]`). Writes results/probes/generator_probe.csv (+ .json) and
 generator_probe_curves.csv (loss per step per arm).
 """
 
@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _machine: shared helpers
 from _machine import ROOT, set_threads, write_results  # noqa: E402
 
 from rpg.checkpoint import load_rpg  # noqa: E402
@@ -77,7 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", nargs="+", default=None, help="train on the tensors with these name prefixes only")
     p.add_argument("--samples", type=int, default=2, help="generated models scored per arm (validation images)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "generator_probe.csv"))
+    p.add_argument("--out", default=str(ROOT / "results" / "probes" / "generator_probe.csv"))
     return p.parse_args(argv)
 
 

@@ -11,9 +11,9 @@ them (mean shift in running standard deviations, |log| std ratio) and in the gen
 of the normalised tokens, beside the same for the layer's weight) — the first says what the error costs, the second
 whether the generator is less precise on statistics than on weights.
 
-    flock /work/heavy.lock .venv/bin/python benchmarks/bn_statistics_probe.py \
+    flock /work/heavy.lock .venv/bin/python probes/bn_statistics_probe.py \
         --config config/config.yaml config/experiments/table1_cnn_1m.yaml --models 5
-Writes results/benchmarks/bn_statistics_probe.csv (+ .json; one row per model x kind) and
+Writes results/probes/bn_statistics_probe.csv (+ .json; one row per model x kind) and
 bn_statistics_probe_layers.csv (one row per model x BatchNorm layer).
 """
 
@@ -27,7 +27,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _machine: shared helpers
 from _machine import ROOT, set_threads, write_results  # noqa: E402
 
 from rpg.checkpoint import load_rpg  # noqa: E402
@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default=None, help="the Table 1 row (default: the only one with BatchNorm statistics)")
     p.add_argument("--models", type=int, default=0, help="first N generated models (0: all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", type=Path, default=Path("results/benchmarks/bn_statistics_probe.csv"))
+    p.add_argument("--out", type=Path, default=Path("results/probes/bn_statistics_probe.csv"))
     return p.parse_args(argv)
 
 

@@ -12,9 +12,9 @@ This diagnostic scores, on the regime's unseen (class set, shifted domain) pairs
   few-shot-domain case (k = 4 ... 64) in which a per-domain fit has little to go on.
 No RPG setting is chosen from this. Writes one row per (method, k) with the mean accuracy / balanced accuracy (%).
 
-    PYTHONPATH=. python benchmarks/domain_baselines.py --features results/study/domain_features/<key>/features.safetensors \
+    PYTHONPATH=. python probes/domain_baselines.py --features results/study/domain_features/<key>/features.safetensors \
         --zoo results/study/zoos/<domains zoo> --split results/study/domains/split.json \
-        --backbone results/backbone/cifar10_binary/backbone.safetensors --out results/benchmarks/domain_baselines.csv
+        --backbone results/backbone/cifar10_binary/backbone.safetensors --out results/probes/domain_baselines.csv
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--n-checkpoints", type=int, default=3)
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 64])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/benchmarks/domain_baselines.csv")
+    p.add_argument("--out", default="results/probes/domain_baselines.csv")
     args = p.parse_args()
     torch.set_num_threads(2)
     start = time.time()

@@ -6,10 +6,10 @@ workflow does); the zoo's heads (``rpg.experiments.task_zoo.heads.train_heads``,
 its flip-averaged features for 10 seeded tasks of the *training split* and are scored on the *validation images*.
 The 10-class test accuracy is printed for reference only.
 
-    python benchmarks/backbone_probe.py --data data --threads 2            # CPU, the default settings
-    python benchmarks/backbone_probe.py --epochs 2 --max-train 10000       # quick comparison
+    python probes/backbone_probe.py --data data --threads 2            # CPU, the default settings
+    python probes/backbone_probe.py --epochs 2 --max-train 10000       # quick comparison
 
-Writes one JSON line per run to ``--out`` (default ``results/benchmarks/backbone_probe.jsonl``) holding the
+Writes one JSON line per run to ``--out`` (default ``results/probes/backbone_probe.jsonl``) holding the
 settings and the numbers.
 """
 
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--head-wd", type=float, default=0.0)
     p.add_argument("--head-batch", type=int, default=500)
     p.add_argument("--tag", default="")
-    p.add_argument("--out", default="results/benchmarks/backbone_probe.jsonl")
+    p.add_argument("--out", default="results/probes/backbone_probe.jsonl")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     if args.threads:

@@ -12,8 +12,8 @@ the test set and after the fact, what the validation choice gave up or gained. `
 other samples, `rpg.weightspace.mean_distance`) beside the collection's: whether noise in the sampler buys diversity
 from a generator whose samples are narrow (x0-prediction, README), and what it costs in accuracy.
 
-    flock /work/heavy.lock .venv/bin/python benchmarks/bench_arch_sample_steps.py --steps 10 20 50 100
-Writes results/benchmarks/arch_sample_steps.csv (+ .json), one row per architecture x step count x eta.
+    flock /work/heavy.lock .venv/bin/python probes/arch_sample_steps.py --steps 10 20 50 100
+Writes results/probes/arch_sample_steps.csv (+ .json), one row per architecture x step count x eta.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _machine: shared helpers
 from _machine import ROOT, set_threads, write_results  # noqa: E402
 
 from rpg.checkpoint import load_rpg  # noqa: E402
@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, nargs="+", default=[None],
                    help="DDIM eta values (default: the generator's own; 0 deterministic, 1 as stochastic as DDPM)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", type=Path, default=Path("results/benchmarks/arch_sample_steps.csv"))
+    p.add_argument("--out", type=Path, default=Path("results/probes/arch_sample_steps.csv"))
     return p.parse_args(argv)
 
 
