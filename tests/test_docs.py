@@ -17,6 +17,8 @@ from rpg.cli import docs
 from rpg.cli.main import main
 
 PAGES = docs.pages(REPO_ROOT)
+READMES = [REPO_ROOT / p for p in ("config/README.md", "benchmarks/README.md", "probes/README.md",
+                                   "docs/reference/README.md")]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -104,7 +106,7 @@ def test_unknown_view_is_a_user_error(tmp_path, capsys):
 
 def test_relative_links_point_to_existing_files():
     broken = []
-    for page in PAGES:
+    for page in PAGES + READMES:
         for match in LINK.finditer(page.read_text()):
             target = (match.group(1) or match.group(2)).split("#")[0]
             if not target or re.match(r"[a-z]+:", target):
