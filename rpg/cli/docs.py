@@ -487,10 +487,12 @@ def update(table: str, results: Path, root: Path = ROOT) -> Path:
         if "config" in df.columns:
             import yaml
             (dest / "config.yaml").write_text(yaml.safe_dump(json.loads(df["config"].iloc[0]), sort_keys=True))
+    for stale in ("lscpu.txt", "machine.txt"):  # the old run's machine must not describe the new run
+        (dest / stale).unlink(missing_ok=True)
     try:
         (dest / "lscpu.txt").write_text(subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout)
     except (OSError, subprocess.CalledProcessError):
-        pass
+        (dest / "machine.txt").write_text("machine not recorded: lscpu was not available where the run was copied\n")
     rules = results / "benchmarks" / "rules"
     if rules.is_dir():
         from rpg.experiments.rule_times import rule_times
