@@ -368,11 +368,12 @@ def test_unseen_study_dry_run(tmp_path, snakemake_cli):
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     n = len(load_config(REPO / "config" / "config.yaml").study.regimes)
-    assert counts["study_train"] == n and counts["study_generate"] == n and counts["study_tables"] == n
+    # the regimes run through the main rules (their `regime` wildcard): table16 and seen_summary per regime
+    assert counts["train_rpg"] == n and counts["generate"] == n and counts["tables"] == 2 * n
     # every per_task regime shares one zoo, both domains regimes another; shared_init regimes use the workflow's
-    assert counts["study_zoo"] == 2 and counts["study_domain_features"] == 1
-    assert counts["zoo"] == 1 and counts["notebook_unseen_study"] == 1
-    assert "rule tables:" not in proc.stdout  # the study is its own target, not part of table11
+    assert counts["zoo"] == 1 + 2 and counts["domain_features"] == 1
+    assert counts["notebook_unseen_study"] == 1
+    assert "table11.csv" not in proc.stdout  # the study is its own target, not part of table11
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,8 +383,9 @@ def test_unseen_study_dry_run(tmp_path, snakemake_cli):
 
 @pytest.mark.parametrize("method", ["sort", "match"])
 def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, method):
+    from rpg.experiments.task_zoo import pipeline
     from rpg.experiments.task_zoo.features import load_features
-    from rpg.experiments.task_zoo.study import run_stage
+    from rpg.experiments.task_zoo.tables import write_tables
     from rpg.utils import save_safetensors_atomic
 
     x, y = _features(300)
@@ -404,12 +406,14 @@ def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, meth
     inputs = {"features": str(tmp_path / "features.safetensors"), "index": str(tmp_path / "zoo" / "index.csv"),
               "split": str(tmp_path / "split.json"), "rpg": str(tmp_path / "rpg" / "best.safetensors"),
               "samples": str(tmp_path / "gen" / "samples.csv")}
-    run_stage("zoo", cfg, inputs, {"index": inputs["index"]})
-    split = run_stage("split", cfg, inputs, {"split": inputs["split"]})
+    zoo_dir = tmp_path / "zoo"
+    # what the rules' scripts call (workflow/scripts/zoo.py, split.py, train_rpg.py, generate.py, tables.py)
+    pipeline.build_zoo(cfg, inputs["features"], zoo_dir)
+    split = pipeline.write_split(cfg, inputs["split"])
     assert len(split.train) == 6
-    run_stage("train", cfg, inputs, {"best": inputs["rpg"]})
-    run_stage("generate", cfg, inputs, {"samples": inputs["samples"]})
-    tables = run_stage("tables", cfg, inputs, {"table16": str(tmp_path / "t16.csv")})
+    pipeline.train_conditional_rpg(cfg, zoo_dir, inputs["split"], inputs["features"], tmp_path / "rpg")
+    pipeline.generate_and_evaluate(cfg, inputs["rpg"], inputs["split"], inputs["features"], zoo_dir, tmp_path / "gen")
+    tables = write_tables(cfg, inputs["samples"], {"table16": str(tmp_path / "t16.csv")}, names=["table16"])
     assert (tmp_path / "t16.csv").is_file() and len(tables["table16"]) == len(unseen) + 1
     samples = pd.read_csv(inputs["samples"])
     # originals of training tasks are their own nearest checkpoint in the canonical gauge too: the zoo's spread is
