@@ -82,7 +82,7 @@ def regime_config(base: Mapping, name: str) -> dict:
 
 
 def zoo_key(base: Mapping, regime: Mapping) -> str | None:
-    """None when the regime's zoo is the workflow's own; else the name of its zoo folder under study/zoos/:
+    """None when the regime's zoo is the workflow's own; else the name of its zoo folder under zoo/:
     `<zoo.init>_<hash of the zoo settings>`."""
     def settings(cfg: Mapping) -> dict:  # `domains` only where set, so that other zoos keep their keys
         return {key: _get(cfg, key) for key in ZOO_KEYS
@@ -97,9 +97,9 @@ def zoo_key(base: Mapping, regime: Mapping) -> str | None:
 
 
 def domain_features_key(regime: Mapping) -> str | None:
-    """None for a regime without domain tasks (it reads the workflow's features); else the folder of its domain
-    features under study/domain_features/: a hash of what they depend on (domains and image counts, not the class
-    sets), so regimes that differ only in their tasks share one extraction."""
+    """None for a regime without domain tasks (it reads the workflow's features); else the key of its domain
+    features (folder features/domains_<key>/): a hash of what they depend on (domains and image counts, not the
+    class sets), so regimes that differ only in their tasks share one extraction."""
     dom = regime["domains"]
     if not dom["names"]:
         return None
