@@ -226,6 +226,24 @@ def test_every_regime_file_resolves(monkeypatch):
     assert variant["tasks"] == few["tasks"] and variant["train"] == few["train"]
 
 
+def test_regimes_name_each_job_its_config(monkeypatch):
+    """The main rules' wildcards name a job's regime: `regime`, or the first regime with that zoo, domain features or
+    tables folder; no wildcard of these is the default profile, the regime named by `experiment`."""
+    monkeypatch.chdir(REPO)
+    base = load_config(REPO / "config" / "config.yaml").raw
+    regimes = S.Regimes(base)
+    assert regimes.names[0] == base["experiment"] and regimes.config(base["experiment"]) == base
+    assert regimes.zoo("shared_init") == base["experiment"]  # the workflow's own zoo
+    assert regimes.owner({"zoo": regimes.zoo("per_task_init_match")}) == "per_task_init"  # its first user builds it
+    assert regimes.owner({"domains": regimes.domains("domains_few")}) == "domains"
+    assert regimes.domains("seen16") is None
+    assert regimes.owner({"results_dir": regimes.results_dir("seen64")}) == "seen64"
+    assert regimes.owner({"results_dir": base["results_dir"]}) == regimes.owner({}) == base["experiment"]
+    assert regimes.job_config({"regime": "seen16"}) == S.regime_config(base, "seen16")
+    with pytest.raises(ValueError, match="zoo"):
+        regimes.owner({"zoo": "per_task_00000000"})
+
+
 def test_regime_file_starts_from_its_base(tmp_path):
     """`base: <regime>` starts a regime file from another's overrides (recursively; the file's own keys win), and a
     cycle of bases is refused by name."""
