@@ -37,9 +37,14 @@ def _of(wildcard):
     return EXP if wildcard is None else f"{{{wildcard}}}"
 
 
+def at(stage, key, name):
+    """results/<stage>/<key>/<name>: key is the experiment, a regime, a zoo or a domain-features folder."""
+    return f"{RES}/{stage}/{key}/{name}"
+
+
 def out(stage, name, of=None):
     """results/<stage>/<experiment>/<name>; of: a wildcard in place of the experiment (regime, zoo, domains)."""
-    return f"{RES}/{stage}/{_of(of)}/{name}"
+    return at(stage, _of(of), name)
 
 
 def logfile(name, of=None):
@@ -86,21 +91,19 @@ def regime_setting(*keys):
 
 def regime_file(stage, name):
     """Input function: results/<stage>/<regime>/<name> of the job's regime (`REGIMES.owner` of its wildcards)."""
-    return lambda wildcards: f"{RES}/{stage}/{REGIMES.owner(wildcards)}/{name}"
+    return lambda wildcards: at(stage, REGIMES.owner(wildcards), name)
 
 
 def zoo_index(wildcards):
     """The regime's zoo: the experiment's own when its zoo settings are the same, else a shared study zoo."""
-    return f"{RES}/zoo/{REGIMES.zoo(REGIMES.owner(wildcards))}/index.csv"
+    return at("zoo", REGIMES.zoo(REGIMES.owner(wildcards)), "index.csv")
 
 
 def regime_features(wildcards):
     """The features the regime's heads are trained and scored on: the workflow's, or its domain features."""
     domains = REGIMES.domains(REGIMES.owner(wildcards))
     return (
-        FEATURES
-        if domains is None
-        else f"{RES}/features/{domains}/features.safetensors"
+        FEATURES if domains is None else at("features", domains, "features.safetensors")
     )
 
 
@@ -109,7 +112,7 @@ def finetuned_checkpoints(wildcards):
 
     cfg = config_from_dict(job_config(wildcards), validated=True)
     return [
-        f"{RES}/zoo/{wildcards.zoo}/checkpoints/{t:04d}_{k}.safetensors"
+        at("zoo", wildcards.zoo, f"checkpoints/{t:04d}_{k}.safetensors")
         for t in configured_task_ids(cfg)
         for k in range(cfg.zoo.n_checkpoints)
     ]
