@@ -226,6 +226,24 @@ def test_every_regime_file_resolves(monkeypatch):
     assert variant["tasks"] == few["tasks"] and variant["train"] == few["train"]
 
 
+def test_regimes_name_each_job_its_config(monkeypatch):
+    """The main rules' wildcards name a job's regime: `regime`, or the first regime with that zoo, domain features or
+    tables folder; no wildcard of these is the default profile, the regime named by `experiment`."""
+    monkeypatch.chdir(REPO)
+    base = load_config(REPO / "config" / "config.yaml").raw
+    regimes = S.Regimes(base)
+    assert regimes.names[0] == base["experiment"] and regimes.config(base["experiment"]) == base
+    assert regimes.zoo("shared_init") == base["experiment"]  # the workflow's own zoo
+    assert regimes.owner({"zoo": regimes.zoo("per_task_init_match")}) == "per_task_init"  # its first user builds it
+    assert regimes.owner({"domains": regimes.domains("domains_few")}) == "domains"
+    assert regimes.domains("seen16") is None
+    assert regimes.owner({"results_dir": regimes.results_dir("seen64")}) == "seen64"
+    assert regimes.owner({"results_dir": base["results_dir"]}) == regimes.owner({}) == base["experiment"]
+    assert regimes.job_config({"regime": "seen16"}) == S.regime_config(base, "seen16")
+    with pytest.raises(ValueError, match="zoo"):
+        regimes.owner({"zoo": "per_task_00000000"})
+
+
 def test_regime_file_starts_from_its_base(tmp_path):
     """`base: <regime>` starts a regime file from another's overrides (recursively; the file's own keys win), and a
     cycle of bases is refused by name."""
@@ -368,11 +386,12 @@ def test_unseen_study_dry_run(tmp_path, snakemake_cli):
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     n = len(load_config(REPO / "config" / "config.yaml").study.regimes)
-    assert counts["study_train"] == n and counts["study_generate"] == n and counts["study_tables"] == n
+    # the regimes run through the main rules (their `regime` wildcard): table16 and seen_summary per regime
+    assert counts["train_rpg"] == n and counts["generate"] == n and counts["tables"] == 2 * n
     # every per_task regime shares one zoo, both domains regimes another; shared_init regimes use the workflow's
-    assert counts["study_zoo"] == 2 and counts["study_domain_features"] == 1
-    assert counts["zoo"] == 1 and counts["notebook_unseen_study"] == 1
-    assert "rule tables:" not in proc.stdout  # the study is its own target, not part of table11
+    assert counts["zoo"] == 1 + 2 and counts["domain_features"] == 1
+    assert counts["notebook_unseen_study"] == 1
+    assert "table11.csv" not in proc.stdout  # the study is its own target, not part of table11
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,8 +401,9 @@ def test_unseen_study_dry_run(tmp_path, snakemake_cli):
 
 @pytest.mark.parametrize("method", ["sort", "match"])
 def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, method):
+    from rpg.experiments.task_zoo import pipeline
     from rpg.experiments.task_zoo.features import load_features
-    from rpg.experiments.task_zoo.study import run_stage
+    from rpg.experiments.task_zoo.tables import write_tables
     from rpg.utils import save_safetensors_atomic
 
     x, y = _features(300)
@@ -404,12 +424,14 @@ def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, meth
     inputs = {"features": str(tmp_path / "features.safetensors"), "index": str(tmp_path / "zoo" / "index.csv"),
               "split": str(tmp_path / "split.json"), "rpg": str(tmp_path / "rpg" / "best.safetensors"),
               "samples": str(tmp_path / "gen" / "samples.csv")}
-    run_stage("zoo", cfg, inputs, {"index": inputs["index"]})
-    split = run_stage("split", cfg, inputs, {"split": inputs["split"]})
+    zoo_dir = tmp_path / "zoo"
+    # what the rules' scripts call (workflow/scripts/zoo.py, split.py, train_rpg.py, generate.py, tables.py)
+    pipeline.build_zoo(cfg, inputs["features"], zoo_dir)
+    split = pipeline.write_split(cfg, inputs["split"])
     assert len(split.train) == 6
-    run_stage("train", cfg, inputs, {"best": inputs["rpg"]})
-    run_stage("generate", cfg, inputs, {"samples": inputs["samples"]})
-    tables = run_stage("tables", cfg, inputs, {"table16": str(tmp_path / "t16.csv")})
+    pipeline.train_conditional_rpg(cfg, zoo_dir, inputs["split"], inputs["features"], tmp_path / "rpg")
+    pipeline.generate_and_evaluate(cfg, inputs["rpg"], inputs["split"], inputs["features"], zoo_dir, tmp_path / "gen")
+    tables = write_tables(cfg, inputs["samples"], {"table16": str(tmp_path / "t16.csv")}, names=["table16"])
     assert (tmp_path / "t16.csv").is_file() and len(tables["table16"]) == len(unseen) + 1
     samples = pd.read_csv(inputs["samples"])
     # originals of training tasks are their own nearest checkpoint in the canonical gauge too: the zoo's spread is

@@ -8,7 +8,7 @@ rule table13:
     input:
         unpack(evaluation_inputs),
         cifar10_input,
-        models=rules.generate.output.models,
+        models=out("generated", "models"),
         # the frozen backbone the generated heads sit on (default profile; the paper profile generates full models)
         backbone=lambda wc: (
             out("backbone", "backbone.safetensors")
@@ -43,7 +43,7 @@ rule pca_heads:
     input:
         index=ZOO_INDEX,
         split=SPLIT,
-        models=rules.generate.output.models,
+        models=out("generated", "models"),
     output:
         points=out("analysis", "pca_points.csv"),
         distances=out("analysis", "pca_distances.csv"),
@@ -69,7 +69,7 @@ rule similarity:
         unpack(evaluation_inputs),
         index=ZOO_INDEX,
         split=SPLIT,
-        models=rules.generate.output.models,
+        models=out("generated", "models"),
     output:
         models=out("analysis", "similarity_models.csv"),
         curve=out("analysis", "similarity_curve.csv"),

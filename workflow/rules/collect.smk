@@ -1,5 +1,6 @@
 # Collect the training data of RPG: the classifier zoo (and, in the default profile, the frozen backbone and its
-# cached features first) -> seen / unseen split.
+# cached features first) -> seen / unseen split. Zoos and splits are per regime (common.smk): a regime's split sits
+# beside the experiment's zoo folders, results/zoo/<regime>/split.json, its zoo in results/zoo/<zoo>/.
 
 
 if CFG.zoo.mode == "batched_heads":
@@ -45,17 +46,41 @@ if CFG.zoo.mode == "batched_heads":
         script:
             "../scripts/features.py"
 
+    # The study's domain tasks (rpg.experiments.task_zoo.domains): the same backbone's features of transformed
+    # images, one folder per domain setting (regimes that differ only in their tasks share it).
+    rule domain_features:
+        input:
+            features=FEATURES,  # domain 0 (identity) is read from here, and the image split is checked against it
+            backbone=rules.backbone.output.model,
+            images=cifar10_input,
+        output:
+            features=out("features", "features.safetensors", of="domains"),
+        log:
+            logfile("domain_features", of="domains"),
+        benchmark:
+            benchfile("domain_features", of="domains")
+        conda:
+            "../envs/rpg.yaml"
+        threads: CFG.threads
+        resources:
+            mem_mb=6000,
+            gpu=GPU,
+        params:
+            setting=regime_setting("seed", "data", "backbone", "domains"),
+        script:
+            "../scripts/domain_features.py"
+
     rule zoo:
         input:
-            features=FEATURES,
+            features=regime_features,
         output:
-            checkpoints=directory(out("zoo", "checkpoints")),
-            index=ZOO_INDEX,
-            summary=out("zoo", "summary.json"),
+            checkpoints=directory(out("zoo", "checkpoints", of="zoo")),
+            index=out("zoo", "index.csv", of="zoo"),
+            summary=out("zoo", "summary.json", of="zoo"),
         log:
-            logfile("zoo"),
+            logfile("zoo", of="zoo"),
         benchmark:
-            benchfile("zoo")
+            benchfile("zoo", of="zoo")
         conda:
             "../envs/rpg.yaml"
         threads: CFG.threads
@@ -63,7 +88,7 @@ if CFG.zoo.mode == "batched_heads":
             mem_mb=8000,
             gpu=GPU,
         params:
-            setting=setting("seed", "tasks.ids", "zoo"),
+            setting=regime_setting("seed", "tasks.ids", "zoo", "domains"),
         script:
             "../scripts/zoo.py"
 
@@ -73,14 +98,14 @@ else:  # finetune: one job per task, so a cluster executor spreads them
         input:
             cifar10_input,
         output:
-            expand(
-                out("zoo", "checkpoints/{{task}}_{k}.safetensors"),
-                k=range(CFG.zoo.n_checkpoints),
-            ),
+            [
+                out("zoo", f"checkpoints/{{task}}_{k}.safetensors", of="zoo")
+                for k in range(CFG.zoo.n_checkpoints)
+            ],
         log:
-            logfile("finetune/{task}"),
+            logfile("finetune/{task}", of="zoo"),
         benchmark:
-            benchfile("finetune/{task}")
+            benchfile("finetune/{task}", of="zoo")
         conda:
             "../envs/rpg.yaml"
         threads: CFG.threads
@@ -89,7 +114,7 @@ else:  # finetune: one job per task, so a cluster executor spreads them
             gpu=GPU,
             runtime=60,
         params:
-            setting=setting("seed", "data.val_images", "backbone", "zoo"),
+            setting=regime_setting("seed", "data.val_images", "backbone", "zoo"),
         script:
             "../scripts/finetune_task.py"
 
@@ -97,45 +122,46 @@ else:  # finetune: one job per task, so a cluster executor spreads them
         input:
             finetuned_checkpoints,
         output:
-            index=ZOO_INDEX,
-            summary=out("zoo", "summary.json"),
+            index=out("zoo", "index.csv", of="zoo"),
+            summary=out("zoo", "summary.json", of="zoo"),
         log:
-            logfile("zoo"),
+            logfile("zoo", of="zoo"),
         benchmark:
-            benchfile("zoo")
+            benchfile("zoo", of="zoo")
         conda:
             "../envs/rpg.yaml"
         threads: 1
         resources:
             mem_mb=2000,
         params:
-            setting=setting("tasks.ids", "zoo.n_checkpoints"),
+            setting=regime_setting("tasks.ids", "zoo.n_checkpoints"),
         script:
             "../scripts/zoo_index.py"
 
 
 rule split:
     input:
-        index=ZOO_INDEX,  # the split is of the zoo's tasks: a new zoo gets a new split
+        index=zoo_index,  # the split is of the zoo's tasks: a new zoo gets a new split
     output:
-        split=SPLIT,
+        split=out("zoo", "split.json", of="regime"),
     log:
-        logfile("split"),
+        logfile("split", of="regime"),
     benchmark:
-        benchfile("split")
+        benchfile("split", of="regime")
     conda:
         "../envs/rpg.yaml"
     threads: 1
     resources:
         mem_mb=500,
     params:
-        setting=setting(
+        setting=regime_setting(
             "seed",
             "tasks.ids",
             "tasks.unseen",
             "tasks.n_val",
             "tasks.n_seen",
             "tasks.holdout_neighbours",
+            "domains",
         ),
     script:
         "../scripts/split.py"

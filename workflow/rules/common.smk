@@ -1,10 +1,13 @@
-# Config validation (schema in rpg/config.schema.yaml fills defaults and names bad keys), paths and input functions.
+# Config validation (schema in rpg/config.schema.yaml fills defaults and names bad keys), regimes, paths and input
+# functions.
+import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 from rpg.config import ConfigError, config_from_dict, validate_config
 from rpg.experiments.rules import config_setting
+from rpg.experiments.task_zoo import study as ST
 
 try:
     config.update(validate_config(config))
@@ -15,23 +18,41 @@ CFG = config_from_dict(config)
 EXP = CFG.experiment
 RES = CFG.results_dir
 GPU = 1 if CFG.device == "cuda" else 0
+# The default profile is the regime named by `experiment`; the study's regimes (study.regimes) are the others. The
+# task-zoo rules take a regime as a wildcard and run on its config (rpg.experiments.task_zoo.study.Regimes).
+REGIMES = ST.Regimes(config)
 
 
 wildcard_constraints:
     experiment=r"[A-Za-z0-9_.-]+",
+    regime="|".join(map(re.escape, REGIMES.names)),
+    zoo=re.escape(EXP) + r"|[a-z_]+_[0-9a-f]{8}",  # the experiment's own zoo, or a study zoo (study.zoo_key)
+    domains=r"domains_[0-9a-f]{8}",
+    results_dir="|".join(re.escape(REGIMES.results_dir(name)) for name in REGIMES.names),
+    table=r"table11|table16|table12|seen_summary",
+    task=r"\d{4}",
 
 
-def out(stage, name):
-    """results/<stage>/<experiment>/<name>"""
-    return f"{RES}/{stage}/{EXP}/{name}"
+def _of(wildcard):
+    return EXP if wildcard is None else f"{{{wildcard}}}"
 
 
-def logfile(name):
-    return f"{RES}/logs/{EXP}/{name}.log"
+def at(stage, key, name):
+    """results/<stage>/<key>/<name>: key is the experiment, a regime, a zoo or a domain-features folder."""
+    return f"{RES}/{stage}/{key}/{name}"
 
 
-def benchfile(name):
-    return f"{RES}/benchmarks/rules/{EXP}/{name}.tsv"
+def out(stage, name, of=None):
+    """results/<stage>/<experiment>/<name>; of: a wildcard in place of the experiment (regime, zoo, domains)."""
+    return at(stage, _of(of), name)
+
+
+def logfile(name, of=None):
+    return f"{RES}/logs/{_of(of)}/{name}.log"
+
+
+def benchfile(name, of=None):
+    return f"{RES}/benchmarks/rules/{_of(of)}/{name}.tsv"
 
 
 def cifar10_input(wildcards):
@@ -49,33 +70,58 @@ def cifar10_input(wildcards):
     )
 
 
+# The default profile's files (the analyses read them)
 FEATURES = out("features", "features.safetensors")
 ZOO_INDEX = out("zoo", "index.csv")
 SPLIT = out("zoo", "split.json")
 
 
-wildcard_constraints:
-    task=r"\d{4}",
+def job_config(wildcards):
+    """The config dict of the job's regime (the workflow's own for the default profile)."""
+    try:
+        return REGIMES.job_config(wildcards)
+    except ValueError as err:
+        raise WorkflowError(str(err))
 
 
-def task_ids():
-    from rpg.experiments.task_zoo.pipeline import configured_task_ids
+def regime_setting(*keys):
+    """params: the values of the job's regime config that a rule depends on (see `setting`)."""
+    return lambda wildcards: config_setting(job_config(wildcards), *keys)
 
-    return configured_task_ids(CFG)
+
+def regime_file(stage, name):
+    """Input function: results/<stage>/<regime>/<name> of the job's regime (`REGIMES.owner` of its wildcards)."""
+    return lambda wildcards: at(stage, REGIMES.owner(wildcards), name)
+
+
+def zoo_index(wildcards):
+    """The regime's zoo: the experiment's own when its zoo settings are the same, else a shared study zoo."""
+    return at("zoo", REGIMES.zoo(REGIMES.owner(wildcards)), "index.csv")
+
+
+def regime_features(wildcards):
+    """The features the regime's heads are trained and scored on: the workflow's, or its domain features."""
+    domains = REGIMES.domains(REGIMES.owner(wildcards))
+    return (
+        FEATURES if domains is None else at("features", domains, "features.safetensors")
+    )
 
 
 def finetuned_checkpoints(wildcards):
+    from rpg.experiments.task_zoo.pipeline import configured_task_ids
+
+    cfg = config_from_dict(job_config(wildcards), validated=True)
     return [
-        out("zoo", f"checkpoints/{t:04d}_{k}.safetensors")
-        for t in task_ids()
-        for k in range(CFG.zoo.n_checkpoints)
+        at("zoo", wildcards.zoo, f"checkpoints/{t:04d}_{k}.safetensors")
+        for t in configured_task_ids(cfg)
+        for k in range(cfg.zoo.n_checkpoints)
     ]
 
 
 def evaluation_inputs(wildcards):
     """What scoring generated models needs: cached features (heads) or the images (full models)."""
     if CFG.zoo.mode == "batched_heads":
-        return {"features": FEATURES}
+        return {"features": regime_features(wildcards)}
     return {"images": cifar10_input(wildcards)}
 
 
@@ -192,71 +238,3 @@ def ablation_labels(wildcards):
 def setting(*keys):
     """params: the resolved config values a rule depends on (a change reruns it and everything downstream)."""
     return config_setting(config, *keys)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Study of regimes (rules/study.smk, issue 13): each regime's config, and which zoo it uses
-# ----------------------------------------------------------------------------------------------------------------
-from rpg.experiments.task_zoo import study as ST
-
-STUDY = f"{RES}/study"
-_REGIME_CFG = {}
-
-
-wildcard_constraints:
-    regime=r"[A-Za-z0-9_]+",
-    zookey=r"[a-z_]+_[0-9a-f]{8}",
-    fkey=r"[0-9a-f]{8}",
-
-
-def regime_cfg(name):
-    if name not in _REGIME_CFG:
-        _REGIME_CFG[name] = ST.regime_config(config, name)
-    return _REGIME_CFG[name]
-
-
-def regime_index(wildcards):
-    """The regime's zoo index: the workflow's own zoo when its zoo settings are the same, else study/zoos/<key>/."""
-    key = ST.zoo_key(config, regime_cfg(wildcards.regime))
-    return ZOO_INDEX if key is None else f"{STUDY}/zoos/{key}/index.csv"
-
-
-def zoo_owner(key):
-    """The first regime whose zoo is study/zoos/<key>/ (its config builds that zoo)."""
-    for name in CFG.study.regimes:
-        if ST.zoo_key(config, regime_cfg(name)) == key:
-            return name
-    raise WorkflowError(f"no regime of study.regimes has zoo '{key}'")
-
-
-def features_of(regime):
-    """The features a regime's heads are trained and scored on: the workflow's, or its domain features."""
-    key = ST.domain_features_key(regime_cfg(regime))
-    return (
-        FEATURES
-        if key is None
-        else f"{STUDY}/domain_features/{key}/features.safetensors"
-    )
-
-
-def regime_features(wildcards):
-    return features_of(wildcards.regime)
-
-
-def zoo_features(wildcards):
-    return features_of(zoo_owner(wildcards.zookey))
-
-
-def features_owner(key):
-    """The first regime whose domain features are study/domain_features/<key>/."""
-    for name in CFG.study.regimes:
-        if ST.domain_features_key(regime_cfg(name)) == key:
-            return name
-    raise WorkflowError(f"no regime of study.regimes has domain features '{key}'")
-
-
-def regime_setting(*keys, zoo=False):
-    """params: the regime's config values a study rule depends on (see `setting`)."""
-    if zoo:
-        return lambda wc: config_setting(regime_cfg(zoo_owner(wc.zookey)), *keys)
-    return lambda wc: config_setting(regime_cfg(wc.regime), *keys)

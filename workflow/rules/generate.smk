@@ -1,13 +1,13 @@
-# Generate models for unseen, sampled seen and flip-pair tasks; evaluate them, their originals and the baselines
-# (built from the training split only) on the test set.
+# Generate models for unseen, sampled seen and flip-pair tasks of a regime; evaluate them, their originals and the
+# baselines (built from the training split only) on the test set.
 
 
 rule generate:
     input:
         unpack(evaluation_inputs),
         rpg=rules.train_rpg.output.best,
-        split=SPLIT,
-        index=ZOO_INDEX,
+        split=rules.split.output.split,
+        index=zoo_index,
         # the backbone's 10-class classifier: the `compose` baseline (default profile only)
         backbone=lambda wc: (
             out("backbone", "backbone.safetensors")
@@ -15,13 +15,13 @@ rule generate:
             else []
         ),
     output:
-        samples=out("generated", "samples.csv"),
-        timing=out("generated", "timing.json"),
-        models=directory(out("generated", "models")),
+        samples=out("generated", "samples.csv", of="regime"),
+        timing=out("generated", "timing.json", of="regime"),
+        models=directory(out("generated", "models", of="regime")),
     log:
-        logfile("generate"),
+        logfile("generate", of="regime"),
     benchmark:
-        benchfile("generate")
+        benchfile("generate", of="regime")
     conda:
         "../envs/rpg.yaml"
     threads: CFG.threads
@@ -29,7 +29,7 @@ rule generate:
         mem_mb=6000,
         gpu=GPU,
     params:
-        setting=setting(
+        setting=regime_setting(
             "seed",
             "rpg",
             "diffusion",
@@ -37,6 +37,7 @@ rule generate:
             "tasks.table11",
             "tasks.flip_pair",
             "tasks.n_seen_eval",
+            "domains",
         ),
     script:
         "../scripts/generate.py"

@@ -1,40 +1,26 @@
-# Paper tables (11, 16, 12 and the seen-task summary), each with the resolved config beside it.
+# Paper tables (11, 16, 12 and the seen-task summary), one job each, with the resolved config beside each: at the top
+# of the regime's results_dir (results/ for the default profile, results/study/<regime>/ for a study regime).
 
 
 rule tables:
     input:
-        samples=rules.generate.output.samples,
+        samples=regime_file("generated", "samples.csv"),
     output:
-        table11=report(
-            f"{RES}/table11.csv",
-            caption="../report/table.rst",
-            category="Task zoo (paper §5)",
-        ),
-        table16=report(
-            f"{RES}/table16.csv",
-            caption="../report/table.rst",
-            category="Task zoo (paper §5)",
-        ),
-        table12=report(
-            f"{RES}/table12.csv",
-            caption="../report/table.rst",
-            category="Task zoo (paper §5)",
-        ),
-        seen_summary=report(
-            f"{RES}/seen_summary.csv",
+        table=report(
+            "{results_dir}/{table}.csv",
             caption="../report/table.rst",
             category="Task zoo (paper §5)",
         ),
     log:
-        logfile("tables"),
+        "{results_dir}/logs/tables/{table}.log",
     benchmark:
-        benchfile("tables")
+        "{results_dir}/benchmarks/rules/tables/{table}.tsv"
     conda:
         "../envs/rpg.yaml"
     threads: 1
     resources:
         mem_mb=1000,
     params:
-        setting=setting("tasks.table11", "tasks.flip_pair"),
+        setting=regime_setting("tasks.table11", "tasks.flip_pair"),
     script:
         "../scripts/tables.py"

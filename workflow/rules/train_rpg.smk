@@ -1,18 +1,18 @@
-# Train the task-conditioned RPG on the training split of the zoo (unseen tasks are never read).
+# Train the task-conditioned RPG of a regime on the training split of its zoo (unseen tasks are never read).
 
 
 rule train_rpg:
     input:
         unpack(evaluation_inputs),
-        index=ZOO_INDEX,
-        split=SPLIT,
+        index=zoo_index,
+        split=rules.split.output.split,
     output:
-        best=out("rpg", "best.safetensors"),
-        summary=out("rpg", "summary.json"),
+        best=out("rpg", "best.safetensors", of="regime"),
+        summary=out("rpg", "summary.json", of="regime"),
     log:
-        logfile("train_rpg"),
+        logfile("train_rpg", of="regime"),
     benchmark:
-        benchfile("train_rpg")
+        benchfile("train_rpg", of="regime")
     conda:
         "../envs/rpg.yaml"
     threads: CFG.threads
@@ -20,6 +20,6 @@ rule train_rpg:
         mem_mb=8000,
         gpu=GPU,
     params:
-        setting=setting("seed", "data.val_images", "rpg", "diffusion", "train"),
+        setting=regime_setting("seed", "data.val_images", "rpg", "diffusion", "train"),
     script:
         "../scripts/train_rpg.py"

@@ -3,5 +3,7 @@ from pathlib import Path
 
 from rpg.experiments.rules import run_rule
 from rpg.experiments.task_zoo.pipeline import build_zoo
+from rpg.experiments.task_zoo.study import job_config
 
-run_rule(snakemake, lambda cfg: build_zoo(cfg, snakemake.input.features, Path(snakemake.output.index).parent))  # noqa: F821
+smk = snakemake  # noqa: F821
+run_rule(smk, lambda cfg: build_zoo(cfg, smk.input.features, Path(smk.output.index).parent), config=job_config(smk))

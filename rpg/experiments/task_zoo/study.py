@@ -2,11 +2,10 @@
 
 A regime is the workflow's config plus `study.common` (the study's smaller budget) plus
 `<study.regime_dir>/<name>.yaml` (which may name a `base:` regime file to start from); it reuses the workflow's
-backbone and cached features (a regime may not change `data`, `backbone` or `seed`) and runs the same stage
-functions as the default DAG (`pipeline.build_zoo`, `write_split`, `train_conditional_rpg`, `generate_and_evaluate`,
-`tables.write_tables`) under
+backbone and cached features (a regime may not change `data`, `backbone` or `seed`) and runs through the default
+DAG's rules, its name the rules' `regime` wildcard (`Regimes`): `<results_dir>/<stage>/<name>/`, its tables under
 `<results_dir>/study/<name>/`. Regimes whose zoo settings agree share one zoo: the workflow's own zoo when they equal
-its settings, else `<results_dir>/study/zoos/<key>/`. `gather_study` turns every regime's tables into one long table,
+its settings, else `<results_dir>/zoo/<key>/`. `gather_study` turns every regime's tables into one long table,
 `unseen_study.csv`: one row per regime x task group (unseen / seen) x method (originals, RPG best / mean, each
 baseline), with plain and balanced accuracy in percent, the gap to the originals, and the novelty of RPG's samples.
 """
@@ -53,6 +52,11 @@ def regime_overrides(regime_dir: str | Path, name: str, _seen: tuple[str, ...] =
     return deep_update(regime_overrides(regime_dir, parent, (*_seen, name)), own) if parent else own
 
 
+def regime_results_dir(base: Mapping, name: str) -> str:
+    """Where regime `name` keeps its tables: `<results_dir>/study/<name>` (the workflow's own for its experiment)."""
+    return base["results_dir"] if name == base["experiment"] else str(Path(base["results_dir"]) / "study" / name)
+
+
 def regime_config(base: Mapping, name: str) -> dict:
     """The validated, complete config dict of regime `name` (see the module docstring).
 
@@ -69,7 +73,7 @@ def regime_config(base: Mapping, name: str) -> dict:
         raw = deep_update(raw, read_config_file(study["common"]))
     raw = deep_update(raw, regime_overrides(study["regime_dir"], name))
     raw["experiment"] = f"{base['experiment']}_study_{name}"
-    raw["results_dir"] = str(Path(base["results_dir"]) / "study" / name)
+    raw["results_dir"] = regime_results_dir(base, name)
     full = validate_config(raw)
     for key in SHARED_KEYS:
         if _get(full, key) != _get(base, key):
@@ -78,7 +82,7 @@ def regime_config(base: Mapping, name: str) -> dict:
 
 
 def zoo_key(base: Mapping, regime: Mapping) -> str | None:
-    """None when the regime's zoo is the workflow's own; else the name of its zoo folder under study/zoos/:
+    """None when the regime's zoo is the workflow's own; else the name of its zoo folder under zoo/:
     `<zoo.init>_<hash of the zoo settings>`."""
     def settings(cfg: Mapping) -> dict:  # `domains` only where set, so that other zoos keep their keys
         return {key: _get(cfg, key) for key in ZOO_KEYS
@@ -93,14 +97,70 @@ def zoo_key(base: Mapping, regime: Mapping) -> str | None:
 
 
 def domain_features_key(regime: Mapping) -> str | None:
-    """None for a regime without domain tasks (it reads the workflow's features); else the folder of its domain
-    features under study/domain_features/: a hash of what they depend on (domains and image counts, not the class
-    sets), so regimes that differ only in their tasks share one extraction."""
+    """None for a regime without domain tasks (it reads the workflow's features); else the key of its domain
+    features (folder features/domains_<key>/): a hash of what they depend on (domains and image counts, not the
+    class sets), so regimes that differ only in their tasks share one extraction."""
     dom = regime["domains"]
     if not dom["names"]:
         return None
     settings = {k: v for k, v in dom.items() if k != "class_sets"}
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+class Regimes:
+    """The workflow's regimes, for its rules (workflow/rules/common.smk) and their scripts: the default profile is
+    the regime named by `experiment` (the workflow's own config), every name of `study.regimes` another.
+
+    A job names its regime by a wildcard: `regime`; or `zoo`, a zoo folder (the experiment's own, or a `zoo_key`
+    shared by the regimes with those zoo settings); or `domains`, a folder of domain features
+    (`domains_<domain_features_key>`); or `results_dir`, the folder of a regime's tables (`regime_results_dir`).
+    Its config is that of the first regime (in this order) with that value.
+    """
+
+    def __init__(self, base: Mapping):
+        self.base = base
+        self.default = base["experiment"]
+        if self.default in base["study"]["regimes"]:
+            raise ValueError(f"study.regimes names the experiment '{self.default}' (the default profile's regime)")
+        self.names = [self.default, *base["study"]["regimes"]]
+        self._configs = {self.default: dict(base)}
+
+    def config(self, name: str) -> dict:
+        """The validated config dict of regime `name` (cached)."""
+        if name not in self._configs:
+            self._configs[name] = regime_config(self.base, name)
+        return self._configs[name]
+
+    def zoo(self, name: str) -> str:
+        return zoo_key(self.base, self.config(name)) or self.default
+
+    def domains(self, name: str) -> str | None:
+        key = domain_features_key(self.config(name))
+        return None if key is None else f"domains_{key}"
+
+    def results_dir(self, name: str) -> str:
+        return regime_results_dir(self.base, name)
+
+    def owner(self, wildcards) -> str:
+        """The regime whose config runs a job with these wildcards (a mapping or Snakemake's wildcards)."""
+        wildcards = dict(wildcards.items())
+        if "regime" in wildcards:
+            return wildcards["regime"]
+        for key, of in (("zoo", self.zoo), ("domains", self.domains), ("results_dir", self.results_dir)):
+            if key in wildcards:
+                name = next((n for n in self.names if of(n) == wildcards[key]), None)
+                if name is None:
+                    raise ValueError(f"no regime of study.regimes has {key} '{wildcards[key]}'")
+                return name
+        return self.default
+
+    def job_config(self, wildcards) -> dict:
+        return self.config(self.owner(wildcards))
+
+
+def job_config(smk) -> dict:
+    """The config dict a workflow job runs on: its regime's (`Regimes.owner` of the job's wildcards)."""
+    return Regimes(smk.config).job_config(smk.wildcards)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,34 +250,3 @@ def write_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mappin
 def study_regimes(base: Mapping, names: Sequence[str] | None = None) -> dict[str, dict]:
     """name -> regime config dict, for `names` (default: every regime of `study.regimes`)."""
     return {name: regime_config(base, name) for name in (names or base["study"]["regimes"])}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Workflow stages (rules/study.smk): the default DAG's stage functions on a regime's config
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def run_stage(stage: str, cfg, inputs: Mapping[str, str], outputs: Mapping[str, str]):
-    """One stage of one regime: `features` (domain tasks only), `zoo`, `split`, `train`, `generate` or `tables`
-    (cfg: the regime's Config)."""""
-    from rpg.experiments.task_zoo import pipeline
-    from rpg.experiments.task_zoo.tables import write_tables
-
-    zoo_dir = Path(inputs["index"]).parent if "index" in inputs else None
-    if stage == "features":
-        from rpg.experiments.task_zoo.domains import cache_domain_features
-
-        return cache_domain_features(cfg, inputs["backbone"], inputs["features"], outputs["features"])
-    if stage == "zoo":
-        return pipeline.build_zoo(cfg, inputs["features"], Path(outputs["index"]).parent)
-    if stage == "split":
-        return pipeline.write_split(cfg, outputs["split"])
-    if stage == "train":
-        return pipeline.train_conditional_rpg(cfg, zoo_dir, inputs["split"], inputs.get("features"),
-                                              Path(outputs["best"]).parent)
-    if stage == "generate":
-        return pipeline.generate_and_evaluate(cfg, inputs["rpg"], inputs["split"], inputs.get("features"), zoo_dir,
-                                              Path(outputs["samples"]).parent, inputs.get("backbone") or None)
-    if stage == "tables":
-        return write_tables(cfg, inputs["samples"], dict(outputs), names=list(outputs))
-    raise ValueError(f"unknown study stage '{stage}'")
