@@ -6,7 +6,7 @@ images) of the affine / nearest baselines built in that gauge. Unseen tasks are 
 results/probes/canonical_alignment.csv (one row per zoo x gauge).
 
     PYTHONPATH=. python probes/canonical_alignment.py --features results/features/cifar10_binary/features.safetensors \
-        --zoo shared=results/zoo/cifar10_binary per_task=results/study/zoos/<key> --split results/study/per_task_init/split.json
+        --zoo shared=results/zoo/cifar10_binary per_task=results/zoo/<key> --split results/zoo/per_task_init/split.json
 """
 from __future__ import annotations
 

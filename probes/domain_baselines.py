@@ -12,8 +12,8 @@ This diagnostic scores, on the regime's unseen (class set, shifted domain) pairs
   few-shot-domain case (k = 4 ... 64) in which a per-domain fit has little to go on.
 No RPG setting is chosen from this. Writes one row per (method, k) with the mean accuracy / balanced accuracy (%).
 
-    PYTHONPATH=. python probes/domain_baselines.py --features results/study/domain_features/<key>/features.safetensors \
-        --zoo results/study/zoos/<domains zoo> --split results/study/domains/split.json \
+    PYTHONPATH=. python probes/domain_baselines.py --features results/features/domains_<key>/features.safetensors \
+        --zoo results/zoo/<domains zoo> --split results/zoo/domains/split.json \
         --backbone results/backbone/cifar10_binary/backbone.safetensors --out results/probes/domain_baselines.csv
 """
 from __future__ import annotations
