@@ -19,14 +19,12 @@ from typing import Sequence
 import pandas as pd
 
 from rpg.config import Config, config_to_yaml
+from rpg.evaluation import (BEST_BASELINE, KIND_ORIGINAL, KIND_RPG, METRICS, NOVELTY, best_baseline,
+                            best_baseline_column, minus_baseline_column)
 from rpg.experiments.task_zoo.baselines import BASELINES
 from rpg.experiments.task_zoo.tasks import CIFAR10_CLASSES, embedding_to_id, positive_classes
 from rpg.utils import write_csv_atomic, write_text_atomic
 
-METRICS = (("accuracy", "acc"), ("balanced_accuracy", "bal_acc"))
-# summary column suffix -> per-model column of samples.csv
-NOVELTY = {"l2_novelty": "l2_nearest_train", "max_iou_original": "max_iou_original",
-           "pairwise_iou": "mean_iou_same_kind"}
 
 
 def _task_rows(samples: pd.DataFrame, task_ids: Sequence[int]) -> pd.DataFrame:
@@ -68,20 +66,20 @@ def _baseline_columns(task_samples: pd.DataFrame, row: dict) -> dict:
         part = task_samples[task_samples.kind == name]
         cols.update({f"{name}_{short}": 100 * part[metric].mean() if len(part) else float("nan")
                      for metric, short in METRICS})
+    names = {}
     for _, short in METRICS:
-        scores = pd.Series({name: cols[f"{name}_{short}"] for name in BASELINES}, dtype=float)
-        cols[f"best_baseline_{short}"] = scores.max()  # NaN only if no baseline exists
-        cols[f"rpg_best_minus_baseline_{short}"] = row[f"rpg_best_{short}"] - scores.max()
-    accs = pd.Series({name: cols[f"{name}_acc"] for name in BASELINES}, dtype=float).dropna()
-    return {**cols, "best_baseline": accs.idxmax() if len(accs) else ""}
+        names[short], best = best_baseline({name: cols[f"{name}_{short}"] for name in BASELINES})
+        cols[best_baseline_column(short)] = best  # NaN only if no baseline exists
+        cols[minus_baseline_column("best", short)] = row[f"rpg_best_{short}"] - best
+    return {**cols, BEST_BASELINE: names["acc"]}
 
 
 def _novelty_columns(orig: pd.DataFrame, gen: pd.DataFrame) -> dict:
     """Means over the task's RPG samples and, for reference, over its originals: L2 to the nearest training
     checkpoint (for originals: the zoo's own nearest-neighbour spread), max wrong-prediction IoU against the task's
     (other) originals, and mean pairwise IoU among the task's models of the same kind."""
-    return {f"{kind}_{name}": frame[column].mean() for kind, frame in (("rpg", gen), ("original", orig))
-            for name, column in NOVELTY.items()}
+    return {f"{kind}_{name}": frame[name].mean()
+            for kind, frame in ((KIND_RPG, gen), (KIND_ORIGINAL, orig)) for name in NOVELTY}
 
 
 def unseen_table(samples: pd.DataFrame, embeddings: Sequence[str] | None = None,
