@@ -28,6 +28,7 @@ from rpg.tracking import Tracker, start_tracking
 from rpg.train import process_rank, train_rpg
 from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetensors_atomic, write_csv_atomic,
                        write_json_atomic)
+from rpg.weightspace import flatten
 from rpg.experiments.task_zoo.canonical import Gauge
 from rpg.experiments.task_zoo.baselines import (NOISE_SEED_OFFSET, TrainingZoo, baseline_heads, compose_predictions,
                                                 flatten_heads, l2_to_nearest, load_backbone_classifier,
@@ -165,7 +166,7 @@ def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], ev
         start = time.time()
         sds = generate_models(model, tokenizer, cfg, val_ids, n, seed=cfg.seed + 17)
         acc = evaluate(evaluator, sds, [t for t in val_ids for _ in range(n)])["accuracy"].view(len(val_ids), n)
-        norm = torch.stack([torch.cat([v.float().flatten() for v in sd.values()]).norm() for sd in sds])
+        norm = flatten(sds, list(sds[0])).norm(dim=1)
         return {"score": float(acc.mean()), "gap_mean": float((original_val_acc - acc.mean(1)).mean()),
                 "gap_best": float((original_val_acc - acc.max(1).values).mean()),
                 "generated_param_norm": float(norm.mean()), "seconds": time.time() - start}
