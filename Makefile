@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CORES ?= all
 SHARED_CIFAR ?= ../shared/data/cifar-10-python.tar.gz
 
-.PHONY: install data table11 all test lint clean-results
+.PHONY: install data table11 all test lint docs clean-results
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,3 +38,7 @@ test: install
 lint: install
 	$(VENV)/bin/snakefmt --check workflow
 	$(VENV)/bin/snakemake --lint
+
+# README.md and docs/*.md: rewrite the numbers rendered from docs/reference/ (rpg docs check only compares)
+docs: install
+	$(VENV)/bin/rpg docs render

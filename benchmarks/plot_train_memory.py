@@ -5,8 +5,8 @@ The paper (Fig. 9b / Table 8) reports GPU memory that stays almost flat as the g
 are not reproduced here (other hardware, other generator sizes), so the claim is drawn as what it says: a flat
 guide, with the issue's target slope (memory ~ params^0.3) and a linear slope for scale.
 
-    .venv/bin/python benchmarks/plot_train_memory.py benchmarks/measured/cpu/train_memory.csv \
-        --out benchmarks/measured/cpu/train_memory.png
+    .venv/bin/python benchmarks/plot_train_memory.py results/benchmarks/train_memory.csv \
+        --out results/benchmarks/train_memory.png
 
 Several CSVs (e.g. runs before and after a change) go on one figure, each line labelled with its `--labels` entry:
 

@@ -34,9 +34,9 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -206,6 +206,180 @@ def _holding_run_lock(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[s
     return wrapper
 
 
+@dataclass(frozen=True)
+class _Processes:
+    """This process of a torchrun job, or the only one (rank 0 of 1): only the main process (rank 0) validates and
+    writes files, and the others follow its decisions."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def join(cls, device: torch.device | str) -> _Processes:
+        """Join the torchrun job if there is one (initialising its process group); under CUDA, each process on the
+        GPU of its LOCAL_RANK."""
+        rank, world = _distributed()
+        device = torch.device(device)
+        if world > 1 and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        return cls(rank, world, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch_size: int) -> tuple[int, int]:
+        """This process's checkpoints k0..k1-1 of a global batch of `batch_size`."""
+        return self.rank * batch_size // self.world, (self.rank + 1) * batch_size // self.world
+
+    def main_says(self, flag: bool) -> bool:
+        """The main process's `flag`, on every process."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        dist.broadcast(value, 0)
+        return bool(value.item())
+
+    def mean(self, loss: torch.Tensor) -> torch.Tensor:
+        """The global loss, for the log (each process holds its share of the sum)."""
+        if self.world == 1:
+            return loss
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        return loss / self.world
+
+
+@dataclass
+class _RunState:
+    """What changes as a run trains, and what last.opt.pt holds to resume it (the learning rate is `lr_at(step)`;
+    the patience left, `plateaued(step, best_step)`)."""
+
+    model: RPG
+    ema: RPG | None
+    optimizer: torch.optim.Optimizer
+    data_gen: torch.Generator  # draws the checkpoints and tokens of each step
+    noise_gen: torch.Generator  # draws the timesteps and noise of each step
+    step: int = 0  # optimizer steps done
+    best_score: float = -math.inf
+    best_step: int = -1
+
+    @property
+    def scored(self) -> RPG:
+        """The weights that are validated and kept as best.safetensors: the EMA copy's if there is one."""
+        return self.ema if self.ema is not None else self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(), "step": self.step,
+                "best_score": self.best_score, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from last.opt.pt's state. The weights come from it, not from last.safetensors: that is written
+        after it, so a kill between the two writes must not pair new weights with an older optimizer state."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
+        self.step = int(state["step"])
+        self.best_score, self.best_step = float(state["best_score"]), int(state["best_step"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+
+@dataclass
+class _RunFolder:
+    """The run's folder and what it writes there; only the main process writes (the methods do nothing elsewhere)."""
+
+    path: Path
+    is_main: bool
+    tokenizer: Tokenizer
+    diffusion_cfg: DiffusionConfig
+    metadata: dict[str, Any] | None  # stored in every generator file
+    tracker: Tracker
+    identity: dict[str, Any]  # the run's fingerprints and step count, stored in last.opt.pt
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "last.opt.pt"
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            print(message)
+
+    def resumable_state(self, force: bool) -> dict[str, Any] | None:
+        """last.opt.pt if it belongs to this run; raises RunConflictError if it is this run with another step
+        count (unless `force`)."""
+        state = load_training_state(self.state_path) if self.state_path.exists() else None
+        if not force:
+            _refuse_other_step_count(state, self.identity["fingerprint"], self.identity["run_fingerprint"],
+                                     self.identity["total_steps"], self.path)
+        if state is not None and not (state.get("fingerprint") == self.identity["fingerprint"] and
+                                      (int(state["best_step"]) < 0 or (self.path / "best.safetensors").exists())):
+            # A leftover of a run on other data / settings (e.g. Snakemake re-running the rule after its inputs
+            # changed), or a finished run whose best checkpoint was deleted: resuming would silently reuse stale
+            # weights.
+            self.say(f"not resuming from {self.state_path}: other data or settings, or best.safetensors is gone; "
+                     "training from scratch")
+            return None
+        return state
+
+    def restart_log(self, step: int) -> None:
+        """Drop train_log.csv's rows after `step` (all of them when starting from scratch): a resume redoes them."""
+        if not self.is_main:
+            return
+        if step == 0:
+            (self.path / "train_log.csv").unlink(missing_ok=True)
+        else:
+            _truncate_log(self.path / "train_log.csv", step)
+
+    def log(self, record: dict[str, float]) -> None:
+        if self.is_main:
+            self.tracker.log(record, step=int(record["step"]))
+            _append_log(self.path / "train_log.csv", [record])  # as we go: the log survives a kill
+
+    def save_last(self, run: _RunState) -> None:
+        """last.opt.pt, then last.safetensors, a loadable copy of the same weights (every process checks them)."""
+        _check_weights(run.model, run.step, self.path)
+        if not self.is_main:
+            return
+        save_training_state(self.state_path, {
+            **run.state_dict(), **self.identity, **({"ema": run.ema.state_dict()} if run.ema is not None else {})})
+        save_rpg(self.path / "last.safetensors", run.model, self.tokenizer, self.diffusion_cfg, step=run.step,
+                 extra=self.metadata)
+
+    def save_best(self, model: RPG, step: int, extra: dict[str, Any] | None) -> None:
+        if self.is_main:
+            save_rpg(self.path / "best.safetensors", model, self.tokenizer, self.diffusion_cfg, step=step,
+                     extra=extra)
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The training set on the device: tokens (K, N, L), task bits (K, C) or None, the token mask (N, L) and the
+    count of unmasked positions of each token (N,)."""
+
+    tokens: torch.Tensor
+    cond: torch.Tensor | None
+    mask: torch.Tensor
+    mask_count: torch.Tensor
+
+
+class _Batch(NamedTuple):
+    """This process's share of a global step: its checkpoints' rows idx (b,), the picked tokens (m,) (flat indices
+    into its b*N tokens) with their timesteps (m,) and noise (m, L), the checkpoints' permutation states and task
+    bits (or None), and the loss's denominator (the global one under DDP, else None)."""
+
+    idx: torch.Tensor
+    picked: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    perm: torch.Tensor | None
+    cond: torch.Tensor | None
+    denominator: torch.Tensor | None
+
+
 @_holding_run_lock
 def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, tokenizer: Tokenizer,
               tokens: torch.Tensor, out_dir: str | Path, *, cond: torch.Tensor | None = None, seed: int = 0,
@@ -227,178 +401,151 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         summary dict (best step and score, final loss, seconds, peak memory).
     """
     out_dir = Path(out_dir)
-    device = torch.device(device)
-    rank, world = _distributed()
-    if rank == 0:
+    procs = _Processes.join(device)
+    if procs.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
     k, n, length = tokens.shape
     if model_cfg.condition == "task" and cond is None:
         raise ValueError("a task-conditioned RPG needs `cond` (one task embedding per checkpoint)")
-    if cfg.batch_size < world:
+    if cfg.batch_size < procs.world:
         raise ValueError(f"train.batch_size ({cfg.batch_size}) is the global batch of checkpoints per step, split "
-                         f"between the {world} processes: it must be at least {world}")
-    # Data parallel: every process draws the same global step (checkpoints, tokens, timesteps, noise) from the same
-    # generators and takes the part of it that belongs to its own share of the checkpoints; the loss is normalised
-    # by the global count, so the averaged gradient is the one-process gradient of the same global batch.
-    k0, k1 = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
+                         f"between the {procs.world} processes: it must be at least {procs.world}")
 
+    # Start or resume: the weights drawn from `seed` (the same on every process), then the state of last.opt.pt if
+    # it belongs to this run.
     seed_everything(seed)
     model = RPG(model_cfg, tokenizer.layer_index, tokenizer.token_index,
-                n_permutation_states=k if model_cfg.permutation_state else 0).to(device)
+                n_permutation_states=k if model_cfg.permutation_state else 0).to(procs.device)
     diffusion = create_diffusion(diffusion_cfg)
     objective = DiffusionObjective(model, diffusion)
-    ddp = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.position_lr_scale), lr=cfg.lr,
-                                  betas=(0.9, 0.999))
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
-    data_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    start, best = 0, {"score": -math.inf, "step": -1}
-    history: list[dict[str, float]] = []
-
-    last_path, state_path = out_dir / "last.safetensors", out_dir / "last.opt.pt"
-    fingerprint = _fingerprint(model_cfg, diffusion_cfg, cfg, tokens, cond, seed, world)
-    run_fingerprint = _fingerprint(model_cfg, diffusion_cfg, cfg, tokens, cond, seed, world, ignore_steps=True)
-    state = load_training_state(state_path) if state_path.exists() else None
-    if not force:
-        _refuse_other_step_count(state, fingerprint, run_fingerprint, cfg.steps, out_dir)
-    if state is not None and not (state.get("fingerprint") == fingerprint and
-                                  (int(state["best_step"]) < 0 or (out_dir / "best.safetensors").exists())):
-        # A leftover of a run on other data / settings (e.g. Snakemake re-running the rule after its inputs
-        # changed), or a finished run whose best checkpoint was deleted: resuming would silently reuse stale weights.
-        if rank == 0:
-            print(f"not resuming from {state_path}: other data or settings, or best.safetensors is gone; "
-                  "training from scratch")
-        state = None
-    if state is None and rank == 0:
-        (out_dir / "train_log.csv").unlink(missing_ok=True)
-    if state is not None:
-        # The weights come from the training state itself: last.safetensors is written after it, so a kill between
-        # the two writes must not pair new weights with an older optimizer state.
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["data_gen"])
-        noise_gen.set_state(state["noise_gen"])
-        start, best = int(state["step"]), {"score": float(state["best_score"]), "step": int(state["best_step"])}
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        if rank == 0:
-            print(f"resumed from {state_path} at step {start}")
-            _truncate_log(out_dir / "train_log.csv", start)  # rows of steps after the checkpoint are redone
-
-    tokens_dev = tokens.to(device)
-    cond_dev = cond.to(device) if cond is not None else None
-    mask = tokenizer.mask.to(device)
-    mask_count = mask.sum(1).to(torch.float32)  # (N,) unmasked positions of each token
-    use_bf16 = cfg.bf16 and device.type == "cuda"
+    if procs.world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective)
+    run = _RunState(model=model,
+                    optimizer=torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.position_lr_scale),
+                                                lr=cfg.lr, betas=(0.9, 0.999)),
+                    ema=copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None,
+                    data_gen=torch.Generator().manual_seed(seed),
+                    noise_gen=torch.Generator(device=procs.device).manual_seed(seed + 1))
+    identity = {"fingerprint": _fingerprint(model_cfg, diffusion_cfg, cfg, tokens, cond, seed, procs.world),
+                "run_fingerprint": _fingerprint(model_cfg, diffusion_cfg, cfg, tokens, cond, seed, procs.world,
+                                                ignore_steps=True),
+                "total_steps": cfg.steps}
     tracker = tracker or Tracker()
+    folder = _RunFolder(out_dir, procs.is_main, tokenizer, diffusion_cfg, metadata, tracker, identity)
+    state = folder.resumable_state(force)
+    if state is not None:
+        run.load_state_dict(state)
+        folder.say(f"resumed from {folder.state_path} at step {run.step}")
+    folder.restart_log(run.step)
+
+    mask = tokenizer.mask.to(procs.device)
+    data = _Data(tokens.to(procs.device), cond.to(procs.device) if cond is not None else None, mask,
+                 mask_count=mask.sum(1).to(torch.float32))
     t0 = time.time()
     loss_ema = None
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    stopped_early = validate is not None and plateaued(start, best["step"], cfg)
-    if world > 1:  # rank 0 decides (only it needs a validator)
-        flag = torch.tensor(float(stopped_early), device=device)
-        dist.broadcast(flag, 0)
-        stopped_early = bool(flag.item())
-    end = start if stopped_early else end
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
+    # Train up to `steps` (or `stop_after` more); a run that stopped on a plateau stops again at once (rank 0 decides
+    # when to stop: only it needs a validator).
+    stopped_early = procs.main_says(validate is not None and plateaued(run.step, run.best_step, cfg))
+    end = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
+    end = run.step if stopped_early else end
+    bar = tqdm(range(run.step, end), initial=run.step, total=cfg.steps, disable=not progress or not procs.is_main,
                desc="train RPG", dynamic_ncols=True)
+    for _ in bar:
+        # Draw the global step's batch, the same on every process, and take this process's share of it.
+        batch = _draw_batch(run, data, diffusion, cfg, procs)
 
-    def checkpoint(step: int) -> None:
-        _check_weights(model, step, out_dir)
-        if rank != 0:
-            return
-        save_training_state(state_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "data_gen": data_gen.get_state(),
-            "noise_gen": noise_gen.get_state(), "step": step, "best_score": best["score"],
-            "best_step": best["step"], "fingerprint": fingerprint, "run_fingerprint": run_fingerprint,
-            "total_steps": cfg.steps,
-            **({"ema": ema.state_dict()} if ema is not None else {}),
-        })
-        save_rpg(last_path, model, tokenizer, diffusion_cfg, step=step,  # a loadable copy of the same weights
-                 extra=metadata)
+        # The step.
+        record = _train_step(run, objective, data, batch, cfg, procs, out_dir)
 
-    for step in bar:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        idx = torch.randint(0, k, (cfg.batch_size,), generator=data_gen)
-        picked = torch.randperm(cfg.batch_size * n, generator=data_gen)[: cfg.diffusion_batch].to(device)
-        t, noise = diffusion.draw(len(picked), length, device, tokens_dev.dtype, noise_gen)
-        denominator = None
-        if world > 1:
-            denominator = mask_count[picked % n].sum().clamp_min(1.0) / world
-            picked, t, noise = shard_step(k0, k1, picked, n, t, noise)
-            idx = idx[k0:k1]
-        idx = idx.to(device)
-        perm = idx if model.permutation is not None else None
-        c = cond_dev[idx] if cond_dev is not None else None
-        objective.train()  # a validator (rank 0 only) may leave eval mode on; all processes' BatchNorms must train
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = ddp(tokens_dev, idx, mask, picked, perm, c, t=t, noise=noise, denominator=denominator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:  # the global loss, for the log (each process holds its share of the sum)
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            loss = loss / world
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        _check_step(loss.item(), float(grad_norm), step + 1, out_dir)  # before the update: weights stay finite
-        optimizer.step()
-        if ema is not None:
-            update_ema(ema, model, cfg.ema, step)
-        loss_val = loss.item()
-        loss_ema = loss_val if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_val
-        done = step + 1
-        bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}")
-        record: dict[str, float] = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)}
-        if validate is not None and rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
-            _check_weights(model, done, out_dir)
-            metrics = validate(ema if ema is not None else model)
-            record.update({f"val/{key}": float(v) for key, v in metrics.items()})
-            if metrics["score"] > best["score"]:
-                best = {"score": float(metrics["score"]), "step": done}
-                save_rpg(out_dir / "best.safetensors", ema if ema is not None else model, tokenizer, diffusion_cfg,
-                         step=done, extra={**(metadata or {}), "val": metrics})
-            tqdm.write(f"step {done}: " + ", ".join(f"{key} {v:.4f}" for key, v in metrics.items()))
-        if rank == 0:
-            tracker.log(record, step=done)
-            history.append(record)
-            _append_history(out_dir / "train_log.csv", [record])  # as we go: the log survives a kill
-        stopped_early = validate is not None and done < cfg.steps and plateaued(done, best["step"], cfg)
-        if world > 1 and done % cfg.eval_every == 0:  # only rank 0 validates: all ranks stop together
-            flag = torch.tensor(float(stopped_early), device=device)
-            dist.broadcast(flag, 0)
-            stopped_early = bool(flag.item())
+        # After the step: log, validate (rank 0), save, stop on a plateau (all processes together, as rank 0 says).
+        done = run.step
+        loss_ema = record["loss"] if loss_ema is None else 0.98 * loss_ema + 0.02 * record["loss"]
+        bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{record['lr']:.2e}")
+        if validate is not None and procs.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
+            record.update(_validate(run, validate, folder))
+        folder.log(record)
+        stopped_early = validate is not None and done < cfg.steps and plateaued(done, run.best_step, cfg)
+        if done % cfg.eval_every == 0:
+            stopped_early = procs.main_says(stopped_early)
         if done % cfg.save_every == 0 or done == cfg.steps or stopped_early:
-            checkpoint(done)
+            folder.save_last(run)
         if stopped_early:
-            end = done
             break
     bar.close()
 
-    final_step = end
-    if rank == 0:
-        if final_step == cfg.steps and (validate is None or best["step"] < 0):
-            # Without validation the final weights are the result.
-            save_rpg(out_dir / "best.safetensors", ema if ema is not None else model, tokenizer, diffusion_cfg,
-                     step=final_step, extra=metadata)
-            best = {"score": best["score"], "step": final_step}
+    # The end: without validation (or without any score), the final weights are the result.
+    if procs.is_main and run.step == cfg.steps and (validate is None or run.best_step < 0):
+        folder.save_best(run.scored, run.step, metadata)
+        run.best_step = run.step
     summary = {
-        "best_step": best["step"], "best_score": best["score"], "final_loss_ema": loss_ema,
-        "steps": final_step, "max_steps": cfg.steps, "stopped_early": stopped_early,
-        "hit_max_steps": final_step == cfg.steps, "finished": stopped_early or final_step == cfg.steps,
+        "best_step": run.best_step, "best_score": run.best_score, "final_loss_ema": loss_ema,
+        "steps": run.step, "max_steps": cfg.steps, "stopped_early": stopped_early,
+        "hit_max_steps": run.step == cfg.steps, "finished": stopped_early or run.step == cfg.steps,
         "seconds": time.time() - t0, "n_checkpoints": k, "n_tokens": n,
         "token_size": length, "n_params_generated": tokenizer.n_params,
         "generator_params": sum(p.numel() for p in model.parameters()),
-        "peak_cuda_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "peak_cuda_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if procs.device.type == "cuda" else None,
         "model_config": asdict(model_cfg),
     }
-    tracker.summary({k2: v for k2, v in summary.items() if not isinstance(v, dict)})
+    tracker.summary({key: v for key, v in summary.items() if not isinstance(v, dict)})
     return summary
+
+
+def _draw_batch(run: _RunState, data: _Data, diffusion: GaussianDiffusion, cfg: TrainConfig,
+                procs: _Processes) -> _Batch:
+    """Draw the global step from the run's generators (`batch_size` checkpoints with replacement, `diffusion_batch`
+    of their tokens, their timesteps and noise), the same on every process, and keep this process's share of it.
+
+    Data parallel: the loss is normalised by the global count of the step's unmasked positions, so the averaged
+    gradient is the one-process gradient of the same global batch.
+    """
+    k, n, length = data.tokens.shape
+    idx = torch.randint(0, k, (cfg.batch_size,), generator=run.data_gen)
+    picked = torch.randperm(cfg.batch_size * n, generator=run.data_gen)[: cfg.diffusion_batch].to(procs.device)
+    t, noise = diffusion.draw(len(picked), length, procs.device, data.tokens.dtype, run.noise_gen)
+    denominator = None
+    if procs.world > 1:
+        denominator = data.mask_count[picked % n].sum().clamp_min(1.0) / procs.world
+        k0, k1 = procs.share(cfg.batch_size)
+        picked, t, noise = shard_step(k0, k1, picked, n, t, noise)
+        idx = idx[k0:k1]
+    idx = idx.to(procs.device)
+    return _Batch(idx, picked, t, noise, perm=idx if run.model.permutation is not None else None,
+                  cond=data.cond[idx] if data.cond is not None else None, denominator=denominator)
+
+
+def _train_step(run: _RunState, objective: nn.Module, data: _Data, batch: _Batch, cfg: TrainConfig,
+                procs: _Processes, out_dir: Path) -> dict[str, float]:
+    """One optimizer step on this process's share of the global step; returns its row of the log."""
+    lr = lr_at(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    objective.train()  # a validator (rank 0 only) may leave eval mode on; all processes' BatchNorms must train
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and procs.device.type == "cuda"):
+        loss = objective(data.tokens, batch.idx, data.mask, batch.picked, batch.perm, batch.cond, t=batch.t,
+                         noise=batch.noise, denominator=batch.denominator)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loss = procs.mean(loss)
+    grad_norm = float(nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf")))
+    _check_step(loss.item(), grad_norm, run.step + 1, out_dir)  # before the update: weights stay finite
+    run.optimizer.step()
+    if run.ema is not None:
+        update_ema(run.ema, run.model, cfg.ema, run.step)
+    run.step += 1
+    return {"step": run.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm}
+
+
+def _validate(run: _RunState, validate: Validator, folder: _RunFolder) -> dict[str, float]:
+    """Score the run's weights (the EMA copy's if any) and keep them as best.safetensors when they beat the best
+    score so far; returns the `val/*` columns of the log."""
+    _check_weights(run.model, run.step, folder.path)
+    metrics = validate(run.scored)
+    if metrics["score"] > run.best_score:
+        run.best_score, run.best_step = float(metrics["score"]), run.step
+        folder.save_best(run.scored, run.step, {**(folder.metadata or {}), "val": metrics})
+    tqdm.write(f"step {run.step}: " + ", ".join(f"{key} {v:.4f}" for key, v in metrics.items()))
+    return {f"val/{key}": float(v) for key, v in metrics.items()}
 
 
 def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, tokens: torch.Tensor,
@@ -471,7 +618,7 @@ def _truncate_log(path: Path, step: int) -> None:
         write_csv_rows(path, header, kept)
 
 
-def _append_history(path: Path, rows: list[dict[str, float]]) -> None:
+def _append_log(path: Path, rows: list[dict[str, float]]) -> None:
     """Append rows; a row with a column the file lacks (the first validation) rewrites it with the wider header."""
     if not rows:
         return

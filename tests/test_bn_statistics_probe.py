@@ -1,4 +1,4 @@
-"""benchmarks/bn_statistics_probe.py: swapping BatchNorm statistics touches only running means / variances, and the
+"""probes/bn_statistics_probe.py: swapping BatchNorm statistics touches only running means / variances, and the
 per-layer errors are in the units the docstring promises (checked on a hand-made BatchNorm state dict)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 
 def _load_probe():
     spec = importlib.util.spec_from_file_location("bn_statistics_probe",
-                                                  REPO_ROOT / "benchmarks" / "bn_statistics_probe.py")
+                                                  REPO_ROOT / "probes" / "bn_statistics_probe.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -144,7 +144,7 @@ def test_table1_family(workflow_run):
 
 
 def test_arch_sample_steps_benchmark_reproduces_table1(workflow_run, tmp_path):
-    """benchmarks/bench_arch_sample_steps.py, at the step count the table chose, gives exactly table1.csv's generated
+    """probes/arch_sample_steps.py, at the step count the table chose, gives exactly table1.csv's generated
     accuracies (same generators, same noise): what it reports beside other step counts is what the table measures."""
     import subprocess
     import sys
@@ -156,7 +156,7 @@ def test_arch_sample_steps_benchmark_reproduces_table1(workflow_run, tmp_path):
     local.write_text(yaml.safe_dump({"results_dir": str(res), "data": {"root": str(workflow_run["tmp"] / "data")}}))
     out = tmp_path / "steps.csv"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_arch_sample_steps.py", "--config", "config/config.yaml",
+        [sys.executable, "probes/arch_sample_steps.py", "--config", "config/config.yaml",
          "config/test.yaml", str(local), "--results", str(res), "--steps", "1", *map(str, arch.sample_steps),
          "--threads", "1", "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -172,7 +172,7 @@ def test_arch_sample_steps_benchmark_reproduces_table1(workflow_run, tmp_path):
 
 
 def test_generator_probe_compares_predictions_on_accuracy_and_spread(workflow_run, tmp_path):
-    """benchmarks/generator_probe.py trains one generator per arm on a Table 1 collection (here eps and v) and
+    """probes/generator_probe.py trains one generator per arm on a Table 1 collection (here eps and v) and
     reports validation accuracy beside the samples' spread and novelty; the collection's own distances are the
     same for every arm and equal rpg.weightspace's. An arm with an EMA also reports the averaged weights (another
     row of the same run: same losses, other samples)."""
@@ -190,7 +190,7 @@ def test_generator_probe_compares_predictions_on_accuracy_and_spread(workflow_ru
     collection = res / "table1" / "collections" / "cnn_s" / "run0"
     out = tmp_path / "probe.csv"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/generator_probe.py", "--config", "config/config.yaml", "config/test.yaml",
+        [sys.executable, "probes/generator_probe.py", "--config", "config/config.yaml", "config/test.yaml",
          str(local), "--arch", "cnn_s", "--collection", str(collection), "--steps", "3", "--samples", "2",
          "--threads", "1", "--arm", "eps:diffusion.prediction=eps", "--arm", "v:diffusion.prediction=v;train.ema=0.5",
          "--out", str(out)],

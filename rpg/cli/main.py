@@ -5,6 +5,7 @@
     rpg inspect my_checkpoints/ --token-size 256
     rpg train --checkpoints my_checkpoints/ --out my_rpg/ --config config/byo_checkpoints.yaml --eval my_eval.py:score
     rpg generate --checkpoint my_rpg/best.safetensors --samples 10 --out my_generated/
+    rpg docs check                      # README / docs tables agree with docs/reference (`render` rewrites them)
 
 User mistakes (bad embedding, unknown class, unreadable or inconsistent checkpoints, bad --eval, ...) print one line
 and exit with status 2; a full disk prints one line and exits with status 1. `rpg <command> --help` documents each command.
@@ -32,6 +33,7 @@ from rpg.generate import GENERATION_MODES, sample_models
 from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, domain_task_id, embedding_bits,
                                              embedding_to_id, id_to_embedding, parse_embedding, positive_classes,
                                              task_condition)
+from rpg.cli import docs as docs_cli
 from rpg.cli.user_eval import load_score_function
 from rpg.train import RunConflictError, TrainingDivergedError
 from rpg.utils import (CheckpointError, check_finite, load_safetensors, read_safetensors_metadata, resolve_device,
@@ -407,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "another step count (without it such a run is refused, never overwritten)")
     t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop as if killed
     t.set_defaults(func=cmd_train)
+
+    docs_cli.add_parser(sub, _HelpFormatter)
     return parser
 
 

@@ -156,7 +156,7 @@ def rpg_cifar_cnn(pretrained: bool = False, **kwargs: Any) -> CifarCNN:
     """Default CPU backbone: widths 64-128-256, depth 2 (1.2M params).
 
     8 epochs (batch 512, SGD-Nesterov lr 0.4, wd 5e-4, label smoothing 0.2): 87.7-87.9 % CIFAR-10 test
-    accuracy, 94.4 % mean binary accuracy on the Table 11 tasks (``benchmarks/backbone_probe.py``).
+    accuracy, 94.4 % mean binary accuracy on the Table 11 tasks (``probes/backbone_probe.py``).
     """
     return _create(CifarCNN, "rpg_cifar_cnn", pretrained, dict(widths=(64, 128, 256), depth=2), kwargs)
 

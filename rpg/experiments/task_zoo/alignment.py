@@ -1,6 +1,6 @@
 """Diagnostics of a hidden-unit gauge (`rpg.experiments.task_zoo.canonical`): does it make the zoo's heads of similar
 tasks close, and the zoo linear in the task, again? Scored on seen validation tasks only
-(`benchmarks/canonical_alignment.py`)."""
+(`probes/canonical_alignment.py`)."""
 
 from __future__ import annotations
 

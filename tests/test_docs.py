@@ -1,0 +1,116 @@
+"""The pages (README.md, docs/*.md) agree with the reference results they are rendered from, and their links resolve.
+
+`rpg docs render` writes every measured number of a page from docs/reference/ (rpg/cli/docs.py); a number edited by
+hand in a page, or a reference CSV edited without re-rendering, makes `rpg docs check` fail with a diff.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+from rpg.cli import docs
+from rpg.cli.main import main
+
+PAGES = docs.pages(REPO_ROOT)
+READMES = [REPO_ROOT / p for p in ("config/README.md", "benchmarks/README.md", "probes/README.md",
+                                   "docs/reference/README.md")]
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _copy_checkout(tmp_path: Path) -> Path:
+    """README.md, docs/ (pages and reference results) in a scratch root."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "docs", root / "docs")
+    shutil.copy2(REPO_ROOT / "README.md", root / "README.md")
+    return root
+
+
+def test_readme_and_docs_pages_exist_and_readme_is_short():
+    names = {p.relative_to(REPO_ROOT).as_posix() for p in PAGES}
+    assert {"README.md", "docs/results.md", "docs/unseen_study.md", "docs/table1.md", "docs/paper_profile.md",
+            "docs/benchmarks.md", "docs/what_happens_when.md"} <= names
+    assert len((REPO_ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
+def test_page_agrees_with_its_reference_csvs(page):
+    ref = docs.Reference(REPO_ROOT / docs.REFERENCE)
+    text = page.read_text()
+    rendered = docs.render_text(text, ref)
+    assert rendered == text, (f"{page.name} disagrees with docs/reference (run `rpg docs render`):\n"
+                              + "".join(docs.check(REPO_ROOT).get(page, "")))
+
+
+def test_every_page_renders_something():
+    """The README's headline and each docs page with measured numbers carry rendered blocks."""
+    for name in ("README.md", "docs/results.md", "docs/unseen_study.md", "docs/table1.md", "docs/benchmarks.md"):
+        assert docs.MARKER.search((REPO_ROOT / name).read_text()), name
+
+
+def test_check_fails_when_a_reference_csv_is_edited(tmp_path, capsys):
+    root = _copy_checkout(tmp_path)
+    assert main(["docs", "--root", str(root), "check"]) == 0
+    csv = root / "docs" / "reference" / "table16" / "table16.csv"
+    lines = csv.read_text().splitlines(True)
+    mean = next(i for i, line in enumerate(lines) if line.startswith("mean,"))
+    cells = lines[mean].split(",")
+    cells[4] = "99.99"  # rpg_best_acc of the mean row, shown in README's headline and docs/results.md
+    lines[mean] = ",".join(cells)
+    csv.write_text("".join(lines))
+    capsys.readouterr()
+    assert main(["docs", "--root", str(root), "check"]) == 1
+    diff = capsys.readouterr().out
+    assert "99.99" in diff and "README.md" in diff and "docs/results.md" in diff
+    # `render` brings the pages back in line, and check passes again.
+    assert main(["docs", "--root", str(root), "render"]) == 0
+    assert main(["docs", "--root", str(root), "check"]) == 0
+
+
+def test_check_fails_when_a_number_is_typed_into_a_page(tmp_path):
+    root = _copy_checkout(tmp_path)
+    readme = root / "README.md"
+    text = readme.read_text()
+    marker = "<!-- rendered: wins table16 -->"
+    start = text.index(marker) + len(marker)
+    readme.write_text(text[:start] + "1 win, 4 ties, 15 losses" + text[text.index("<!-- /rendered -->", start):])
+    assert main(["docs", "--root", str(root), "check"]) == 1
+
+
+def test_update_copies_a_run_and_renders(tmp_path):
+    root = _copy_checkout(tmp_path)
+    results = tmp_path / "results"
+    (results / "benchmarks" / "rules" / "cifar10_binary").mkdir(parents=True)
+    shutil.copy2(root / "docs/reference/table13/table13.csv", results / "table13.csv")
+    (results / "table13.config.yaml").write_text("seed: 1\n")
+    (results / "benchmarks/rules/cifar10_binary/table13.tsv").write_text(
+        "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+        "12.5\t0:00:12\t100\t0\t0\t0\t0\t0\t50\t6.0\n")
+    main(["docs", "--root", str(root), "update", "table13", str(results)])
+    dest = root / "docs/reference/table13"
+    assert (dest / "config.yaml").read_text() == "seed: 1\n"
+    assert "table13" in (dest / "rule_times.csv").read_text()
+    assert main(["docs", "--root", str(root), "check"]) == 0
+
+
+def test_unknown_view_is_a_user_error(tmp_path, capsys):
+    root = _copy_checkout(tmp_path)
+    (root / "docs" / "bad.md").write_text("<!-- rendered: no_such_view -->\n<!-- /rendered -->\n")
+    assert main(["docs", "--root", str(root), "check"]) == 2
+    assert "no_such_view" in capsys.readouterr().err
+
+
+def test_relative_links_point_to_existing_files():
+    broken = []
+    for page in PAGES + READMES:
+        for match in LINK.finditer(page.read_text()):
+            target = (match.group(1) or match.group(2)).split("#")[0]
+            if not target or re.match(r"[a-z]+:", target):
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO_ROOT)} -> {target}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
