@@ -199,12 +199,13 @@ def test_generator_probe_compares_predictions_on_accuracy_and_spread(workflow_ru
     rows = pd.read_csv(out)
     assert rows.arm.tolist() == ["eps", "v", "v (EMA 0.5)"]
     v, ema = rows.iloc[1], rows.iloc[2]
-    assert v.loss_tail == ema.loss_tail and v.generated_l2_nearest != ema.generated_l2_nearest
+    assert v.loss_tail == ema.loss_tail and v.rpg_l2_novelty != ema.rpg_l2_novelty
     points = flatten([load_safetensors(f)[0] for f in sorted(collection.glob("[0-9][0-9].safetensors"))])
     spread = float(mean_distance(points, points, exclude_self=True).mean())
     nn = float(nearest_distance(points, points, exclude_self=True).mean())
-    assert (rows.collection_l2_spread - spread).abs().max() < 1e-4 and (rows.collection_nn_l2 - nn).abs().max() < 1e-4
-    assert (rows.generated_l2_spread > 0).all() and (rows.generated_l2_nearest > 0).all()
+    assert (rows.collection_l2_spread - spread).abs().max() < 1e-4
+    assert (rows.collection_l2_novelty - nn).abs().max() < 1e-4
+    assert (rows.rpg_l2_spread > 0).all() and (rows.rpg_l2_novelty > 0).all()
     assert rows.val_accuracy_mean.between(0, 1).all()
 
 
