@@ -79,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             points = flatten(sds)
             spread = float(mean_distance(points, points, exclude_self=True).mean())
             rows.append({"architecture": name, "variant": variant_id, "sample_steps": steps, "eta": sampling.eta,
-                         "generated_best": acc.max(), "generated_avg": acc.mean(), "generated_min": acc.min(),
-                         "generated_l2_spread": spread, "original_l2_spread": original_spread,
-                         "original_best": originals.max(), "original_avg": originals.mean(),
-                         "gap_avg": originals.mean() - acc.mean(), "seconds_per_model": seconds,
+                         "rpg_best_acc": acc.max(), "rpg_mean_acc": acc.mean(), "rpg_min_acc": acc.min(),
+                         "rpg_l2_spread": spread, "original_l2_spread": original_spread,
+                         "original_best_acc": originals.max(), "original_mean_acc": originals.mean(),
+                         "gap_mean": originals.mean() - acc.mean(), "seconds_per_model": seconds,
                          "table_sample_steps": str(spec.sample_steps)})
             print(f"{name:10s} DDIM-{steps:<4d} eta {sampling.eta:.1f}  generated best/avg/min {acc.max():.2f} / "
                   f"{acc.mean():.2f} / {acc.min():.2f}  spread {spread:.3f} (originals {original_spread:.3f})  "

@@ -6,9 +6,9 @@ trains the row's own generator (same collection, preset, tokenizer, diffusion) o
 overrides of the row's `train`, `rpg` (model) and `diffusion` settings, for `--steps` steps at a constant rate after
 warm-up (no decay hides a plateau), records the loss curve, then scores `--samples` generated models on the row's
 held-out *validation* images (never the test set) and measures how spread out they are: mean L2 between the
-samples (`generated_l2_spread`) beside the collection's own (`collection_l2_spread`), and each sample's L2 to the
-nearest checkpoint (`generated_l2_nearest`) beside the checkpoints' own nearest-neighbour distance
-(`collection_nn_l2`). Side by side in one run, one arm at a time. The loss is not comparable between arms that
+samples (`rpg_l2_spread`) beside the collection's own (`collection_l2_spread`), and each sample's L2 to the
+nearest checkpoint (`rpg_l2_novelty`) beside the checkpoints' own nearest-neighbour distance
+(`collection_l2_novelty`). Side by side in one run, one arm at a time. The loss is not comparable between arms that
 predict different things (`diffusion.prediction`); the validation accuracy and the distances are. An arm with
 `train.ema=<decay>` also reports the moving average of its weights (row "<label> (EMA <decay>)"), from the same run.
 
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     collection = flatten(state_dicts)
     collection_nn, collection_mean = nearest_and_mean_distance(collection, collection, exclude_self=True)
     collection_spread = {"collection_l2_spread": float(collection_mean.mean()),
-                         "collection_nn_l2": float(collection_nn.mean())}
+                         "collection_l2_novelty": float(collection_nn.mean())}
     rows, curves = [], []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for label, over in arms:
@@ -131,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sds = sample_models(model, tokenizer, diffusion_cfg, args.samples, seed=cfg.seed + 29)
                 accs = [float(score(sd)) for sd in sds]
                 points = flatten(sds)
-                distances = {"generated_l2_spread": float(mean_distance(points, points, exclude_self=True).mean()),
-                             "generated_l2_nearest": float(nearest_distance(points, collection).mean()),
+                distances = {"rpg_l2_spread": float(mean_distance(points, points, exclude_self=True).mean()),
+                             "rpg_l2_novelty": float(nearest_distance(points, collection).mean()),
                              **collection_spread}
             row = {"arm": name, "n_params": sum(v.numel() for v in state_dicts[0].values() if v.is_floating_point()),
                    "overrides": yaml.safe_dump(over, default_flow_style=True).strip(),

@@ -112,7 +112,8 @@ def test_gaussian_matches_the_collections_mean_and_std_per_parameter():
 
 def test_noise_sits_at_the_requested_distance_from_its_source():
     points = flatten(_collection(10)) * 10  # checkpoints far apart relative to the noise
-    noisy = noise_at_distance(points, 8, 0.25, torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    noisy = noise_at_distance(points[torch.randint(0, len(points), (8,), generator=gen)], 0.25, gen)
     assert torch.allclose(nearest_distance(noisy, points), torch.full((8,), 0.25), atol=1e-4)
 
 
@@ -137,24 +138,24 @@ def test_compare_with_collection_rows_and_novelty():
     labels = predict(sds[0])  # checkpoint 0 is "perfect": its wrong set is empty
     generated = [sds[3], sds[7], sds[3]]
     table, settings = compare_with_collection(sds, generated, predict, labels, seed=0)
-    assert table.kind.value_counts().to_dict() == {"original": 12, "generated": 3, **{k: 3 for k in BASELINES}}
-    gen = table[table.kind == "generated"]
-    assert (gen.l2_nearest == 0).all() and (gen.max_iou == 1).all()
+    assert table.kind.value_counts().to_dict() == {"original": 12, "rpg": 3, **{k: 3 for k in BASELINES}}
+    gen = table[table.kind == "rpg"]
+    assert (gen.l2_novelty == 0).all() and (gen.max_iou_original == 1).all()
     assert settings == {"noise_l2": 0.0, "average_of": 12}
-    assert torch.allclose(torch.tensor(table[table.kind == "noise"].l2_nearest.to_numpy()), torch.zeros(3))
+    assert torch.allclose(torch.tensor(table[table.kind == "noise"].l2_novelty.to_numpy()), torch.zeros(3))
     orig = table[table.kind == "original"]
     points = flatten(sds).double()
     own = (torch.cdist(points, points) + torch.diag(torch.full((12,), float("inf")))).min(1).values
-    assert torch.allclose(torch.tensor(orig.l2_nearest.to_numpy()).double(), own, rtol=1e-4)
+    assert torch.allclose(torch.tensor(orig.l2_novelty.to_numpy()).double(), own, rtol=1e-4)
     accuracy = [float((predict(sd) == labels).float().mean()) for sd in sds]
     assert orig.accuracy.tolist() == pytest.approx(accuracy) and orig.accuracy.iloc[0] == 1.0
     # perturbed copies: the noise baseline is matched to their mean novelty
     moved = [{k: v + 0.01 * torch.randn(v.shape) if v.is_floating_point() else v for k, v in sd.items()}
              for sd in generated]
     table, settings = compare_with_collection(sds, moved, predict, labels, seed=0)
-    novelty = table[table.kind == "generated"].l2_nearest.mean()
+    novelty = table[table.kind == "rpg"].l2_novelty.mean()
     assert novelty > 0 and settings["noise_l2"] == pytest.approx(novelty)
-    assert table[table.kind == "noise"].l2_nearest.to_numpy() == pytest.approx([novelty] * 3, rel=1e-3)
+    assert table[table.kind == "noise"].l2_novelty.to_numpy() == pytest.approx([novelty] * 3, rel=1e-3)
 
 
 def test_state_dict_predictor_equals_predict_on_the_loaded_model():
@@ -178,7 +179,7 @@ def test_samples_csv_and_table_row_carry_baselines_novelty_and_the_training_budg
     labels = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(3))  # nobody is perfect
     table, settings = compare_with_collection(sds, sds[:2], predict, labels, seed=1)
     table = ax._with_sources(table, files, tmp_path / "models")
-    orig, gen = table[table.kind == "original"], table[table.kind == "generated"]
+    orig, gen = table[table.kind == "original"], table[table.kind == "rpg"]
     assert orig.run.tolist() == [0, 0, 1, 1] and orig.accuracy.tolist() == pytest.approx([0.5, 0.51, 0.52, 0.53])
     assert gen.file.tolist() == [str(tmp_path / "models" / f"{i:02d}.safetensors") for i in range(2)]
     assert (table[table.kind.isin(BASELINES)].run == -1).all()
@@ -195,16 +196,18 @@ def test_samples_csv_and_table_row_carry_baselines_novelty_and_the_training_budg
     assert row["hit_max_steps"] is False and row["stopped_early"] is True
     for kind in BASELINES:
         acc = table[table.kind == kind].accuracy * 100
-        assert row[f"{kind}_avg"] == pytest.approx(acc.mean()) and row[f"{kind}_best"] == pytest.approx(acc.max())
-    assert row["generated_l2_nearest"] == 0 and row["generated_max_iou"] == 1
-    assert row["original_nn_l2"] == pytest.approx(orig.l2_nearest.mean()) and row["generated_novelty_ratio"] == 0
-    best_baseline = max(row[f"{k}_avg"] for k in BASELINES)
-    assert row["generated_minus_best_baseline"] == pytest.approx(row["generated_avg"] - best_baseline)
-    assert summary_columns(table)["original_max_iou"] == pytest.approx(orig.max_iou.mean())
+        assert row[f"{kind}_mean_acc"] == pytest.approx(acc.mean()) and row[f"{kind}_best_acc"] == pytest.approx(acc.max())
+    assert row["rpg_l2_novelty"] == 0 and row["rpg_max_iou_original"] == 1
+    assert row["original_l2_novelty"] == pytest.approx(orig.l2_novelty.mean()) and row["rpg_novelty_ratio"] == 0
+    best_baseline = max(row[f"{k}_mean_acc"] for k in BASELINES)
+    assert row["best_baseline_acc"] == best_baseline
+    assert row[f"{row['best_baseline']}_mean_acc"] == best_baseline
+    assert row["rpg_mean_minus_baseline_acc"] == pytest.approx(row["rpg_mean_acc"] - best_baseline)
+    assert summary_columns(table)["original_max_iou_original"] == pytest.approx(orig.max_iou_original.mean())
 
 
 def test_compare_with_a_scored_subset_fewer_baselines_and_a_variant_kind():
-    """Only the scored checkpoints are original rows (their l2_nearest against all the others, their max IoU
+    """Only the scored checkpoints are original rows (their l2_novelty against all the others, their max IoU
     against the other scored ones); baselines drawn n_baseline times; a variant kind is scored like the samples."""
     sds = _collection(10)
     predict = _Predictor()
@@ -212,24 +215,24 @@ def test_compare_with_a_scored_subset_fewer_baselines_and_a_variant_kind():
     scored = [4, 9]
     variant = [{k: v + 0.05 if k.endswith("running_mean") else v for k, v in sd.items()} for sd in sds[:3]]
     table, _ = compare_with_collection(sds, sds[:3], predict, labels, seed=0, scored=scored, n_baseline=2,
-                                       variants={"generated_bn_recomputed": variant})
+                                       variants={"rpg_bn_recomputed": variant})
     counts = table.kind.value_counts().to_dict()
-    assert counts == {"original": 2, "generated": 3, "generated_bn_recomputed": 3, **{k: 2 for k in BASELINES}}
+    assert counts == {"original": 2, "rpg": 3, "rpg_bn_recomputed": 3, **{k: 2 for k in BASELINES}}
     orig = table[table.kind == "original"]
     assert orig["index"].tolist() == scored
     points = flatten(sds).double()
     own = (torch.cdist(points, points) + torch.diag(torch.full((10,), float("inf")))).min(1).values[scored]
-    assert torch.allclose(torch.tensor(orig.l2_nearest.to_numpy()).double(), own, rtol=1e-4)
-    gen = table[table.kind == "generated"]
-    assert (gen.l2_nearest == 0).all()  # exact copies of collection members, scored or not
-    moved = table[table.kind == "generated_bn_recomputed"]
-    assert (moved.l2_nearest > 0).all()
+    assert torch.allclose(torch.tensor(orig.l2_novelty.to_numpy()).double(), own, rtol=1e-4)
+    gen = table[table.kind == "rpg"]
+    assert (gen.l2_novelty == 0).all()  # exact copies of collection members, scored or not
+    moved = table[table.kind == "rpg_bn_recomputed"]
+    assert (moved.l2_novelty > 0).all()
     known = torch.stack([predict(sds[i]) for i in scored]).to(torch.int16)  # as saved at collection
     again, _ = compare_with_collection(sds, sds[:3], predict, labels, seed=0, scored=scored, n_baseline=2,
-                                       variants={"generated_bn_recomputed": variant}, scored_preds=known)
+                                       variants={"rpg_bn_recomputed": variant}, scored_preds=known)
     assert again.equals(table)
     row = summary_columns(table)
-    assert "generated_bn_recomputed_avg" in row and "generated_bn_recomputed_l2_nearest" in row
+    assert "rpg_bn_recomputed_mean_acc" in row and "rpg_bn_recomputed_l2_novelty" in row
 
 
 def test_recomputed_batchnorm_statistics_are_the_data_average():
@@ -256,7 +259,7 @@ def test_recomputed_batchnorm_statistics_are_the_data_average():
 def _replicate(directory, variant: str, generated: list[float], best_step: int):
     """A variant's samples.csv and summary.json as generate_variant writes them (no novelty columns)."""
     directory.mkdir(parents=True)
-    rows = [("original", 0.6), ("original", 0.62)] + [("generated", a) for a in generated]
+    rows = [("original", 0.6), ("original", 0.62)] + [("rpg", a) for a in generated]
     table = pd.DataFrame(rows, columns=["kind", "accuracy"])
     table["architecture"], table["variant"] = "cnn_m", variant
     table.to_csv(directory / "samples.csv", index=False)
@@ -280,21 +283,21 @@ def test_ablation_rows_are_means_over_replicates_with_their_spread(tmp_path):
     table = ax.write_ablation(config_from_dict({}), "permutation", labels, csvs, out, replicates)
     assert table.setting.tolist() == ["with", "without"] and (table.n_seeds == 2).all()
     with_state = table.iloc[0]
-    assert with_state.generated_avg == pytest.approx((52 + 42) / 2)
-    assert with_state.generated_avg_std == pytest.approx(pd.Series([52.0, 42.0]).std(), abs=1e-4)  # rounded
+    assert with_state.rpg_mean_acc == pytest.approx((52 + 42) / 2)
+    assert with_state.rpg_mean_acc_std == pytest.approx(pd.Series([52.0, 42.0]).std(), abs=1e-4)  # rounded
     assert with_state.best_step == 600
     assert with_state.best_step_std == pytest.approx(pd.Series([400, 800]).std(), abs=1e-4)
     assert bool(with_state.hit_max_steps) and not bool(table.iloc[1].hit_max_steps)
     assert with_state.variant == "mamba-2d-perm-runs3-tok16 mamba-2d-perm-runs3-tok16-seed1"
     per_seed = pd.read_csv(replicates)
-    assert len(per_seed) == 4 and per_seed.generated_avg.tolist() == pytest.approx([52, 42, 11, 15])
-    assert pd.read_csv(out).generated_avg_std.tolist() == table.generated_avg_std.tolist()
+    assert len(per_seed) == 4 and per_seed.rpg_mean_acc.tolist() == pytest.approx([52, 42, 11, 15])
+    assert pd.read_csv(out).rpg_mean_acc_std.tolist() == table.rpg_mean_acc_std.tolist()
 
 
 def test_spread_measures_how_far_models_of_one_kind_are_from_one_another():
     """l2_spread: the mean L2 to the other models of the same kind (originals: the other checkpoints, also when only
     some are scored); identical samples have spread 0, and the summary relates the generated spread to the
-    collection's (`generated_spread_ratio`)."""
+    collection's (`rpg_spread_ratio`)."""
     sds = _collection(6)
     predict = _Predictor()
     labels = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(5))
@@ -303,14 +306,14 @@ def test_spread_measures_how_far_models_of_one_kind_are_from_one_another():
     others = pairwise.sum(1) / (len(sds) - 1)
     for scored in (None, [1, 4]):
         table, _ = compare_with_collection(sds, [sds[2], sds[2], sds[2]], predict, labels, seed=0, scored=scored)
-        orig, gen = table[table.kind == "original"], table[table.kind == "generated"]
+        orig, gen = table[table.kind == "original"], table[table.kind == "rpg"]
         expected = others if scored is None else others[scored]
         assert torch.allclose(torch.tensor(orig.l2_spread.to_numpy()).double(), expected, rtol=1e-4)
         assert (gen.l2_spread == 0).all()
         row = summary_columns(table)
-        assert row["generated_spread_ratio"] == 0 and row["original_l2_spread"] == pytest.approx(orig.l2_spread.mean())
+        assert row["rpg_spread_ratio"] == 0 and row["original_l2_spread"] == pytest.approx(orig.l2_spread.mean())
     table, _ = compare_with_collection(sds, [sds[0], sds[3]], predict, labels, seed=0)
-    gen = table[table.kind == "generated"]
+    gen = table[table.kind == "rpg"]
     assert gen.l2_spread.to_numpy() == pytest.approx([float(pairwise[0, 3])] * 2, rel=1e-4)
-    assert summary_columns(table)["generated_spread_ratio"] == pytest.approx(float(pairwise[0, 3] / others.mean()),
+    assert summary_columns(table)["rpg_spread_ratio"] == pytest.approx(float(pairwise[0, 3] / others.mean()),
                                                                             rel=1e-4)

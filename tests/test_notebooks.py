@@ -94,7 +94,7 @@ def test_add_noise_scales_with_tensor_std_and_skips_running_stats():
 
 
 def test_iou_at_accuracy_interpolates_and_clips():
-    curve = pd.DataFrame({"accuracy": [0.9, 0.8, 0.6], "max_iou": [1.0, 0.8, 0.4]})
+    curve = pd.DataFrame({"accuracy": [0.9, 0.8, 0.6], "max_iou_original": [1.0, 0.8, 0.4]})
     assert iou_at_accuracy(curve, 0.7) == pytest.approx(0.6)
     assert iou_at_accuracy(curve, 0.95) == pytest.approx(1.0)
 
@@ -115,14 +115,14 @@ def test_similarity_analysis_noise_zero_is_the_original(tiny_results):
     models = frames["models"]
     zero = models[(models.kind == "noise") & (models.magnitude == 0)]
     orig = models[models.kind == "original"]
-    assert (zero.max_iou == 1.0).all()
+    assert (zero.max_iou_original == 1.0).all()
     assert zero.groupby("task_id").accuracy.mean().to_dict() == pytest.approx(
         orig.groupby("task_id").accuracy.mean().to_dict())
-    assert (orig.max_iou <= 1.0).all() and len(models[models.kind == "rpg"]) == 4
+    assert (orig.max_iou_original <= 1.0).all() and len(models[models.kind == "rpg"]) == 4
     assert list(frames["curve"].magnitude) == [0.0, 1.0, 3.0]
     summary = frames["summary"]
     assert summary.task_id.tolist() == [*UNSEEN, "mean"]
-    assert {"rpg_mean_max_iou", "noise_max_iou_at_rpg_acc", "within_1pt", "rpg_less_similar"} <= set(summary)
+    assert {"rpg_max_iou_original", "noise_max_iou_at_rpg_acc", "within_1pt", "rpg_less_similar"} <= set(summary)
 
 
 def test_generated_files_parses_names_and_rejects_empty(tmp_path, tiny_results):

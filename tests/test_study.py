@@ -282,8 +282,8 @@ def _samples(offset: float) -> pd.DataFrame:
                 for k, a in enumerate(values):
                     rows.append({"group": group, "kind": kind, "task_id": t, "embedding": format(t, "010b"),
                                  "index": k, "accuracy": a + 0.01 * i, "balanced_accuracy": a - 0.1,
-                                 "l2_nearest_train": 1.0 if kind != "rpg" else 2.0, "max_iou_original": 0.5,
-                                 "mean_iou_same_kind": 0.4})
+                                 "l2_novelty": 1.0 if kind != "rpg" else 2.0, "max_iou_original": 0.5,
+                                 "pairwise_iou": 0.4})
     return pd.DataFrame(rows)
 
 
@@ -320,7 +320,7 @@ def test_gather_study_summarises_every_method(tmp_path):
     assert get("a", "rpg_best", "balanced_accuracy") == pytest.approx(70.0)  # no per-task offset
     assert get("a", "rpg_best", "l2_novelty") == 2.0 and get("a", "original", "l2_novelty") == 1.0
     best = 100 * (0.60 + 0.01 * (len(BASELINES) - 1) + 0.005)
-    assert get("a", "rpg_best", "rpg_minus_best_baseline") == pytest.approx(80.5 - best)
+    assert get("a", "rpg_best", "rpg_best_minus_baseline_acc") == pytest.approx(80.5 - best)
     assert set(out[out.group == "unseen"].best_baseline) == {BASELINES[-1]}
     assert get("a", "rpg_best", group="seen") == pytest.approx(80.5)
     assert get("a", "rpg_best", "val_score") == 50.0
@@ -437,5 +437,5 @@ def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, meth
     # originals of training tasks are their own nearest checkpoint in the canonical gauge too: the zoo's spread is
     # measured between *other* checkpoints, so it is > 0 and finite
     orig = samples[(samples.kind == "original") & (samples.group == "seen")]
-    assert (orig.l2_nearest_train > 0).all() and orig.l2_nearest_train.notna().all()
+    assert (orig.l2_novelty > 0).all() and orig.l2_novelty.notna().all()
     assert load_features(inputs["features"])["test_x"].shape[0] == 200

@@ -112,9 +112,10 @@ def test_table1_family(workflow_run):
     t1 = pd.read_csv(res / "table1.csv")
     assert t1.architecture.tolist() == list(arch.table1)
     assert (t1.n_samples == arch.samples).all() and (t1.n_original == arch.collect.n_checkpoints).all()
-    for col in ("original_best", "original_avg", "original_min", "generated_best", "generated_avg", "generated_min"):
+    for col in ("original_best_acc", "original_mean_acc", "original_min_acc", "rpg_best_acc", "rpg_mean_acc",
+                "rpg_min_acc"):
         assert t1[col].between(0, 100).all(), col
-    assert (t1.original_best >= t1.original_avg).all() and (t1.generated_avg >= t1.generated_min).all()
+    assert (t1.original_best_acc >= t1.original_mean_acc).all() and (t1.rpg_mean_acc >= t1.rpg_min_acc).all()
     assert (res / "table1.config.yaml").is_file()
     # whole models sample with the architectures.sample_steps candidate that scores best on validation images;
     # a row with its own settings (vit_nano: x0-prediction, one step count) uses them, the others the family's
@@ -166,7 +167,7 @@ def test_arch_sample_steps_benchmark_reproduces_table1(workflow_run, tmp_path):
     assert set(steps.sample_steps) == {1, *arch.sample_steps}
     same = steps.merge(t1.sample_steps.reset_index(), on=["architecture", "sample_steps"]).set_index("architecture")
     assert len(same) == len(t1)
-    for col in ("generated_best", "generated_avg", "original_avg", "generated_l2_spread", "original_l2_spread"):
+    for col in ("rpg_best_acc", "rpg_mean_acc", "original_mean_acc", "rpg_l2_spread", "original_l2_spread"):
         assert (same[col] - t1.loc[same.index, col]).abs().max() < 0.01, col
 
 
@@ -198,12 +199,13 @@ def test_generator_probe_compares_predictions_on_accuracy_and_spread(workflow_ru
     rows = pd.read_csv(out)
     assert rows.arm.tolist() == ["eps", "v", "v (EMA 0.5)"]
     v, ema = rows.iloc[1], rows.iloc[2]
-    assert v.loss_tail == ema.loss_tail and v.generated_l2_nearest != ema.generated_l2_nearest
+    assert v.loss_tail == ema.loss_tail and v.rpg_l2_novelty != ema.rpg_l2_novelty
     points = flatten([load_safetensors(f)[0] for f in sorted(collection.glob("[0-9][0-9].safetensors"))])
     spread = float(mean_distance(points, points, exclude_self=True).mean())
     nn = float(nearest_distance(points, points, exclude_self=True).mean())
-    assert (rows.collection_l2_spread - spread).abs().max() < 1e-4 and (rows.collection_nn_l2 - nn).abs().max() < 1e-4
-    assert (rows.generated_l2_spread > 0).all() and (rows.generated_l2_nearest > 0).all()
+    assert (rows.collection_l2_spread - spread).abs().max() < 1e-4
+    assert (rows.collection_l2_novelty - nn).abs().max() < 1e-4
+    assert (rows.rpg_l2_spread > 0).all() and (rows.rpg_l2_novelty > 0).all()
     assert rows.val_accuracy_mean.between(0, 1).all()
 
 

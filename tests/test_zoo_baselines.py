@@ -204,7 +204,7 @@ def test_original_best_and_novelty_columns(run):
 
 def test_samples_csv_has_every_baseline_and_novelty(run):
     s = run["samples"]
-    assert {"l2_nearest_train", "max_iou_original", "mean_iou_same_kind"} <= set(s.columns)
+    assert {"l2_novelty", "max_iou_original", "pairwise_iou"} <= set(s.columns)
     train = set(read_split(run["split"]).train)
     for group in ("unseen", "seen", "flip"):
         part = s[s.group == group]
@@ -213,13 +213,13 @@ def test_samples_csv_has_every_baseline_and_novelty(run):
         assert set(part[part.kind == "complement"].task_id) == with_complement, group
     assert len(s[s.kind == "complement"]) > 0
     rpg = s[s.kind == "rpg"]
-    assert rpg.l2_nearest_train.notna().all() and rpg.max_iou_original.notna().all()
+    assert rpg.l2_novelty.notna().all() and rpg.max_iou_original.notna().all()
     # the noise baseline sits at the novelty of RPG's samples (its source is a training checkpoint); in the sort
     # gauge a noisy head is re-sorted before it is measured, which can put it a little farther than its noise
     slack = 1e-4 if run["cfg"].train.canonicalise == "none" else 0.1
     for group, part in s.groupby("group"):
-        noise = part[part.kind == "noise"].l2_nearest_train
-        assert (noise <= part[part.kind == "rpg"].l2_nearest_train.mean() * (1 + slack)).all(), group
+        noise = part[part.kind == "noise"].l2_novelty
+        assert (noise <= part[part.kind == "rpg"].l2_novelty.mean() * (1 + slack)).all(), group
     t12 = write_tables(run["cfg"], run["out"] / "samples.csv", {})["table12"]
     assert t12.model.tolist()[:2] == ["original", "rpg"] and set(BASELINES) - {"complement"} <= set(t12.model)
 
@@ -236,7 +236,7 @@ def test_baselines_ignore_unseen_checkpoint_files(run):
     generate_and_evaluate(r["cfg"], r["tmp"] / "rpg" / "best.safetensors", r["split"], r["features_path"], r["zoo"],
                           out, r["backbone"])
     again = pd.read_csv(out / "samples.csv", dtype={"embedding": str})
-    cols = ["group", "kind", "task_id", "index", "accuracy", "balanced_accuracy", "l2_nearest_train"]
+    cols = ["group", "kind", "task_id", "index", "accuracy", "balanced_accuracy", "l2_novelty"]
     before, after = (f[f.kind.isin([*BASELINES, "rpg"])][cols].reset_index(drop=True) for f in (r["samples"], again))
     pd.testing.assert_frame_equal(before, after)
 

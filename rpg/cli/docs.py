@@ -33,6 +33,8 @@ from typing import Callable
 
 import pandas as pd
 
+from rpg.evaluation import best_baseline
+
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = Path("docs") / "reference"
 PAGES = ("README.md", "docs/*.md")
@@ -40,19 +42,6 @@ PAGES = ("README.md", "docs/*.md")
 MARKER = re.compile(r"(?<!`)<!-- rendered: (?P<spec>.+?) -->(?P<body>.*?)(?<!`)<!-- /rendered -->", re.S)
 MINUS = "\u2212"
 
-# Table 1 and the ablations name their columns in the arch study's words. The logical names on the left are the
-# task zoo's vocabulary; when `table1.csv` is written in it, make every value equal to its key.
-TABLE1_COLUMNS = {
-    "original_best_acc": "original_best", "original_mean_acc": "original_avg", "original_min_acc": "original_min",
-    "rpg_best_acc": "generated_best", "rpg_mean_acc": "generated_avg", "rpg_min_acc": "generated_min",
-    "gap_best": "gap_best", "gap_mean": "gap_avg",
-    "rpg_l2_novelty": "generated_l2_nearest", "original_l2_novelty": "original_nn_l2",
-    "rpg_max_iou_original": "generated_max_iou", "original_max_iou_original": "original_max_iou",
-    "rpg_l2_spread": "generated_l2_spread", "rpg_spread_ratio": "generated_spread_ratio",
-    "rpg_minus_best_baseline_acc": "generated_minus_best_baseline",
-    "noise_mean_acc": "noise_avg", "average16_mean_acc": "average16_avg", "gaussian_mean_acc": "gaussian_avg",
-    "rpg_best_acc_std": "generated_best_std", "rpg_mean_acc_std": "generated_avg_std",
-}
 ARCH_BASELINES = ("noise", "average16", "gaussian")
 ARCH_BASELINE_NAMES = {"noise": "noise", "average16": "average of 16", "gaussian": "Gaussian"}
 ZOO_BASELINES = ("affine", "nearest", "complement", "noise", "mean", "compose")
@@ -90,11 +79,9 @@ class Reference:
 
 
 def col(row: pd.Series, name: str):
-    """A Table 1 / ablation column by its logical name (see TABLE1_COLUMNS); other names as they are."""
-    for key in (TABLE1_COLUMNS.get(name), name):
-        if key in row.index:
-            return row[key]
-    return float("nan")
+    """A column of the evaluation layer's vocabulary (`rpg.evaluation`); NaN where the table has none (e.g. the
+    std over seeds of an ablation run once)."""
+    return row[name] if name in row.index else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------- formatting
@@ -188,8 +175,7 @@ def _in(folder: str, table: str) -> str:
 
 
 def _arch_best_baseline(row: pd.Series) -> tuple[str, float]:
-    name = max(ARCH_BASELINES, key=lambda b: col(row, f"{b}_mean_acc"))
-    return name, col(row, f"{name}_mean_acc")
+    return best_baseline({b: col(row, f"{b}_mean_acc") for b in ARCH_BASELINES})
 
 
 ZOO_TABLES = (("table11", "Table 11 (10 unseen tasks)"), ("table16", "Table 16 (20 unseen tasks)"),
@@ -208,7 +194,7 @@ def v_headline(ref: Reference) -> str:
         name, base = _arch_best_baseline(r)
         rows.append([f"Table 1: `{r['architecture']}` ({num(r['params'], ',d')} parameters)",
                      num(col(r, "original_mean_acc")), num(col(r, "rpg_best_acc")), num(col(r, "rpg_mean_acc")),
-                     f"{num(base)} ({ARCH_BASELINE_NAMES[name]})", num(col(r, "rpg_minus_best_baseline_acc"), "+.2f")])
+                     f"{num(base)} ({ARCH_BASELINE_NAMES[name]})", num(col(r, "rpg_mean_minus_baseline_acc"), "+.2f")])
     return md_table(["rows (test accuracy %)", "originals (mean)", "RPG best-of-10", "RPG mean",
                      "best baseline", "RPG − best baseline"], rows)
 
@@ -318,7 +304,7 @@ def v_table1(ref: Reference, folder: str = "table1") -> str:
                      f"{num(col(r, 'gap_best'))} / {num(col(r, 'gap_mean'))}",
                      f"{num(r['sample_steps'], 'd')} ({r['sample_steps_val']})",
                      " / ".join(num(col(r, f"{b}_mean_acc")) for b in ARCH_BASELINES),
-                     num(col(r, "rpg_minus_best_baseline_acc"), "+.2f"),
+                     num(col(r, "rpg_mean_minus_baseline_acc"), "+.2f"),
                      f"{num(col(r, 'rpg_l2_novelty'))} / {num(col(r, 'original_l2_novelty'), '.3f')}",
                      num(col(r, "rpg_spread_ratio")),
                      f"{num(col(r, 'rpg_max_iou_original'))} / {num(col(r, 'original_max_iou_original'))}",
@@ -379,7 +365,7 @@ def v_unseen_study(ref: Reference, *regimes: str) -> str:
                      pair(o["accuracy"], o["balanced_accuracy"]), pair(best["accuracy"], best["balanced_accuracy"]),
                      num(mean["accuracy"])]
                     + [_study_cell(part, m, o["n_tasks"]) for m in STUDY_METHODS]
-                    + [f"{num(o['rpg_minus_best_baseline'], '+.2f')} (`{o['best_baseline']}`)",
+                    + [f"{num(o['rpg_best_minus_baseline_acc'], '+.2f')} (`{o['best_baseline']}`)",
                        f"{num(best['l2_novelty'])} ({num(o['l2_novelty'])})", num(best["max_iou_original"])])
     return md_table(["regime", "training tasks", "RPG steps", "seen-val RPG / originals", "originals (bal.)",
                      "RPG best of 5 (bal.)", "RPG mean"] + list(STUDY_METHODS)

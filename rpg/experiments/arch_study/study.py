@@ -30,7 +30,10 @@ import torch
 
 from rpg.vision.architectures import build_model, count_parameters
 from rpg.checkpoint import load_rpg
-from rpg.experiments.arch_study.baselines import StateDict, compare_with_collection, summary_columns
+from rpg.evaluation import (ACCURACY, GAP_BEST, GAP_MEAN, KIND, KIND_ORIGINAL, KIND_RPG, L2_NOVELTY, L2_SPREAD,
+                            MAX_IOU_ORIGINAL, STATS, acc_column)
+from rpg.experiments.arch_study.baselines import (RPG_BN_RECOMPUTED, StateDict, compare_with_collection,
+                                                  summary_columns)
 from rpg.experiments.arch_study.collect import collection_files, predictions_name, train_collection
 from rpg.vision.evaluate import ImageEvaluator, has_batchnorm, recompute_batchnorm_statistics
 from rpg.config import (ARCH_MODEL_FAMILY_KEYS, CollectConfig, Config, DiffusionConfig, ModelConfig, TrainConfig,
@@ -282,8 +285,8 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
                      out_dir: str | Path, study: str = "main") -> pd.DataFrame:
     """Sample `spec.samples` models, save them ready to load, and score them and the originals (test set).
 
-    Writes ``samples.csv`` (kind original / generated / a baseline of `baselines.BASELINES`, accuracy and the
-    novelty columns l2_nearest, max_iou: see rpg.experiments.arch_study.baselines) and
+    Writes ``samples.csv`` (kind original / rpg / a baseline of `baselines.BASELINES`, accuracy and the novelty
+    columns l2_novelty, max_iou_original, l2_spread: see rpg.experiments.arch_study.baselines) and
     ``models/{i:02d}.safetensors`` (weights plus the architecture metadata
     `rpg.vision.architectures.model_from_metadata` rebuilds them from). The baselines cost one test-set evaluation
     per collection checkpoint (for the mistake overlap) and 3 x `spec.baseline_samples` more.
@@ -310,7 +313,7 @@ def generate_variant(cfg: Config, name: str, variant_id: str, rpg_path: str | Pa
     variants = {}
     n_bn = spec.bn_recompute_images
     if n_bn > 0 and has_batchnorm(template):
-        variants["generated_bn_recomputed"] = bn_recomputed(template, sds, data, n_bn, seed=seed + 37)
+        variants[RPG_BN_RECOMPUTED] = bn_recomputed(template, sds, data, n_bn, seed=seed + 37)
     pred_files = [files[i].with_name(predictions_name(int(files[i].stem))) for i in scored]
     scored_preds = (torch.stack([load_safetensors(f)[0]["test"] for f in pred_files])
                     if all(f.is_file() for f in pred_files) else None)
@@ -398,14 +401,14 @@ def _with_sources(table: pd.DataFrame, files: Sequence[Path], models_dir: Path) 
     originals, in the order of their rows."""
     table = table.copy()
     table["run"], table["file"] = -1, ""
-    orig = (table.kind == "original").to_numpy()
+    orig = (table[KIND] == KIND_ORIGINAL).to_numpy()
     meta = [read_safetensors_metadata(f) for f in files]
     table.loc[orig, "run"] = [int(m["run"]) for m in meta]
     table.loc[orig, "file"] = [str(f) for f in files]
-    table.loc[orig, "accuracy"] = [float(m["test_accuracy"]) for m in meta]
-    gen = (table.kind == "generated").to_numpy()
+    table.loc[orig, ACCURACY] = [float(m["test_accuracy"]) for m in meta]
+    gen = (table[KIND] == KIND_RPG).to_numpy()
     table.loc[gen, "file"] = [str(models_dir / f"{i:02d}.safetensors") for i in table.loc[gen, "index"]]
-    return table[["kind", "index", "run", "file", "accuracy", "l2_nearest", "max_iou", "l2_spread"]]
+    return table[[KIND, "index", "run", "file", ACCURACY, L2_NOVELTY, MAX_IOU_ORIGINAL, L2_SPREAD]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,15 +426,15 @@ def summarise_variant(samples_csv: str | Path) -> dict[str, Any]:
     timing = read_json(Path(samples_csv).with_name("summary.json"))
     train = timing["training"]
     name, variant = samples["architecture"].iloc[0], samples["variant"].iloc[0]
-    orig = samples.loc[samples.kind == "original", "accuracy"] * 100
-    gen = samples.loc[samples.kind == "generated", "accuracy"] * 100
+    orig = samples.loc[samples[KIND] == KIND_ORIGINAL, ACCURACY] * 100
+    gen = samples.loc[samples[KIND] == KIND_RPG, ACCURACY] * 100
     return {
         "architecture": name, "variant": variant, "params": int(train["n_params_generated"]),
         "tokens": int(train["n_tokens"]), "token_size": int(train["token_size"]),
-        "original_best": orig.max(), "original_avg": orig.mean(), "original_min": orig.min(),
-        "generated_best": gen.max(), "generated_avg": gen.mean(), "generated_min": gen.min(),
+        **{acc_column(KIND_ORIGINAL, stat): value for stat, value in zip(STATS, (orig.max(), orig.mean(), orig.min()))},
+        **{acc_column(KIND_RPG, stat): value for stat, value in zip(STATS, (gen.max(), gen.mean(), gen.min()))},
         "n_original": len(orig), "n_samples": len(gen),
-        "gap_best": orig.max() - gen.max(), "gap_avg": orig.mean() - gen.mean(),
+        GAP_BEST: orig.max() - gen.max(), GAP_MEAN: orig.mean() - gen.mean(),
         "sampler": timing["sampler"], "sample_steps": int(timing["sample_steps"]),
         # the candidates' validation accuracy (%) when architectures.sample_steps is a list, e.g. "10:49.1 50:50.2"
         "sample_steps_val": " ".join(f"{k}:{v:.2f}" for k, v in timing.get("sample_steps_val_accuracy", {}).items()),
@@ -441,7 +444,7 @@ def summarise_variant(samples_csv: str | Path) -> dict[str, Any]:
         "train_seconds": float(train["seconds"]), "train_peak_rss_mb": float(train["peak_rss_mb"]),
         "generator_params": int(train["generator_params"]),
         "seconds_per_model": float(timing["seconds_per_model"]),
-        **(summary_columns(samples) if "l2_nearest" in samples.columns else {}),
+        **(summary_columns(samples) if L2_NOVELTY in samples.columns else {}),
     }
 
 
@@ -459,7 +462,7 @@ def write_table1(cfg: Config, samples_csvs: Sequence[str | Path], out_csv: str |
 
 
 # Columns of an ablation row given as the mean over the setting's replicates with their standard deviation beside.
-REPLICATE_STD_COLUMNS = ("generated_best", "generated_avg", "generated_min", "gap_best", "gap_avg", "best_step",
+REPLICATE_STD_COLUMNS = (*(acc_column(KIND_RPG, stat) for stat in STATS), GAP_BEST, GAP_MEAN, "best_step",
                          "train_seconds")
 
 

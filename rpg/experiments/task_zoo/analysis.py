@@ -16,10 +16,12 @@ import torch
 from safetensors import safe_open
 
 from rpg.config import Config, config_to_yaml
+from rpg.evaluation import MAX_IOU_ORIGINAL
 from rpg.experiments.task_zoo.pipeline import make_evaluator, read_split
 from rpg.experiments.task_zoo.tasks import TaskSplit, binary_labels
 from rpg.utils import load_safetensors, write_csv_atomic, write_text_atomic
 from rpg.vision.similarity import max_iou_to_reference, misclassified_iou  # noqa: F401 (re-exported)
+from rpg.weightspace import flatten
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, binary_metrics, checkpoint_path, load_task_checkpoints
 
 
@@ -51,7 +53,7 @@ def load_head_vectors(paths: Sequence[str | Path]) -> torch.Tensor:
     for path in paths:
         with safe_open(str(path), framework="pt") as f:
             keys = head_keys(f.keys())
-            rows.append(torch.cat([f.get_tensor(k).float().flatten() for k in keys]))
+            rows.append(flatten([{k: f.get_tensor(k) for k in keys}], keys)[0])
     return torch.stack(rows) if rows else torch.empty(0, 0)
 
 
@@ -181,7 +183,7 @@ def similarity_rows(preds: torch.Tensor, target: torch.Tensor, reference: torch.
     Shapes: preds (A, N), target (N,), reference (B, N) -> each (A,).
     """
     m = binary_metrics(preds, target[None].expand_as(preds))
-    return {**m, "max_iou": max_iou_to_reference(preds, reference, target, exclude_self=exclude_self)}
+    return {**m, MAX_IOU_ORIGINAL: max_iou_to_reference(preds, reference, target, exclude_self=exclude_self)}
 
 
 def similarity_analysis(evaluator: Any, zoo_dir: str | Path, task_ids: Sequence[int], generated_dir: str | Path,
@@ -222,25 +224,25 @@ def similarity_analysis(evaluator: Any, zoo_dir: str | Path, task_ids: Sequence[
         ):
             m = similarity_rows(pred, target, orig_pred, exclude_self=kind == "original")
             if kind == "original" and len(orig_sds) == 1:
-                m["max_iou"] = torch.full_like(m["max_iou"], float("nan"))  # no other original to compare with
+                m[MAX_IOU_ORIGINAL] = torch.full_like(m[MAX_IOU_ORIGINAL], float("nan"))  # no other original to compare with
             for i, (index, mag, rep) in enumerate(meta):
                 rows.append({"kind": kind, "task_id": t, "index": index, "magnitude": mag, "repeat": rep,
                              "accuracy": float(m["accuracy"][i]), "balanced_accuracy": float(m["balanced_accuracy"][i]),
-                             "max_iou": float(m["max_iou"][i])})
+                             MAX_IOU_ORIGINAL: float(m[MAX_IOU_ORIGINAL][i])})
     models = pd.DataFrame(rows)
     noise = models[models.kind == "noise"]
-    curve = noise.groupby("magnitude", as_index=False)[["accuracy", "balanced_accuracy", "max_iou"]].mean()
+    curve = noise.groupby("magnitude", as_index=False)[["accuracy", "balanced_accuracy", MAX_IOU_ORIGINAL]].mean()
     curve["n_models"] = noise.groupby("magnitude").size().values
     return {"models": models, "curve": curve, "summary": similarity_summary(models)}
 
 
 def iou_at_accuracy(curve: pd.DataFrame, accuracy: float) -> float:
-    """Max IoU of the noise curve (accuracy, max_iou points) at `accuracy`, linearly interpolated.
+    """Max IoU of the noise curve (accuracy, max_iou_original points) at `accuracy`, linearly interpolated.
 
     Outside the curve's accuracy range the nearest end is used.
     """
     c = curve.sort_values("accuracy")
-    return float(np.interp(accuracy, c.accuracy.to_numpy(), c.max_iou.to_numpy()))
+    return float(np.interp(accuracy, c.accuracy.to_numpy(), c[MAX_IOU_ORIGINAL].to_numpy()))
 
 
 def similarity_summary(models: pd.DataFrame) -> pd.DataFrame:
@@ -249,19 +251,19 @@ def similarity_summary(models: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for t, part in models.groupby("task_id"):
         orig, rpg_ = part[part.kind == "original"], part[part.kind == "rpg"]
-        curve = part[part.kind == "noise"].groupby("magnitude")[["accuracy", "max_iou"]].mean()
+        curve = part[part.kind == "noise"].groupby("magnitude")[["accuracy", MAX_IOU_ORIGINAL]].mean()
         noise_iou = iou_at_accuracy(curve, float(rpg_.accuracy.mean()))
         rows.append({
             "task_id": t,
-            "original_acc": 100 * float(orig.accuracy.mean()), "original_max_iou": float(orig.max_iou.mean()),
+            "original_acc": 100 * float(orig.accuracy.mean()), "original_max_iou_original": float(orig[MAX_IOU_ORIGINAL].mean()),
             "rpg_mean_acc": 100 * float(rpg_.accuracy.mean()), "rpg_best_acc": 100 * float(rpg_.accuracy.max()),
-            "rpg_mean_max_iou": float(rpg_.max_iou.mean()),
+            "rpg_max_iou_original": float(rpg_[MAX_IOU_ORIGINAL].mean()),
             "noise_max_iou_at_rpg_acc": noise_iou,
         })
     frame = pd.DataFrame(rows)
-    frame["rpg_gap_mean"] = frame.original_acc - frame.rpg_mean_acc
-    frame["within_1pt"] = frame.rpg_gap_mean <= 1.0
-    frame["rpg_less_similar"] = frame.rpg_mean_max_iou < frame.noise_max_iou_at_rpg_acc
+    frame["gap_mean"] = frame.original_acc - frame.rpg_mean_acc
+    frame["within_1pt"] = frame.gap_mean <= 1.0
+    frame["rpg_less_similar"] = frame.rpg_max_iou_original < frame.noise_max_iou_at_rpg_acc
     mean = frame.drop(columns=["task_id"]).mean(numeric_only=False)
     summary = {"task_id": "mean", **{k: float(v) for k, v in mean.items()}}
     return pd.concat([frame, pd.DataFrame([summary])], ignore_index=True)

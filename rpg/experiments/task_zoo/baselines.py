@@ -23,8 +23,12 @@ training tasks only (the class-set bits as above; a head is only meaningful on t
 with one domain each is exactly the definition above; `compose` applies the clean 10-class head to each task's
 domain features (the classifier a fixed backbone offers: it has never seen a shifted domain).
 
-Novelty: L2 distance of a head to the nearest training checkpoint (for a checkpoint of the training split itself,
-the nearest *other* one: the zoo's own spread).
+Novelty (`rpg.evaluation.l2_novelty`): L2 distance of a head to the nearest training checkpoint (for a checkpoint of
+the training split itself, the nearest *other* one: the zoo's own spread).
+
+Every baseline is registered in `rpg.evaluation` under family `task` (FAMILY): a head baseline is called as
+`fn(zoo, targets, noise_l2, seed)` -> (n, P) flat heads; `compose` as `fn(classifier, features, task_ids)` ->
+(T, N) predictions.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from rpg.evaluation import create_baseline, l2_novelty, list_baselines, register_baseline
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, load_task_checkpoints
 from rpg.experiments.task_zoo.tasks import (N_BITS, TaskSplit, domain_task_id, embedding_bits, rows_by_domain,
                                             split_task_id, task_domains)
 from rpg.utils import load_safetensors
+from rpg.weightspace import flatten, noise_at_distance, unflatten
 
-HEAD_BASELINES = ("affine", "nearest", "complement", "mean", "noise")
-BASELINES = (*HEAD_BASELINES, "compose")
+FAMILY = "task"  # this experiment's baselines in the `rpg.evaluation` registry
 # Seed offset (added to cfg.seed) of the noise baseline's draws; a module constant, not a config key.
 NOISE_SEED_OFFSET = 29
 ALL_BITS = 2**N_BITS - 1
@@ -55,14 +60,14 @@ SELF_TOLERANCE = 1e-6  # relative L2 distance under which a checkpoint is the he
 
 
 def flatten_heads(state_dicts: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Shapes: n head state dicts -> (n, P) float32, parameters in `HEAD_KEYS` order."""
-    return torch.stack([torch.cat([sd[k].float().flatten() for k in HEAD_KEYS]) for sd in state_dicts])
+    """Shapes: n head state dicts -> (n, P) float32, parameters in `HEAD_KEYS` order (`rpg.weightspace.flatten`)."""
+    return flatten(state_dicts, HEAD_KEYS)
 
 
 def unflatten_heads(flat: torch.Tensor, shapes: dict[str, torch.Size]) -> list[dict[str, torch.Tensor]]:
     """Inverse of `flatten_heads`. Shapes: (n, P) -> n state dicts with `shapes`."""
-    sizes = [shapes[k].numel() for k in HEAD_KEYS]
-    return [{k: part.reshape(shapes[k]).clone() for k, part in zip(HEAD_KEYS, row.split(sizes))} for row in flat]
+    template = {k: torch.empty(shapes[k], dtype=flat.dtype) for k in HEAD_KEYS}
+    return [unflatten(row, template) for row in flat]
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,16 @@ def noise_heads(zoo: TrainingZoo, targets: Sequence[int], l2: float, seed: int) 
     """
     nearest = hamming(targets, zoo.task_ids).argmin(1)  # first minimum = lowest id (task_ids are sorted)
     source = zoo.checkpoints.view(len(zoo.task_ids), zoo.n_checkpoints, -1)[nearest, -1]
-    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(seed))
-    return source + l2 * noise / noise.norm(dim=1, keepdim=True)
+    return noise_at_distance(source, l2, torch.Generator().manual_seed(seed))
+
+
+# The registered head baselines, in the order they are built: fn(zoo, targets, noise_l2, seed) -> (n, P).
+register_baseline(FAMILY, "affine")(lambda zoo, targets, noise_l2, seed: affine_heads(zoo, targets))
+register_baseline(FAMILY, "nearest")(lambda zoo, targets, noise_l2, seed: nearest_heads(zoo, targets))
+register_baseline(FAMILY, "complement")(lambda zoo, targets, noise_l2, seed: complement_heads(zoo, targets))
+register_baseline(FAMILY, "mean")(lambda zoo, targets, noise_l2, seed: mean_heads(zoo, targets))
+register_baseline(FAMILY, "noise")(noise_heads)
+HEAD_BASELINES = tuple(list_baselines(FAMILY))
 
 
 def baseline_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int) -> dict[str, torch.Tensor]:
@@ -192,12 +205,7 @@ def baseline_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, se
 
 def _single_domain_baselines(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int
                              ) -> dict[str, torch.Tensor]:
-    makers: dict[str, Callable[[], torch.Tensor]] = {
-        "affine": lambda: affine_heads(zoo, targets), "nearest": lambda: nearest_heads(zoo, targets),
-        "complement": lambda: complement_heads(zoo, targets), "mean": lambda: mean_heads(zoo, targets),
-        "noise": lambda: noise_heads(zoo, targets, noise_l2, seed),
-    }
-    return {name: makers[name]() for name in HEAD_BASELINES}
+    return {name: create_baseline(name, FAMILY, zoo, targets, noise_l2, seed) for name in HEAD_BASELINES}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,6 +223,7 @@ def load_backbone_classifier(backbone_path: str | Path) -> dict[str, torch.Tenso
     return {"weight": weight.float(), "bias": bias.float()}
 
 
+@register_baseline(FAMILY, "compose")
 @torch.no_grad()
 def compose_predictions(classifier: dict[str, torch.Tensor], features: torch.Tensor,
                         task_ids: Sequence[int]) -> torch.Tensor:
@@ -232,18 +241,17 @@ def compose_predictions(classifier: dict[str, torch.Tensor], features: torch.Ten
     return (p_pos > 0.5).long()
 
 
+BASELINES = tuple(list_baselines(FAMILY))  # the head baselines, then compose
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Novelty
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def l2_to_nearest(heads: torch.Tensor, zoo: TrainingZoo, exclude_self: bool = False) -> torch.Tensor:
-    """L2 distance of each head to the nearest training checkpoint. With exclude_self (the heads are themselves
-    originals), an identical checkpoint (the head itself: zero up to the rounding of the float64 matrix-product
-    distance) is skipped. Shapes: (n, P) -> (n,)."""
-    if not len(heads):
-        return torch.empty(0)
-    dist = torch.cdist(heads.double(), zoo.checkpoints64)
-    if exclude_self:
-        dist = dist.masked_fill(dist <= SELF_TOLERANCE * heads.double().norm(dim=1, keepdim=True), float("inf"))
-    return dist.min(1).values.float()
+    """`rpg.evaluation.l2_novelty` of heads against the training zoo, in float64. With exclude_self (the heads are
+    themselves originals), an identical checkpoint (the head itself, wherever it sits in the zoo) is skipped.
+    Shapes: (n, P) -> (n,) float32."""
+    return l2_novelty(heads.double(), zoo.checkpoints64, self_tolerance=SELF_TOLERANCE if exclude_self else 0.0
+                      ).float()

@@ -17,6 +17,7 @@ import torch
 
 from rpg.checkpoint import load_rpg
 from rpg.config import Config
+from rpg.evaluation import L2_NOVELTY, MAX_IOU_ORIGINAL, PAIRWISE_IOU
 from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
@@ -27,6 +28,7 @@ from rpg.tracking import Tracker, start_tracking
 from rpg.train import process_rank, train_rpg
 from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetensors_atomic, write_csv_atomic,
                        write_json_atomic)
+from rpg.weightspace import flatten
 from rpg.experiments.task_zoo.canonical import Gauge
 from rpg.experiments.task_zoo.baselines import (NOISE_SEED_OFFSET, TrainingZoo, baseline_heads, compose_predictions,
                                                 flatten_heads, l2_to_nearest, load_backbone_classifier,
@@ -164,7 +166,7 @@ def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], ev
         start = time.time()
         sds = generate_models(model, tokenizer, cfg, val_ids, n, seed=cfg.seed + 17)
         acc = evaluate(evaluator, sds, [t for t in val_ids for _ in range(n)])["accuracy"].view(len(val_ids), n)
-        norm = torch.stack([torch.cat([v.float().flatten() for v in sd.values()]).norm() for sd in sds])
+        norm = flatten(sds, list(sds[0])).norm(dim=1)
         return {"score": float(acc.mean()), "gap_mean": float((original_val_acc - acc.mean(1)).mean()),
                 "gap_best": float((original_val_acc - acc.max(1).values).mean()),
                 "generated_param_norm": float(norm.mean()), "seconds": time.time() - start}
@@ -251,8 +253,9 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     and evaluate them beside their originals and the baselines of `rpg.experiments.task_zoo.baselines`.
 
     Writes `samples.csv` (one row per generated, original or baseline model: group, kind, task, accuracy, balanced
-    accuracy, per-class accuracies, and novelty: L2 to the nearest training checkpoint, max wrong-prediction IoU
-    against the task's originals, mean IoU against the task's other models of the same kind), `timing.json`, and
+    accuracy, per-class accuracies, and the novelty columns of `rpg.evaluation`: l2_novelty (L2 to the nearest
+    training checkpoint), max_iou_original (max wrong-prediction IoU against the task's originals), pairwise_iou
+    (mean IoU against the task's other models of the same kind)), `timing.json`, and
     the generated state dicts as safetensors under `models/`. Head baselines and L2 novelty exist for the head zoo
     (batched_heads mode) only; `compose` needs the backbone's 10-class classifier (`backbone_path`).
     """
@@ -330,20 +333,20 @@ def _score_flat(evaluator, kind: str, flat: torch.Tensor, task_ids: Sequence[int
 def _similarity(scored: ScoredModels, originals: ScoredModels, classes: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per model: max wrong-prediction IoU against its task's originals (originals: against the *other* ones) and
     mean IoU against the task's other models of the same kind (NaN for a single model). Shapes: -> (M,) each."""
-    out = {"max_iou_original": torch.full((len(scored.task_ids),), float("nan")),
-           "mean_iou_same_kind": torch.full((len(scored.task_ids),), float("nan"))}
+    out = {MAX_IOU_ORIGINAL: torch.full((len(scored.task_ids),), float("nan")),
+           PAIRWISE_IOU: torch.full((len(scored.task_ids),), float("nan"))}
     ids, orig_ids = torch.tensor(scored.task_ids), torch.tensor(originals.task_ids)
     for t in sorted(set(scored.task_ids)):
         rows, ref = ids == t, orig_ids == t
         target = binary_labels(classes, [t])[0]
         own = scored.kind == "original"
         if not own or int(ref.sum()) > 1:
-            out["max_iou_original"][rows] = max_iou_to_reference(scored.preds[rows], originals.preds[ref], target,
+            out[MAX_IOU_ORIGINAL][rows] = max_iou_to_reference(scored.preds[rows], originals.preds[ref], target,
                                                                  exclude_self=own)
         m = int(rows.sum())
         if m > 1:
             iou = misclassified_iou(scored.preds[rows], scored.preds[rows], target)
-            out["mean_iou_same_kind"][rows] = (iou.sum(1) - iou.diag()) / (m - 1)
+            out[PAIRWISE_IOU][rows] = (iou.sum(1) - iou.diag()) / (m - 1)
     return out
 
 
@@ -356,7 +359,7 @@ def _rows(evaluator, scored: ScoredModels, originals: ScoredModels, group: str) 
                "index": scored.index[i], "accuracy": float(m["accuracy"][i]),
                "balanced_accuracy": float(m["balanced_accuracy"][i])}
         row.update({f"class_{c}": float(m["per_class"][i, c]) for c in range(10)})
-        row.update({"l2_nearest_train": float(scored.l2_novelty[i]),
+        row.update({L2_NOVELTY: float(scored.l2_novelty[i]),
                     **{name: float(v[i]) for name, v in sim.items()}})
         rows.append(row)
     return rows

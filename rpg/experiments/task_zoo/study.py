@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from rpg.config import deep_update, read_config_file, validate_config
+from rpg.evaluation import NOVELTY, best_baseline, best_baseline_column, minus_baseline_column
 from rpg.experiments.rules import NEUTRAL_DEFAULTS
 from rpg.experiments.task_zoo.baselines import BASELINES
 from rpg.utils import write_csv_atomic
@@ -28,7 +29,6 @@ from rpg.utils import write_csv_atomic
 SHARED_KEYS = ("data", "backbone", "seed")  # what the regimes share with the workflow (its backbone and features)
 ZOO_KEYS = ("seed", "tasks.ids", "zoo", "domains")  # what a zoo depends on (the zoo rule's setting)
 METHODS = ("original", "original_best", "rpg_best", "rpg_mean", *BASELINES)
-NOVELTY = ("l2_novelty", "max_iou_original", "pairwise_iou")
 
 
 def _get(raw: Mapping, dotted: str):
@@ -203,8 +203,8 @@ def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mappi
     Returns:
         columns regime, group, method, n_tasks, accuracy, balanced_accuracy (percent, means over the group's tasks),
         minus_original(_bal) (points), the novelty means (RPG rows: its samples; original: the zoo's own spread),
-        rpg_minus_best_baseline (per regime and group: RPG best minus the best baseline's mean accuracy), and the
-        regime's settings.
+        best_baseline, best_baseline_acc and rpg_best_minus_baseline_acc (per regime and group: RPG best minus the
+        best baseline's mean accuracy, `rpg.evaluation.best_baseline`), and the regime's settings.
     """
     frames = []
     for name, paths in regimes.items():
@@ -230,12 +230,12 @@ def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mappi
             # Only baselines present on every task of the group: a mean over a subset (the complement swap exists
             # where the complement trains, e.g. 5 of 20 domain pairs) is not comparable with RPG's over all.
             base = part[part.method.isin(BASELINES) & (part.n_tasks == part.n_tasks.max())]
-            best = base.accuracy.max() if len(base) else float("nan")
+            name, best = best_baseline(dict(zip(base.method, base.accuracy)))
             rpg = part.loc[part.method == "rpg_best", "accuracy"]
-            frame.loc[frame.group == group, "rpg_minus_best_baseline"] = (
+            frame.loc[frame.group == group, best_baseline_column()] = best
+            frame.loc[frame.group == group, minus_baseline_column("best")] = (
                 float(rpg.iloc[0]) - best if len(rpg) else float("nan"))
-            frame.loc[frame.group == group, "best_baseline"] = (
-                base.loc[base.accuracy.idxmax(), "method"] if len(base) else "")
+            frame.loc[frame.group == group, "best_baseline"] = name
         frames.append(frame)
     return pd.concat(frames, ignore_index=True).round(3)
 

@@ -19,41 +19,39 @@ from typing import Sequence
 import pandas as pd
 
 from rpg.config import Config, config_to_yaml
+from rpg.evaluation import (BEST_BASELINE, GAP_BEST, GAP_MEAN, KIND, KIND_ORIGINAL, KIND_RPG, METRICS, NOVELTY,
+                            acc_column, best_baseline, best_baseline_column, minus_baseline_column, novelty_column)
 from rpg.experiments.task_zoo.baselines import BASELINES
 from rpg.experiments.task_zoo.tasks import CIFAR10_CLASSES, embedding_to_id, positive_classes
 from rpg.utils import write_csv_atomic, write_text_atomic
 
-METRICS = (("accuracy", "acc"), ("balanced_accuracy", "bal_acc"))
-# summary column suffix -> per-model column of samples.csv
-NOVELTY = {"l2_novelty": "l2_nearest_train", "max_iou_original": "max_iou_original",
-           "pairwise_iou": "mean_iou_same_kind"}
 
 
 def _task_rows(samples: pd.DataFrame, task_ids: Sequence[int]) -> pd.DataFrame:
     rows = []
     for t in task_ids:
-        orig = samples[(samples.task_id == t) & (samples.kind == "original")]
-        gen = samples[(samples.task_id == t) & (samples.kind == "rpg")]
+        orig = samples[(samples.task_id == t) & (samples[KIND] == KIND_ORIGINAL)]
+        gen = samples[(samples.task_id == t) & (samples[KIND] == KIND_RPG)]
         if orig.empty or gen.empty:
             raise ValueError(f"task {t} has no {'original' if orig.empty else 'generated'} models in samples.csv")
         emb = orig.embedding.iloc[0]
         row = {"embedding": emb, "task_id": t, "positive_classes": ", ".join(positive_classes(emb))}
         for metric, short in METRICS:
             g = 100 * gen[metric]
-            row[f"original_{short}"] = 100 * orig[metric].mean()
-            row[f"rpg_best_{short}"] = g.max()
-            row[f"rpg_mean_{short}"] = g.mean()
-            row[f"rpg_min_{short}"] = g.min()
-            row[f"rpg_std_{short}"] = g.std(ddof=0)
-        row["gap_best"] = row["original_acc"] - row["rpg_best_acc"]
-        row["gap_mean"] = row["original_acc"] - row["rpg_mean_acc"]
+            row[acc_column(KIND_ORIGINAL, None, short)] = 100 * orig[metric].mean()
+            row[acc_column(KIND_RPG, "best", short)] = g.max()
+            row[acc_column(KIND_RPG, "mean", short)] = g.mean()
+            row[acc_column(KIND_RPG, "min", short)] = g.min()
+            row[acc_column(KIND_RPG, "std", short)] = g.std(ddof=0)
+        row[GAP_BEST] = row[acc_column(KIND_ORIGINAL)] - row[acc_column(KIND_RPG, "best")]
+        row[GAP_MEAN] = row[acc_column(KIND_ORIGINAL)] - row[acc_column(KIND_RPG, "mean")]
         row["n_samples"] = len(gen)
         row.update(_baseline_columns(samples[samples.task_id == t], row))
         row.update(_novelty_columns(orig, gen))
         rows.append(row)
     frame = pd.DataFrame(rows)
-    mean = frame.drop(columns=["embedding", "task_id", "positive_classes", "best_baseline"]).mean()
-    summary = {"embedding": "mean", "task_id": "", "positive_classes": "", **mean.to_dict(), "best_baseline": ""}
+    mean = frame.drop(columns=["embedding", "task_id", "positive_classes", BEST_BASELINE]).mean()
+    summary = {"embedding": "mean", "task_id": "", "positive_classes": "", **mean.to_dict(), BEST_BASELINE: ""}
     summary["n_samples"] = int(frame.n_samples.min())
     return pd.concat([frame, pd.DataFrame([summary])], ignore_index=True).round(3)
 
@@ -62,26 +60,26 @@ def _baseline_columns(task_samples: pd.DataFrame, row: dict) -> dict:
     """`original_best_*`, each baseline's accuracy and balanced accuracy (NaN where it does not exist), the best
     baseline's score per metric, `rpg_best_minus_baseline_*` (RPG's best sample minus the best baseline, in points)
     and the name of the baseline best in plain accuracy."""
-    orig = task_samples[task_samples.kind == "original"]
-    cols = {f"original_best_{short}": 100 * orig[metric].max() for metric, short in METRICS}
+    orig = task_samples[task_samples[KIND] == KIND_ORIGINAL]
+    cols = {acc_column(KIND_ORIGINAL, "best", short): 100 * orig[metric].max() for metric, short in METRICS}
     for name in BASELINES:
-        part = task_samples[task_samples.kind == name]
-        cols.update({f"{name}_{short}": 100 * part[metric].mean() if len(part) else float("nan")
+        part = task_samples[task_samples[KIND] == name]
+        cols.update({acc_column(name, None, short): 100 * part[metric].mean() if len(part) else float("nan")
                      for metric, short in METRICS})
+    names = {}
     for _, short in METRICS:
-        scores = pd.Series({name: cols[f"{name}_{short}"] for name in BASELINES}, dtype=float)
-        cols[f"best_baseline_{short}"] = scores.max()  # NaN only if no baseline exists
-        cols[f"rpg_best_minus_baseline_{short}"] = row[f"rpg_best_{short}"] - scores.max()
-    accs = pd.Series({name: cols[f"{name}_acc"] for name in BASELINES}, dtype=float).dropna()
-    return {**cols, "best_baseline": accs.idxmax() if len(accs) else ""}
+        names[short], best = best_baseline({name: cols[acc_column(name, None, short)] for name in BASELINES})
+        cols[best_baseline_column(short)] = best  # NaN only if no baseline exists
+        cols[minus_baseline_column("best", short)] = row[acc_column(KIND_RPG, "best", short)] - best
+    return {**cols, BEST_BASELINE: names["acc"]}
 
 
 def _novelty_columns(orig: pd.DataFrame, gen: pd.DataFrame) -> dict:
     """Means over the task's RPG samples and, for reference, over its originals: L2 to the nearest training
     checkpoint (for originals: the zoo's own nearest-neighbour spread), max wrong-prediction IoU against the task's
     (other) originals, and mean pairwise IoU among the task's models of the same kind."""
-    return {f"{kind}_{name}": frame[column].mean() for kind, frame in (("rpg", gen), ("original", orig))
-            for name, column in NOVELTY.items()}
+    return {novelty_column(kind, name): frame[name].mean()
+            for kind, frame in ((KIND_RPG, gen), (KIND_ORIGINAL, orig)) for name in NOVELTY}
 
 
 def unseen_table(samples: pd.DataFrame, embeddings: Sequence[str] | None = None,
