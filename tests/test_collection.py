@@ -437,9 +437,10 @@ def test_help_for_every_command(capsys):
 
 
 def test_documented_byo_config_is_valid_and_unconditional(repo_root):
+    from rpg.cli.main import BYO_PRESET
     from rpg.config import load_config
 
-    cfg = load_config(repo_root / "config" / "byo_checkpoints.yaml")
+    cfg = load_config([BYO_PRESET, repo_root / "config" / "byo_checkpoints.yaml"])
     assert cfg.model.condition == "none" and cfg.model.permutation_state and cfg.train.eval_every <= cfg.train.steps
 
 

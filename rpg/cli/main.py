@@ -26,7 +26,7 @@ import torch
 from rpg import __version__
 from rpg.checkpoint import load_rpg
 from rpg.collection import format_report, inspect_collection, load_collection
-from rpg.config import ConfigError, config_from_dict, deep_update, load_config
+from rpg.config import ConfigError, load_config
 from rpg.data import CorruptDataError
 from rpg.generate import GENERATION_MODES, sample_models
 from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, domain_task_id, embedding_bits,
@@ -41,8 +41,8 @@ from rpg.experiments.task_zoo.heads import HEAD_KEYS, evaluate_heads, stack_stat
 # FileExistsError / NotADirectoryError: --out names a file; CorruptDataError: a truncated or malformed CIFAR-10 archive.
 USER_ERRORS = (TaskError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
                ValueError, CorruptDataError, RunConflictError, TrainingDivergedError)
-# `rpg train` without --config: the schema defaults, made unconditional with one permutation state per checkpoint.
-BYO_DEFAULTS = {"rpg": {"condition": "none", "permutation_state": True}}
+# `rpg train`'s preset, under its --config: unconditional, one permutation state per checkpoint (documented there).
+BYO_PRESET = Path(__file__).resolve().parents[1] / "byo_preset.yaml"
 COLLECTION_INFO = "collection.json"  # beside the generator: where its checkpoints came from, how to build them
 
 
@@ -271,9 +271,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace):
     overrides: dict[str, Any] = {"train": {"steps": args.steps}} if args.steps is not None else {}
-    if args.config:
-        return load_config(args.config, overrides=overrides)
-    return config_from_dict(deep_update(BYO_DEFAULTS, overrides))
+    return load_config([BYO_PRESET, *([args.config] if args.config else [])], overrides=overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -394,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoints", required=True, metavar="DIR", help="folder of checkpoints (see `rpg inspect`)")
     t.add_argument("--out", required=True, metavar="OUT_DIR", help="receives best.safetensors, last.*, train_log.csv")
     t.add_argument("--config", help="YAML with rpg / diffusion / train sections (e.g. config/byo_checkpoints.yaml); "
-                   "default: the schema defaults, unconditional, with permutation states")
+                   "applied over rpg/byo_preset.yaml (unconditional, with permutation states)")
     t.add_argument("--eval", metavar="MODULE:FUNCTION", help="validation score of a state dict, higher is better "
                    "(module:function or path/to/file.py:function); keeps the best generator. Without it the final "
                    "weights are kept")
