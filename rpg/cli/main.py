@@ -304,7 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train_on_collection(
             collection.state_dicts, out, model_cfg=cfg.model, diffusion_cfg=cfg.diffusion, train_cfg=cfg.train,
             seed=seed, device=resolve_device(args.device or cfg.device), score_fn=score_fn,
-            val_samples=cfg.train.val_samples, names=[p.name for p in collection.paths],
+            names=[p.name for p in collection.paths],
             progress=cfg.logging.progress, stop_after=args.stop_after, force=args.force)
     except KeyboardInterrupt:
         print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.safetensors'}",
