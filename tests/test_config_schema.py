@@ -200,3 +200,21 @@ def test_every_experiment_config_loads_on_the_default(overlay):
     default = C.SCHEMA_PATH.parents[1] / "config" / "config.yaml"
     cfg = C.load_config([default, overlay])
     assert cfg.results_dir != C.load_config(default).results_dir
+
+
+def test_mapping_default_is_merged_under_a_given_mapping():
+    """A profile that changes one entry of architectures.models keeps the others, as a later config file would."""
+    base = C.validate_config({})["architectures"]
+    full = C.validate_config({"architectures": {"models": {"cnn_1m": {"collect": {"epochs": 0}}}}})["architectures"]
+    assert set(full["models"]) == set(base["models"])
+    assert full["models"]["cnn_1m"] == C.deep_update(base["models"]["cnn_1m"], {"collect": {"epochs": 0}})
+
+
+def test_byo_preset_sits_under_the_user_config(tmp_path):
+    """rpg train: its preset (unconditional, permutation states) under --config, which overrides it."""
+    from rpg.cli.main import BYO_PRESET
+
+    user = tmp_path / "mine.yaml"
+    user.write_text("train: {steps: 7}\n")
+    cfg = C.load_config([BYO_PRESET, user])
+    assert cfg.model.condition == "none" and cfg.model.permutation_state and cfg.train.steps == 7

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import rpg.vision.cifar_cnn  # noqa: F401  (registers the rpg_* models with timm)
+from rpg.config import BackboneConfig
 from rpg.data import Cifar10
 from rpg.vision.evaluate import batched_outputs
 from rpg.vision.preprocess import Preprocess, resolve_amp
@@ -54,13 +55,13 @@ def train_backbone(
     lr: float,
     weight_decay: float,
     label_smoothing: float,
-    optimizer: str,
-    momentum: float,
-    warmup: float,
-    translate: int,
-    flip: bool,
-    amp: str,
     seed: int,
+    optimizer: str = BackboneConfig.optimizer,
+    momentum: float = BackboneConfig.momentum,
+    warmup: float = BackboneConfig.warmup,
+    translate: int = BackboneConfig.translate,
+    flip: bool = BackboneConfig.flip,
+    amp: str = BackboneConfig.amp,
     device: str = "cpu",
     progress: bool = True,
     train_indices: torch.Tensor | None = None,
@@ -82,7 +83,7 @@ def train_backbone(
         weight_decay: on weights only (not biases / norms).
         label_smoothing: of the cross-entropy.
         optimizer, momentum, warmup, translate, flip, amp: the recipe (config keys backbone.*, documented in the
-            schema): "sgd" (Nesterov) or "adamw"; SGD momentum; fraction of the steps with a linear ramp-up (then
+            schema, whose defaults they take): "sgd" (Nesterov) or "adamw"; SGD momentum; fraction of the steps with a linear ramp-up (then
             linear decay to 0); largest random shift in pixels (0 = off); random horizontal flips; bfloat16 autocast
             ("auto" | "bf16" | "none").
         seed: seeds the initialisation, shuffling and augmentation.
