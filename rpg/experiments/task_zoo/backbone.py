@@ -156,7 +156,8 @@ def _batched(model: nn.Module, fn: str, images: torch.Tensor, batch_size: int, d
 
 @torch.no_grad()
 def evaluate_backbone(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: str = "cpu",
-                      amp: str = "auto", flip_average: bool = True, channels_last: bool = True,
+                      amp: str = BackboneConfig.amp, flip_average: bool = BackboneConfig.flip_average,
+                      channels_last: bool = True,
                       batch_size: int = 1000) -> float:
     """10-class accuracy of ``model`` on uint8 ``images`` (N, 3, 32, 32) with ``labels`` (N,)."""
     logits = _batched(model, "forward", images, batch_size, device, amp, flip_average, channels_last)  # (N, 10)
@@ -180,8 +181,8 @@ def extract_features(
     images: torch.Tensor,
     batch_size: int = 1000,
     device: str = "cpu",
-    flip_average: bool = True,
-    amp: str = "auto",
+    flip_average: bool = BackboneConfig.flip_average,
+    amp: str = BackboneConfig.amp,
     channels_last: bool = True,
 ) -> torch.Tensor:
     """Frozen features of uint8 images, for training the zoo heads.
