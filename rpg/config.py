@@ -185,7 +185,8 @@ class ZooConfig:
 # null defaults mean "the preset's").
 # ----------------------------------------------------------------------------------------------------------------
 _STACK = dict(d_conv=4, expand=2, headdim=64, kernel_size=7, checkpoint_activations=False)  # every preset's
-_CPU_TINY = dict(_STACK, token_size=256, d_model=256, n_layers=2, d_state=32, denoiser_channels=(1, 16, 32, 64, 32, 16, 1))
+_CPU_TINY = dict(_STACK, token_size=256, d_model=256, n_layers=2, d_state=32,
+                 denoiser_channels=(1, 16, 32, 64, 32, 16, 1))
 RPG_MODELS: dict[str, dict] = {
     # CPU default: Tiny's token size and Mamba width, half-width denoiser (measured ~3x cheaper on 2 CPU cores).
     "cpu_tiny": _CPU_TINY,
@@ -196,7 +197,8 @@ RPG_MODELS: dict[str, dict] = {
     "base": dict(_STACK, token_size=8192, d_model=8192, n_layers=2, d_state=128,
                  denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
     # The paper's Large uses d_model 12288 then 16384; we keep one width per stack (16384).
-    "large": dict(_STACK, token_size=16384, d_model=16384, n_layers=2, d_state=128, denoiser_channels=(1, 64, 96, 64, 1)),
+    "large": dict(_STACK, token_size=16384, d_model=16384, n_layers=2, d_state=128,
+                  denoiser_channels=(1, 64, 96, 64, 1)),
     # custom: cpu_tiny's values, meant to be overridden key by key
     "custom": _CPU_TINY,
 }

@@ -26,7 +26,7 @@ import torch
 from rpg import __version__
 from rpg.checkpoint import load_rpg
 from rpg.collection import format_report, inspect_collection, load_collection
-from rpg.config import ConfigError, load_config
+from rpg.config import Config, ConfigError, DataConfig, GenerateConfig, ModelConfig, load_config
 from rpg.data import CorruptDataError
 from rpg.generate import GENERATION_MODES, sample_models
 from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, domain_task_id, embedding_bits,
@@ -342,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of all sampling noise (same seed, same models)")
     g.add_argument("--steps", type=int, default=None, help="sampler steps, at least 1 (None: the generator's config)")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="None: the generator's config")
-    g.add_argument("--mode", choices=GENERATION_MODES, default="partial",
+    g.add_argument("--mode", choices=GENERATION_MODES, default=GenerateConfig.mode,
                    help="tokens per denoiser call: sequential 1, partial --tokens-per-call, full all (memory vs speed)")
-    g.add_argument("--tokens-per-call", type=int, default=256, help="tokens per denoiser call in --mode partial")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    g.add_argument("--tokens-per-call", type=int, default=GenerateConfig.tokens_per_call,
+                   help="tokens per denoiser call in --mode partial")
+    g.add_argument("--device", default=Config.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     g.add_argument("--out", default="results/generated/cli",
                    help="output folder; whole models replace the model_NNN files an earlier rpg generate wrote there")
     g.add_argument("--evaluate", action="store_true",
@@ -365,10 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--features", default="results/features/cifar10_binary/features.safetensors",
                    help="features of the CIFAR-10 test images, for binary heads")
     e.add_argument("--embedding", help="task to score against (None: from the file's metadata)")
-    e.add_argument("--data", default="data", help="folder with cifar-10-python.tar.gz, for full models")
+    e.add_argument("--data", default=DataConfig.root, help="folder with cifar-10-python.tar.gz, for full models")
     e.add_argument("--eval", metavar="MODULE:FUNCTION", help="score the state dict with this function instead "
                    "(module:function or path/to/file.py:function)")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    e.add_argument("--device", default=Config.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("inspect", formatter_class=_HelpFormatter,
@@ -378,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exit status 0 if `rpg train` would accept the folder (with the same --skip-bad), "
                                    "1 if not.")
     i.add_argument("directory", help="folder of *.safetensors / *.pt / *.pth / *.bin state dicts of one architecture")
-    i.add_argument("--token-size", type=int, default=256, help="token length to count tokens for")
+    i.add_argument("--token-size", type=int, default=ModelConfig.token_size, help="token length to count tokens for")
     i.add_argument("--skip-bad", action="store_true", help="judge usability as `rpg train --skip-bad` would")
     i.add_argument("--pattern", help="only files whose name matches this glob, e.g. 'epoch_*.pt'")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
