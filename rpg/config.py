@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -23,355 +23,15 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sections
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    root: str = "data"
-    download: bool = False
-    val_images: int = 5000
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    source: str = "train"
-    arch: str = "rpg_cifar_cnn"
-    feature_dim: int = 128
-    img_size: int = 32
-    epochs: int = 8
-    batch_size: int = 512
-    lr: float = 0.4
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.2
-    flip_average: bool = True
-    pretrained_file: str | None = None
-
-
-@dataclass(frozen=True)
-class TasksConfig:
-    ids: str | tuple[int, ...] = "all"
-    # The paper's 20 held-out task ids, Table 11's 10 embeddings in its order, and Table 12's flip pair.
-    unseen: tuple[int, ...] = (314, 482, 589, 197, 462, 111, 101, 278, 793, 279, 653, 238, 1001, 141, 884, 592, 502,
-                               643, 383, 128)
-    table11: tuple[str, ...] = ("0100010111", "0111110110", "0011101110", "0101111111", "0010000000", "0001100101",
-                                "1111101001", "1010000011", "0100010110", "1100011001")
-    flip_pair: tuple[str, ...] = ("1011101000", "0100010111")
-    n_val: int = 20
-    n_seen_eval: int = 50
-    n_seen: int | None = None  # train on a seeded random subset of this many seen tasks (None = all)
-    holdout_neighbours: bool = False  # keep unseen tasks' Hamming-1 neighbours and complements out of training
-    shifted_domain_tasks: int | None = None  # train on at most this many tasks per shifted domain (None = all)
-
-
-@dataclass(frozen=True)
-class ZooConfig:
-    mode: str = "batched_heads"
-    steps: int = 300
-    batch_size: int = 500
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    n_checkpoints: int = 3
-    save_every: int = 10
-    task_chunk: int = 1022
-    epochs: int = 1
-    init: str = "shared"  # shared | per_task
-    # finetune mode only (the paper profile's recipe; defaults keep the plain one)
-    loss: str = "cross_entropy"  # cross_entropy | focal
-    focal_gamma: float = 2.0
-    augment: str = "translate_flip"  # translate_flip | flip_autoaugment
-    head_epochs: int = 0
-    head_lr: float = 0.01
-    min_lr: float | None = None
-    final_steps: int = 0
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Generator architecture. Resolved from a preset in `RPG_MODELS` plus explicit overrides."""
-
-    token_size: int = 256
-    recurrent: str = "mamba"  # mamba | lstm | transformer | none
-    d_model: int = 256
-    n_layers: int = 2
-    d_state: int = 32
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 64
-    denoiser_channels: tuple[int, ...] = (1, 16, 32, 64, 32, 16, 1)
-    kernel_size: int = 7
-    position: str = "2d"  # 2d | 1d | learnable
-    permutation_state: bool = False
-    condition: str = "task"  # none | task
-    condition_dim: int = 10
-    condition_hidden: int | None = None  # hidden width of the task MLP; None = d_model (the reference: 1024)
-    condition_tokens: str = "all"  # all | last_k: which token positions the task condition is added to
-    condition_k: int = 8  # last_k: the number of last positions (the reference: 8)
-    checkpoint_activations: bool = False  # recompute the recurrent blocks in the backward pass (memory for time)
-    checkpoint_tokens: int | None = None  # with checkpoint_activations: recompute segments of this many tokens
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sizes (paper Table 15; Mamba d_conv 4, expand 2; denoiser kernel 7) plus the CPU default.
-# ----------------------------------------------------------------------------------------------------------------
-RPG_MODELS: dict[str, dict] = {
-    # CPU default: Tiny's token size and Mamba width, half-width denoiser (measured ~3x cheaper on 2 CPU cores).
-    "cpu_tiny": dict(token_size=256, d_model=256, n_layers=2, d_state=32, denoiser_channels=(1, 16, 32, 64, 32, 16, 1)),
-    "tiny": dict(token_size=256, d_model=256, n_layers=2, d_state=32, denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
-    "small": dict(token_size=4096, d_model=4096, n_layers=2, d_state=128,
-                  denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
-    "base": dict(token_size=8192, d_model=8192, n_layers=2, d_state=128,
-                 denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
-    # The paper's Large uses d_model 12288 then 16384; we keep one width per stack (16384).
-    "large": dict(token_size=16384, d_model=16384, n_layers=2, d_state=128, denoiser_channels=(1, 64, 96, 64, 1)),
-    "custom": dict(),
-}
-
-
-# Paper Table 15: the generator version for a number of generated parameters (upper limits, exclusive).
-PAPER_SIZE_LIMITS: tuple[tuple[float, str], ...] = (
-    (50_000, "tiny"), (10_000_000, "small"), (50_000_000, "base"), (float("inf"), "large"))
-
-
-def paper_size(n_params: int) -> str:
-    """The paper's generator version (Table 15) for `n_params` generated parameters."""
-    return next(name for limit, name in PAPER_SIZE_LIMITS if n_params < limit)
-
-
-def resolve_model_config(section: Mapping) -> ModelConfig:
-    """Preset named by `section['size']`, overridden by every non-null key of the section."""
-    size = section.get("size", "cpu_tiny")
-    if size == "auto":
-        raise ValueError("RPG size 'auto' is resolved from a parameter count (architectures.rpg): name a preset here")
-    if size not in RPG_MODELS:
-        raise ValueError(f"unknown RPG size '{size}' (expected one of {', '.join(RPG_MODELS)})")
-    values = dict(RPG_MODELS[size])
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    for key, value in section.items():
-        if key in fields and value is not None:
-            values[key] = tuple(value) if isinstance(value, list) else value
-    return ModelConfig(**values)
-
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    sampler: str = "ddim"
-    sample_steps: int = 50
-    eta: float = 0.0
-    clip_x0: float | None = 4.0
-    prediction: str = "eps"  # eps | x0 | v: what the denoiser outputs (rpg.diffusion.GaussianDiffusion)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 3000
-    batch_size: int = 16
-    diffusion_batch: int = 256
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.0
-    warmup_steps: int = 100
-    weight_decay: float = 1e-5
-    grad_clip: float | None = 1.0
-    ema: float | None = None
-    bf16: bool = True
-    eval_every: int = 500
-    save_every: int = 500
-    val_samples: int = 3
-    canonicalise: str = "none"  # none | sort | match: hidden-unit order of the heads before tokenising
-    patience: int | None = None  # validations without a better score before stopping; None = run all `steps`
-    position_lr_scale: float = 1.0  # learnable positions: their rate is this times the schedule's
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    samples: int = 10
-    seen_samples: int = 3
-    mode: str = "partial"
-    tokens_per_call: int = 256
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    wandb: bool = True
-    wandb_mode: str = "offline"
-    project: str = "rpg"
-    entity: str | None = None
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class Table13Config:
-    """Fine-tuning curves on unseen tasks (scratch / pretrained + fresh head / RPG-generated init)."""
-
-    tasks: tuple[str, ...] = ("0100010111", "0111110110", "0011101110")
-    epochs: tuple[int, ...] = (0, 1, 2)
-    train_images: int | None = 5000
-    test_images: int | None = 5000
-    batch_size: int = 128
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    seed_offset: int = 13
-
-
-@dataclass(frozen=True)
-class AnalysisConfig:
-    """Inputs of the analysis notebooks (PCA of heads, similarity vs. accuracy)."""
-
-    noise_magnitudes: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
-    noise_repeats: int = 3
-    kernel: str = "rpg"
-
-
-@dataclass(frozen=True)
-class DomainsConfig:
-    """Tasks that are (class set, image domain) pairs (the study's `domains` regime, issue 13; see
-    `rpg.experiments.task_zoo.domains`). names = () is the 1022-task zoo of one domain (the plain images)."""
-
-    names: tuple[str, ...] = ()
-    class_sets: int = 256
-    train_images: int = 10000
-    val_images: int = 2000
-    test_images: int = 5000
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """The study of regimes (issue 13): which regime files, where, and the overrides every regime shares."""
-
-    regimes: tuple[str, ...] = ("shared_init", "shared_init_sort", "per_task_init", "per_task_init_sort",
-                                "per_task_init_match", "seen16", "seen64", "seen64_sort", "seen256", "seen64_per_task",
-                                "seen64_per_task_sort", "holdout_neighbours", "domains", "domains_1200", "domains_few",
-                                "domains_few_2400", "domains_few_cond1024", "domains_few_sort", "domains_few_d512x4")
-    regime_dir: str = "config/experiments/regimes"
-    common: str | None = "config/experiments/regimes/common.yaml"
-
-
-@dataclass(frozen=True)
-class CollectConfig:
-    """How an architecture is trained and its checkpoints collected (`architectures.collect`; the recipe of
-    `rpg.experiments.arch_study.collect.train_collection`)."""
-
-    epochs: int = 4
-    batch_size: int = 256
-    optimizer: str = "sgd"  # sgd (Nesterov) | adamw
-    lr: float = 0.1
-    weight_decay: float = 0.0005
-    label_smoothing: float = 0.0
-    warmup: float = 0.1  # fraction of the main phase with a linear ramp-up
-    collect_lr_ratio: float = 0.1  # constant LR of the collection phase, relative to lr
-    n_checkpoints: int = 50
-    save_every: int = 2  # optimisation steps between saved checkpoints
-    runs: int = 1  # independent training runs (seeds) in Table 1
-    translate: int = 2
-    flip: bool = True
-    amp: str = "none"  # none | bf16 | auto
-    init_from: str | None = None  # None: train from scratch | "backbone": continue from the backbone rule's weights
-    score_every: int = 1  # score every k-th checkpoint (counted back from the last) on the test set
-
-
-# Keys of `architectures` that one entry of `architectures.models` may set for itself (absent or null: the family's).
-ARCH_MODEL_FAMILY_KEYS = ("samples", "sample_steps", "threads", "val_images", "bn_recompute_images",
-                          "baseline_samples")
-
-
-@dataclass(frozen=True)
-class ArchModelConfig:
-    """One entry of `architectures.models`; `collect` / `rpg` / `train` / `diffusion` hold only the keys it
-    overrides (the schema checks them against the full sections), and the keys of ARCH_MODEL_FAMILY_KEYS, when
-    set, replace the family's for this architecture (a million-parameter row samples, scores and threads
-    differently from a 3K-parameter one)."""
-
-    arch: str
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    img_size: int = 32
-    pretrained: bool = False
-    pretrained_file: str | None = None
-    collect: Mapping[str, Any] = field(default_factory=dict)
-    rpg: Mapping[str, Any] = field(default_factory=dict)
-    train: Mapping[str, Any] = field(default_factory=dict)
-    diffusion: Mapping[str, Any] = field(default_factory=dict)
-    samples: int | None = None
-    sample_steps: int | tuple[int, ...] | None = None
-    threads: int | None = None
-    val_images: int | None = None
-    bn_recompute_images: int | None = None
-    baseline_samples: int | None = None
-
-
-@dataclass(frozen=True)
-class AblationsConfig:
-    arch: str = "cnn_s"
-    train: Mapping[str, Any] = field(default_factory=lambda: {"steps": 400, "diffusion_batch": 128})
-    recurrent: tuple[str, ...] = ("none", "lstm", "transformer", "mamba")
-    position: tuple[str, ...] = ("2d", "1d", "learnable")
-    permutation_runs: tuple[int, ...] = (1, 3, 10)
-    token_size: tuple[int, ...] = (64, 128, 256, 512)
-    seeds: int = 1
-
-
-@dataclass(frozen=True)
-class ArchitecturesConfig:
-    """Generation across architectures (Table 1 and its ablations). `rpg` and `train` are overrides of the
-    top-level sections for these generators (resolved per architecture by `rpg.experiments.arch_study.study`)."""
-
-    table1: tuple[str, ...] = ("cnn_s", "cnn_m", "vit_micro")
-    models: Mapping[str, ArchModelConfig] = field(default_factory=dict)
-    collect: CollectConfig = field(default_factory=CollectConfig)
-    rpg: Mapping[str, Any] = field(default_factory=lambda: {"size": "cpu_tiny", "permutation_state": True})
-    train: Mapping[str, Any] = field(default_factory=dict)
-    samples: int = 10
-    sample_steps: int | tuple[int, ...] | None = None  # DDIM steps when sampling (a list: chosen on validation)
-    threads: int = 1
-    val_images: int = 2000
-    bn_recompute_images: int = 0  # > 0: also score generated BatchNorm nets with running stats recomputed on these
-    baseline_samples: int | None = None  # models per baseline (None: as many as `samples`)
-    ablations: AblationsConfig = field(default_factory=AblationsConfig)
-
-
-@dataclass(frozen=True)
-class Config:
-    experiment: str = "cifar10_binary"
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 2
-    results_dir: str = "results"
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    tasks: TasksConfig = field(default_factory=TasksConfig)
-    zoo: ZooConfig = field(default_factory=ZooConfig)
-    rpg: dict = field(default_factory=dict)  # raw section: resolve with resolve_model_config
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    architectures: ArchitecturesConfig = field(default_factory=ArchitecturesConfig)
-    table13: Table13Config = field(default_factory=Table13Config)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-    domains: DomainsConfig = field(default_factory=DomainsConfig)
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def model(self) -> ModelConfig:
-        """The generator's config; with domain tasks its condition is the 10 class-set bits + a one-hot domain."""
-        model = resolve_model_config(self.rpg)
-        if self.domains.names and model.condition == "task":
-            model = dataclasses.replace(model, condition_dim=10 + len(self.domains.names))
-        return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading and validation
+# Schema defaults
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+_SCHEMA = load_schema()  # read once, for the dataclass defaults below
 
 
 def deep_update(base: dict, override: Mapping) -> dict:
@@ -389,11 +49,433 @@ def _fill_defaults(schema: Mapping, instance: Any) -> Any:
     if not isinstance(instance, dict) or schema.get("type") != "object":
         return instance
     for key, sub in schema.get("properties", {}).items():
+        default = sub.get("default")
         if key not in instance and "default" in sub:
-            instance[key] = copy.deepcopy(sub["default"])
+            instance[key] = copy.deepcopy(default)
+        elif isinstance(default, dict) and default and isinstance(instance.get(key), dict):
+            # a mapping default is a base that the given mapping is merged onto, as a later config file is merged
+            # onto an earlier one (architectures.models: a profile that changes one entry keeps the others)
+            instance[key] = deep_update(default, instance[key])
         if key in instance:
             instance[key] = _fill_defaults(sub, instance[key])
     return instance
+
+
+def schema_defaults(*path: str) -> dict:
+    """The defaults of the schema's section at `path` (e.g. ``"architectures", "collect"``), filled in the way
+    `validate_config` fills a config that leaves the section out."""
+    node: Mapping = _SCHEMA
+    for key in path:
+        node = node["properties"][key]
+    return _fill_defaults(node, copy.deepcopy(node.get("default", {})))
+
+
+def neutral_values() -> dict[str, Any]:
+    """Dotted key -> the value that reproduces results made before the key existed (the schema's `x-neutral`:
+    its default, `x-neutral-value`: that value)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping, path: tuple[str, ...]) -> None:
+        for key, sub in node.get("properties", {}).items():
+            if sub.get("x-neutral"):
+                out[".".join((*path, key))] = schema_defaults(*path, key) if sub.get("type") == "object" \
+                    else sub["default"]
+            elif "x-neutral-value" in sub:
+                out[".".join((*path, key))] = sub["x-neutral-value"]
+            walk(sub, (*path, key))
+
+    walk(_SCHEMA, ())
+    return out
+
+
+def _from_schema(*path: str, values: Mapping | None = None) -> Callable[[type], type]:
+    """A frozen dataclass whose fields take their defaults from the schema section at `path` (or from `values`):
+    the schema is the one place a default is written. Fields with an explicit `field(...)` keep it (nested
+    sections); fields the schema gives no default stay required."""
+
+    def wrap(cls: type) -> type:
+        defaults = schema_defaults(*path) if values is None else values
+        for name in cls.__dict__.get("__annotations__", {}):
+            if name in cls.__dict__ or name not in defaults:
+                continue
+            value = _to_tuple(defaults[name])
+            if isinstance(value, (dict, list)):
+                value = field(default_factory=lambda v=value: copy.deepcopy(v))
+            setattr(cls, name, value)
+        return dataclass(frozen=True)(cls)
+
+    return wrap
+
+
+def _to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections (every default comes from the schema; a field's comment says what it means, the schema says the rest)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@_from_schema("data")
+class DataConfig:
+    root: str
+    download: bool
+    val_images: int
+
+
+@_from_schema("backbone")
+class BackboneConfig:
+    source: str
+    arch: str
+    feature_dim: int
+    img_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    label_smoothing: float
+    flip_average: bool
+    pretrained_file: str | None
+    optimizer: str  # sgd (Nesterov) | adamw
+    momentum: float
+    warmup: float  # fraction of the steps with a linear ramp-up; linear decay to 0 afterwards
+    translate: int
+    flip: bool
+    amp: str  # auto | bf16 | none
+
+
+@_from_schema("tasks")
+class TasksConfig:
+    ids: str | tuple[int, ...]
+    unseen: tuple[int, ...]  # the paper's 20 held-out task ids
+    table11: tuple[str, ...]  # Table 11's 10 embeddings, in its order
+    flip_pair: tuple[str, ...]  # Table 12's seen embedding and its flip
+    n_val: int
+    n_seen_eval: int
+    n_seen: int | None  # train on a seeded random subset of this many seen tasks (None = all)
+    holdout_neighbours: bool  # keep unseen tasks' Hamming-1 neighbours and complements out of training
+    shifted_domain_tasks: int | None  # train on at most this many tasks per shifted domain (None = all)
+
+
+@_from_schema("zoo")
+class ZooConfig:
+    mode: str  # batched_heads | finetune
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    n_checkpoints: int
+    save_every: int
+    task_chunk: int
+    epochs: int
+    init: str  # shared | per_task
+    # finetune mode only (the paper profile's recipe; defaults keep the plain one)
+    loss: str  # cross_entropy | focal
+    focal_gamma: float
+    augment: str  # translate_flip | flip_autoaugment
+    head_epochs: int
+    head_lr: float
+    min_lr: float | None
+    final_steps: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generator sizes (paper Table 15; Mamba d_conv 4, expand 2; denoiser kernel 7) plus the CPU default. The `rpg`
+# section resolves as: the preset named by rpg.size, then every key of the section that is not null (the schema's
+# null defaults mean "the preset's").
+# ----------------------------------------------------------------------------------------------------------------
+_STACK = dict(d_conv=4, expand=2, headdim=64, kernel_size=7, checkpoint_activations=False)  # every preset's
+_CPU_TINY = dict(_STACK, token_size=256, d_model=256, n_layers=2, d_state=32,
+                 denoiser_channels=(1, 16, 32, 64, 32, 16, 1))
+RPG_MODELS: dict[str, dict] = {
+    # CPU default: Tiny's token size and Mamba width, half-width denoiser (measured ~3x cheaper on 2 CPU cores).
+    "cpu_tiny": _CPU_TINY,
+    "tiny": dict(_STACK, token_size=256, d_model=256, n_layers=2, d_state=32,
+                 denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
+    "small": dict(_STACK, token_size=4096, d_model=4096, n_layers=2, d_state=128,
+                  denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
+    "base": dict(_STACK, token_size=8192, d_model=8192, n_layers=2, d_state=128,
+                 denoiser_channels=(1, 32, 64, 128, 64, 32, 1)),
+    # The paper's Large uses d_model 12288 then 16384; we keep one width per stack (16384).
+    "large": dict(_STACK, token_size=16384, d_model=16384, n_layers=2, d_state=128,
+                  denoiser_channels=(1, 64, 96, 64, 1)),
+    # custom: cpu_tiny's values, meant to be overridden key by key
+    "custom": _CPU_TINY,
+}
+
+
+# Paper Table 15: the generator version for a number of generated parameters (upper limits, exclusive).
+PAPER_SIZE_LIMITS: tuple[tuple[float, str], ...] = (
+    (50_000, "tiny"), (10_000_000, "small"), (50_000_000, "base"), (float("inf"), "large"))
+TASK_BITS = 10  # the task condition: one bit per CIFAR-10 class
+
+
+def paper_size(n_params: int) -> str:
+    """The paper's generator version (Table 15) for `n_params` generated parameters."""
+    return next(name for limit, name in PAPER_SIZE_LIMITS if n_params < limit)
+
+
+def _model_values(section: Mapping) -> dict:
+    """ModelConfig's values for an `rpg` section: the section's keys left out take the schema's defaults, then the
+    preset named by `size`, overridden by every key that is not null."""
+    section = {**schema_defaults("rpg"), **section}
+    size = section["size"]
+    if size == "auto":
+        raise ValueError("RPG size 'auto' is resolved from a parameter count (architectures.rpg): name a preset here")
+    if size not in RPG_MODELS:
+        raise ValueError(f"unknown RPG size '{size}' (expected one of {', '.join(RPG_MODELS)})")
+    values = {"condition_dim": TASK_BITS, **{key: None for key in section if key != "size"}, **RPG_MODELS[size]}
+    values.update({key: _to_tuple(value) for key, value in section.items() if key != "size" and value is not None})
+    return values
+
+
+@_from_schema(values=_model_values({}))
+class ModelConfig:
+    """Generator architecture. Resolved from a preset in `RPG_MODELS` plus explicit overrides."""
+
+    token_size: int
+    recurrent: str  # mamba | lstm | transformer | none
+    d_model: int
+    n_layers: int
+    d_state: int
+    d_conv: int
+    expand: int
+    headdim: int
+    denoiser_channels: tuple[int, ...]
+    kernel_size: int
+    position: str  # 2d | 1d | learnable
+    permutation_state: bool
+    condition: str  # none | task
+    condition_dim: int  # the condition's width: the task bits (+ a one-hot domain with domain tasks)
+    condition_hidden: int | None  # hidden width of the task MLP; None = d_model (the reference: 1024)
+    condition_tokens: str  # all | last_k: which token positions the task condition is added to
+    condition_k: int  # last_k: the number of last positions (the reference: 8)
+    checkpoint_activations: bool  # recompute the recurrent blocks in the backward pass (memory for time)
+    checkpoint_tokens: int | None  # with checkpoint_activations: recompute segments of this many tokens
+
+
+def resolve_model_config(section: Mapping) -> ModelConfig:
+    """Preset named by `section['size']`, overridden by every non-null key of the section."""
+    return ModelConfig(**_model_values(section))
+
+
+@_from_schema("diffusion")
+class DiffusionConfig:
+    timesteps: int
+    beta_start: float
+    beta_end: float
+    sampler: str  # ddpm | ddim
+    sample_steps: int
+    eta: float
+    clip_x0: float | None
+    prediction: str  # eps | x0 | v: what the denoiser outputs (rpg.diffusion.GaussianDiffusion)
+
+
+@_from_schema("train")
+class TrainConfig:
+    steps: int
+    batch_size: int
+    diffusion_batch: int
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float | None
+    ema: float | None
+    bf16: bool
+    eval_every: int
+    save_every: int
+    val_samples: int
+    canonicalise: str  # none | sort | match: hidden-unit order of the heads before tokenising
+    patience: int | None  # validations without a better score before stopping; None = run all `steps`
+    position_lr_scale: float  # learnable positions: their rate is this times the schedule's
+
+
+@_from_schema("generate")
+class GenerateConfig:
+    samples: int
+    seen_samples: int
+    mode: str  # sequential | partial | full
+    tokens_per_call: int
+
+
+@_from_schema("logging")
+class LoggingConfig:
+    wandb: bool
+    wandb_mode: str
+    project: str
+    entity: str | None
+    progress: bool
+
+
+@_from_schema("table13")
+class Table13Config:
+    """Fine-tuning curves on unseen tasks (scratch / pretrained + fresh head / RPG-generated init)."""
+
+    tasks: tuple[str, ...]
+    epochs: tuple[int, ...]
+    train_images: int | None
+    test_images: int | None
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed_offset: int
+
+
+@_from_schema("analysis")
+class AnalysisConfig:
+    """Inputs of the analysis notebooks (PCA of heads, similarity vs. accuracy)."""
+
+    noise_magnitudes: tuple[float, ...]
+    noise_repeats: int
+    kernel: str
+
+
+@_from_schema("domains")
+class DomainsConfig:
+    """Tasks that are (class set, image domain) pairs (the study's `domains` regime, issue 13; see
+    `rpg.experiments.task_zoo.domains`). names = () is the 1022-task zoo of one domain (the plain images)."""
+
+    names: tuple[str, ...]
+    class_sets: int
+    train_images: int
+    val_images: int
+    test_images: int
+
+
+@_from_schema("study")
+class StudyConfig:
+    """The study of regimes (issue 13): which regime files, where, and the overrides every regime shares."""
+
+    regimes: tuple[str, ...]
+    regime_dir: str
+    common: str | None
+
+
+@_from_schema("architectures", "collect")
+class CollectConfig:
+    """How an architecture is trained and its checkpoints collected (`architectures.collect`; the recipe of
+    `rpg.experiments.arch_study.collect.train_collection`)."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str  # sgd (Nesterov) | adamw
+    lr: float
+    weight_decay: float
+    label_smoothing: float
+    warmup: float  # fraction of the main phase with a linear ramp-up
+    collect_lr_ratio: float  # constant LR of the collection phase, relative to lr
+    n_checkpoints: int
+    save_every: int  # optimisation steps between saved checkpoints
+    runs: int  # independent training runs (seeds) in Table 1
+    translate: int
+    flip: bool
+    amp: str  # none | bf16 | auto
+    init_from: str | None  # None: train from scratch | "backbone": continue from the backbone rule's weights
+    score_every: int  # score every k-th checkpoint (counted back from the last) on the test set
+
+
+# Keys of `architectures` that one entry of `architectures.models` may set for itself (absent or null: the family's).
+ARCH_MODEL_FAMILY_KEYS = ("samples", "sample_steps", "threads", "val_images", "bn_recompute_images",
+                          "baseline_samples")
+_ABSENT = {name: None for name in ARCH_MODEL_FAMILY_KEYS} | {s: {} for s in ("collect", "rpg", "train", "diffusion")}
+
+
+@_from_schema(values={**_fill_defaults(_SCHEMA["properties"]["architectures"]["properties"]["models"]
+                                       ["additionalProperties"], {}), **_ABSENT})
+class ArchModelConfig:
+    """One entry of `architectures.models`; `collect` / `rpg` / `train` / `diffusion` hold only the keys it
+    overrides (the schema checks them against the full sections), and the keys of ARCH_MODEL_FAMILY_KEYS, when
+    set, replace the family's for this architecture (a million-parameter row samples, scores and threads
+    differently from a 3K-parameter one). Absent keys (None, {}) are the family's."""
+
+    arch: str
+    model_kwargs: Mapping[str, Any]
+    img_size: int
+    pretrained: bool
+    pretrained_file: str | None
+    collect: Mapping[str, Any]
+    rpg: Mapping[str, Any]
+    train: Mapping[str, Any]
+    diffusion: Mapping[str, Any]
+    samples: int | None
+    sample_steps: int | tuple[int, ...] | None
+    threads: int | None
+    val_images: int | None
+    bn_recompute_images: int | None
+    baseline_samples: int | None
+
+
+@_from_schema("architectures", "ablations")
+class AblationsConfig:
+    arch: str
+    train: Mapping[str, Any]
+    recurrent: tuple[str, ...]
+    position: tuple[str, ...]
+    permutation_runs: tuple[int, ...]
+    token_size: tuple[int, ...]
+    seeds: int
+
+
+def _arch_models(models: Mapping) -> dict[str, ArchModelConfig]:
+    return {name: _section(ArchModelConfig, entry) for name, entry in models.items()}
+
+
+@_from_schema("architectures")
+class ArchitecturesConfig:
+    """Generation across architectures (Table 1 and its ablations). `rpg` and `train` are overrides of the
+    top-level sections for these generators (resolved per architecture by `rpg.experiments.arch_study.study`)."""
+
+    table1: tuple[str, ...]
+    models: Mapping[str, ArchModelConfig] = field(
+        default_factory=lambda: _arch_models(schema_defaults("architectures")["models"]))
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    rpg: Mapping[str, Any]
+    train: Mapping[str, Any]
+    samples: int
+    sample_steps: int | tuple[int, ...] | None  # DDIM steps when sampling (a list: chosen on validation)
+    threads: int
+    val_images: int
+    bn_recompute_images: int  # > 0: also score generated BatchNorm nets with running stats recomputed on these
+    baseline_samples: int | None  # models per baseline (None: as many as `samples`)
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
+
+
+@_from_schema()
+class Config:
+    experiment: str
+    seed: int
+    device: str
+    threads: int
+    results_dir: str
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    rpg: dict  # raw section: resolve with resolve_model_config
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    architectures: ArchitecturesConfig = field(default_factory=ArchitecturesConfig)
+    table13: Table13Config = field(default_factory=Table13Config)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def model(self) -> ModelConfig:
+        """The generator's config; with domain tasks its condition is the task bits + a one-hot domain."""
+        model = resolve_model_config(self.rpg)
+        if self.domains.names and model.condition == "task":
+            model = dataclasses.replace(model, condition_dim=TASK_BITS + len(self.domains.names))
+        return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _resolve_ref(schema: Mapping, root: Mapping) -> Mapping:
@@ -468,10 +550,6 @@ def validate_config(raw: Mapping) -> dict:
     return instance
 
 
-def _to_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
 def _section(cls: type, values: Mapping) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: _to_tuple(v) for k, v in values.items() if k in names})
@@ -479,7 +557,7 @@ def _section(cls: type, values: Mapping) -> Any:
 
 def _architectures(raw: Mapping) -> ArchitecturesConfig:
     values = dict(raw)
-    values["models"] = {name: _section(ArchModelConfig, entry) for name, entry in raw["models"].items()}
+    values["models"] = _arch_models(raw["models"])
     values["collect"] = _section(CollectConfig, raw["collect"])
     values["ablations"] = _section(AblationsConfig, raw["ablations"])
     return _section(ArchitecturesConfig, values)

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from rpg.config import DiffusionConfig
+from rpg.config import DiffusionConfig, GenerateConfig
 from rpg.diffusion import GaussianDiffusion, create_diffusion
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer
@@ -29,8 +29,10 @@ def _autocast(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *, perm: torch.Tensor | None = None,
-                    cond: torch.Tensor | None = None, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-                    clip_x0: float | None = 4.0, mode: str = "partial", tokens_per_call: int = 256,
+                    cond: torch.Tensor | None = None, sampler: str = DiffusionConfig.sampler,
+                    steps: int = DiffusionConfig.sample_steps, eta: float = DiffusionConfig.eta,
+                    clip_x0: float | None = DiffusionConfig.clip_x0, mode: str = GenerateConfig.mode,
+                    tokens_per_call: int = GenerateConfig.tokens_per_call,
                     generator: torch.Generator | None = None, bf16: bool = False) -> torch.Tensor:
     """Generate `n_samples` token sequences.
 
@@ -82,8 +84,9 @@ def generate_state_dicts(model: RPG, tokenizer: Tokenizer, diffusion: GaussianDi
 
 
 def sample_models(model: RPG, tokenizer: Tokenizer, diffusion_cfg: DiffusionConfig, n_samples: int, *, seed: int,
-                  perm: torch.Tensor | None = None, cond: torch.Tensor | None = None, mode: str = "partial",
-                  tokens_per_call: int = 256, bf16: bool = False) -> list[dict[str, torch.Tensor]]:
+                  perm: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                  mode: str = GenerateConfig.mode, tokens_per_call: int = GenerateConfig.tokens_per_call,
+                  bf16: bool = False) -> list[dict[str, torch.Tensor]]:
     """`n_samples` state dicts with the sampler of `diffusion_cfg`, all noise from a CPU generator seeded `seed`.
 
     Args:

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from rpg.checkpoint import load_rpg
-from rpg.config import DiffusionConfig, ModelConfig, TrainConfig
+from rpg.config import DiffusionConfig, GenerateConfig, ModelConfig, TrainConfig
 from rpg.generate import sample_models
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer, check_collection
@@ -52,7 +52,7 @@ def make_score_validator(tokenizer: Tokenizer, diffusion_cfg: DiffusionConfig, s
 def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_dir: str | Path, *,
                         model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, train_cfg: TrainConfig,
                         seed: int = 0, device: torch.device | str = "cpu", score_fn: ScoreFn | None = None,
-                        val_samples: int = 2, names: Sequence[str] | None = None, tracker: Tracker | None = None,
+                        names: Sequence[str] | None = None, tracker: Tracker | None = None,
                         progress: bool = True, stop_after: int | None = None, force: bool = False) -> dict:
     """Tokenise a collection and train (or resume) an unconditional RPG on it.
 
@@ -78,7 +78,7 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
     tokenizer = Tokenizer.fit(state_dicts, model_cfg.token_size)
     tokens = torch.stack([tokenizer.tokenize(sd) for sd in state_dicts])  # (K, N, L)
     write_json_atomic(out_dir / "layout.json", tokenizer.layout())
-    validate = (make_score_validator(tokenizer, diffusion_cfg, score_fn, val_samples, seed=seed + 17)
+    validate = (make_score_validator(tokenizer, diffusion_cfg, score_fn, train_cfg.val_samples, seed=seed + 17)
                 if score_fn is not None else None)
     summary = train_rpg(model_cfg, diffusion_cfg, train_cfg, tokenizer, tokens, out_dir, seed=seed, device=device,
                         validate=validate, tracker=tracker, progress=progress, stop_after=stop_after,
@@ -90,7 +90,8 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
 
 
 def generate_from_checkpoint(rpg_path: str | Path, n_samples: int, *, seed: int = 0, sampler: str | None = None,
-                             steps: int | None = None, mode: str = "partial", tokens_per_call: int = 256,
+                             steps: int | None = None, mode: str = GenerateConfig.mode,
+                             tokens_per_call: int = GenerateConfig.tokens_per_call,
                              device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
     """Load an unconditional generator and sample `n_samples` state dicts (sampler / steps default to its own)."""
     model, tokenizer, diffusion_cfg, _ = load_rpg(rpg_path, device)

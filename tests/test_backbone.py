@@ -99,6 +99,6 @@ def test_accuracy_from_features_equals_a_second_pass(tiny_data: Cifar10) -> None
 
 
 def test_unknown_option_rejected(tiny_data: Cifar10) -> None:
-    with pytest.raises(TypeError, match="unknown train_backbone options"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epochz'"):
         train_backbone(tiny_data, arch="rpg_cifar_cnn_s", feature_dim=8, epochs=1, batch_size=64, lr=0.1,
                        weight_decay=0.0, label_smoothing=0.0, seed=0, progress=False, epochz=3)

@@ -407,9 +407,12 @@ def test_generated_models_appear_atomically(project, monkeypatch):
     (["--eval", "missing_eval_file.py:score"], "evaluation file not found"),
     (["--eval", "no_such_module_xyz:score"], "cannot import module"),
     (["--steps", "0"], "train.steps"),
-    (["--config", str(REPO_ROOT / "config" / "config.yaml")], "set rpg.condition: none"),
+    (["--config", "TASK_CONFIG"], "set rpg.condition: none"),  # a task-conditioned generator is refused
 ])
 def test_train_user_mistakes_are_one_line(project, capsys, extra, message):
+    task_config = project["tmp"] / "task.yaml"
+    task_config.write_text("rpg: {condition: task}\n")
+    extra = [str(task_config) if e == "TASK_CONFIG" else e for e in extra]
     args = ["train", "--checkpoints", str(project["ckpts"]), "--out", str(project["tmp"] / "o"),
             "--config", str(project["config"]), *extra]
     assert main(args) == 2
@@ -437,9 +440,10 @@ def test_help_for_every_command(capsys):
 
 
 def test_documented_byo_config_is_valid_and_unconditional(repo_root):
+    from rpg.cli.main import BYO_PRESET
     from rpg.config import load_config
 
-    cfg = load_config(repo_root / "config" / "byo_checkpoints.yaml")
+    cfg = load_config([BYO_PRESET, repo_root / "config" / "byo_checkpoints.yaml"])
     assert cfg.model.condition == "none" and cfg.model.permutation_state and cfg.train.eval_every <= cfg.train.steps
 
 

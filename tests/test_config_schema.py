@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -58,11 +60,12 @@ def test_dataclass_defaults_equal_the_schema(path):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     props = schema["properties"]
     assert set(props) == set(fields), f"schema vs {cls.__name__}: {set(props) ^ set(fields)}"
+    defaults = C.schema_defaults(*path)  # as validation fills a config that leaves the section out
     for name, prop in props.items():
+        assert "default" in prop, f"{'.'.join(path)}.{name} has no default in the schema"
         if path == ("architectures",) and name in NESTED:
             continue
-        assert "default" in prop, f"{'.'.join(path)}.{name} has no default in the schema"
-        assert normalise(field_default(fields[name])) == normalise(prop["default"]), f"{'.'.join(path)}.{name}"
+        assert normalise(field_default(fields[name])) == normalise(defaults[name]), f"{'.'.join(path)}.{name}"
 
 
 def test_model_entry_defaults_equal_the_schema():
@@ -72,6 +75,65 @@ def test_model_entry_defaults_equal_the_schema():
     for name, prop in entry["properties"].items():
         if "default" in prop:
             assert normalise(field_default(fields[name])) == normalise(prop["default"]), name
+
+
+def test_default_config_is_the_validated_empty_config():
+    """Config() (dataclass defaults) and config_from_dict({}) (schema defaults) are the same configuration."""
+    assert C.Config() == C.config_from_dict({})
+    assert C.Config().model == C.config_from_dict({}).model == C.resolve_model_config({})
+
+
+def _literal_defaults(tree: ast.AST) -> Iterator[str]:
+    """`name = <literal>` class-level assignments of config dataclasses (a default written outside the schema)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+                    call = stmt.value
+                    derived = (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "field"
+                               and all(k.arg in ("default_factory", "compare", "repr") for k in call.keywords)
+                               and not any(isinstance(k.value, ast.Constant) for k in call.keywords
+                                           if k.arg == "default_factory"))
+                    if not derived:
+                        yield f"{node.name}.{ast.unparse(stmt.target)} = {ast.unparse(call)}"
+
+
+def test_no_default_is_written_outside_the_schema():
+    """Every config dataclass takes its defaults from the schema (`_from_schema`): none holds a literal; the
+    workflow's rerun-neutral values come from the schema too, and the old default tables are gone."""
+    source = Path(C.__file__).read_text()
+    assert list(_literal_defaults(ast.parse(source))) == []
+    for cls in (c for c in vars(C).values() if isinstance(c, type) and dataclasses.is_dataclass(c)):
+        assert cls.__name__.endswith("Config"), cls
+    package = Path(C.__file__).parent
+    for name in ("BACKBONE_DEFAULTS", "BYO_DEFAULTS"):
+        hits = [str(p) for p in package.rglob("*.py") if name in p.read_text()]
+        assert hits == [], f"{name} in {hits}"
+    from rpg.experiments.rules import NEUTRAL_DEFAULTS
+    assert NEUTRAL_DEFAULTS == C.neutral_values()
+
+
+def test_every_key_has_a_description():
+    missing = []
+
+    def walk(node: dict, path: str) -> None:
+        for key, sub in node.get("properties", {}).items():
+            if "description" not in sub:
+                missing.append(f"{path}{key}")
+            walk(sub, f"{path}{key}.")
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):
+            walk(extra, f"{path}<name>.")
+
+    walk(C.load_schema(), "")
+    assert missing == [], f"{len(missing)} keys without a description: {missing}"
+
+
+def test_default_profile_sets_only_what_users_change(repo_root):
+    """config/config.yaml resolves to the schema defaults: it only names the keys a user is expected to change."""
+    from rpg.config import read_config_file, validate_config
+
+    assert validate_config(read_config_file(repo_root / "config" / "config.yaml")) == validate_config({})
 
 
 def test_rpg_section_names_model_fields():
@@ -138,3 +200,21 @@ def test_every_experiment_config_loads_on_the_default(overlay):
     default = C.SCHEMA_PATH.parents[1] / "config" / "config.yaml"
     cfg = C.load_config([default, overlay])
     assert cfg.results_dir != C.load_config(default).results_dir
+
+
+def test_mapping_default_is_merged_under_a_given_mapping():
+    """A profile that changes one entry of architectures.models keeps the others, as a later config file would."""
+    base = C.validate_config({})["architectures"]
+    full = C.validate_config({"architectures": {"models": {"cnn_1m": {"collect": {"epochs": 0}}}}})["architectures"]
+    assert set(full["models"]) == set(base["models"])
+    assert full["models"]["cnn_1m"] == C.deep_update(base["models"]["cnn_1m"], {"collect": {"epochs": 0}})
+
+
+def test_byo_preset_sits_under_the_user_config(tmp_path):
+    """rpg train: its preset (unconditional, permutation states) under --config, which overrides it."""
+    from rpg.cli.main import BYO_PRESET
+
+    user = tmp_path / "mine.yaml"
+    user.write_text("train: {steps: 7}\n")
+    cfg = C.load_config([BYO_PRESET, user])
+    assert cfg.model.condition == "none" and cfg.model.permutation_state and cfg.train.steps == 7

@@ -27,7 +27,7 @@ import torch
 from rpg import __version__
 from rpg.checkpoint import load_rpg
 from rpg.collection import format_report, inspect_collection, load_collection
-from rpg.config import ConfigError, config_from_dict, deep_update, load_config
+from rpg.config import Config, ConfigError, DataConfig, GenerateConfig, ModelConfig, load_config
 from rpg.data import CorruptDataError
 from rpg.generate import GENERATION_MODES, sample_models
 from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, domain_task_id, embedding_bits,
@@ -43,8 +43,8 @@ from rpg.experiments.task_zoo.heads import HEAD_KEYS, evaluate_heads, stack_stat
 # FileExistsError / NotADirectoryError: --out names a file; CorruptDataError: a truncated or malformed CIFAR-10 archive.
 USER_ERRORS = (TaskError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
                ValueError, CorruptDataError, RunConflictError, TrainingDivergedError)
-# `rpg train` without --config: the schema defaults, made unconditional with one permutation state per checkpoint.
-BYO_DEFAULTS = {"rpg": {"condition": "none", "permutation_state": True}}
+# `rpg train`'s preset, under its --config: unconditional, one permutation state per checkpoint (documented there).
+BYO_PRESET = Path(__file__).resolve().parents[1] / "byo_preset.yaml"
 COLLECTION_INFO = "collection.json"  # beside the generator: where its checkpoints came from, how to build them
 
 
@@ -273,9 +273,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace):
     overrides: dict[str, Any] = {"train": {"steps": args.steps}} if args.steps is not None else {}
-    if args.config:
-        return load_config(args.config, overrides=overrides)
-    return config_from_dict(deep_update(BYO_DEFAULTS, overrides))
+    return load_config([BYO_PRESET, *([args.config] if args.config else [])], overrides=overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -308,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train_on_collection(
             collection.state_dicts, out, model_cfg=cfg.model, diffusion_cfg=cfg.diffusion, train_cfg=cfg.train,
             seed=seed, device=resolve_device(args.device or cfg.device), score_fn=score_fn,
-            val_samples=cfg.train.val_samples, names=[p.name for p in collection.paths],
+            names=[p.name for p in collection.paths],
             progress=cfg.logging.progress, stop_after=args.stop_after, force=args.force)
     except KeyboardInterrupt:
         print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.safetensors'}",
@@ -346,10 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of all sampling noise (same seed, same models)")
     g.add_argument("--steps", type=int, default=None, help="sampler steps, at least 1 (None: the generator's config)")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="None: the generator's config")
-    g.add_argument("--mode", choices=GENERATION_MODES, default="partial",
+    g.add_argument("--mode", choices=GENERATION_MODES, default=GenerateConfig.mode,
                    help="tokens per denoiser call: sequential 1, partial --tokens-per-call, full all (memory vs speed)")
-    g.add_argument("--tokens-per-call", type=int, default=256, help="tokens per denoiser call in --mode partial")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    g.add_argument("--tokens-per-call", type=int, default=GenerateConfig.tokens_per_call,
+                   help="tokens per denoiser call in --mode partial")
+    g.add_argument("--device", default=Config.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     g.add_argument("--out", default="results/generated/cli",
                    help="output folder; whole models replace the model_NNN files an earlier rpg generate wrote there")
     g.add_argument("--evaluate", action="store_true",
@@ -369,10 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--features", default="results/features/cifar10_binary/features.safetensors",
                    help="features of the CIFAR-10 test images, for binary heads")
     e.add_argument("--embedding", help="task to score against (None: from the file's metadata)")
-    e.add_argument("--data", default="data", help="folder with cifar-10-python.tar.gz, for full models")
+    e.add_argument("--data", default=DataConfig.root, help="folder with cifar-10-python.tar.gz, for full models")
     e.add_argument("--eval", metavar="MODULE:FUNCTION", help="score the state dict with this function instead "
                    "(module:function or path/to/file.py:function)")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    e.add_argument("--device", default=Config.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("inspect", formatter_class=_HelpFormatter,
@@ -382,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exit status 0 if `rpg train` would accept the folder (with the same --skip-bad), "
                                    "1 if not.")
     i.add_argument("directory", help="folder of *.safetensors / *.pt / *.pth / *.bin state dicts of one architecture")
-    i.add_argument("--token-size", type=int, default=256, help="token length to count tokens for")
+    i.add_argument("--token-size", type=int, default=ModelConfig.token_size, help="token length to count tokens for")
     i.add_argument("--skip-bad", action="store_true", help="judge usability as `rpg train --skip-bad` would")
     i.add_argument("--pattern", help="only files whose name matches this glob, e.g. 'epoch_*.pt'")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -396,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoints", required=True, metavar="DIR", help="folder of checkpoints (see `rpg inspect`)")
     t.add_argument("--out", required=True, metavar="OUT_DIR", help="receives best.safetensors, last.*, train_log.csv")
     t.add_argument("--config", help="YAML with rpg / diffusion / train sections (e.g. config/byo_checkpoints.yaml); "
-                   "default: the schema defaults, unconditional, with permutation states")
+                   "applied over rpg/byo_preset.yaml (unconditional, with permutation states)")
     t.add_argument("--eval", metavar="MODULE:FUNCTION", help="validation score of a state dict, higher is better "
                    "(module:function or path/to/file.py:function); keeps the best generator. Without it the final "
                    "weights are kept")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from rpg.config import Config
+from rpg.config import AnalysisConfig, Config
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -28,7 +28,7 @@ def require_inputs(notebook: str, **paths: str | Path) -> None:
 
 
 def execute_notebook(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any],
-                     kernel: str = "rpg") -> Path:
+                     kernel: str = AnalysisConfig.kernel) -> Path:
     """Execute `notebook` with `parameters` under papermill (kernel `kernel`), writing the executed copy to `output`.
 
     Path parameters should be absolute: the kernel runs in the notebook's own folder, as in JupyterLab.

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from rpg.config import Config, config_from_dict
+from rpg.config import Config, config_from_dict, neutral_values
 
 
 def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] | None = None) -> Any:
@@ -30,13 +30,10 @@ def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] |
             raise
 
 
-# Keys added after results existed, with the value that reproduces those results: a rule's setting leaves them out
-# while they hold it, so adding a key never reruns a finished DAG (set to anything else, they are part of it).
-NEUTRAL_DEFAULTS: dict[str, Any] = {
-    "zoo.init": "shared", "train.canonicalise": "none", "tasks.n_seen": None, "tasks.holdout_neighbours": False,
-    # no domain tasks (the schema's default section; a test checks they agree)
-    "domains": {"names": [], "class_sets": 256, "train_images": 10000, "val_images": 2000, "test_images": 5000},
-}
+# Keys added after results existed, with the value that reproduces those results (marked in the schema): a rule's
+# setting leaves them out while they hold it, so adding a key never reruns a finished DAG (set to anything else,
+# they are part of it).
+NEUTRAL_DEFAULTS: dict[str, Any] = neutral_values()
 
 
 def _without_neutral(key: str, value: Any) -> Any:

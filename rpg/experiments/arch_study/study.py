@@ -272,7 +272,7 @@ def train_variant(cfg: Config, name: str, variant_id: str, run_dirs: Sequence[st
     summary = train_on_collection(
         state_dicts, out_dir, model_cfg=model_cfg, diffusion_cfg=spec.diffusion, train_cfg=spec.train,
         seed=variant.seed_of(cfg.seed), device=device, score_fn=data.val.state_dict_scorer(template),
-        val_samples=spec.train.val_samples, names=[str(f) for f in files], tracker=tracker,
+        names=[str(f) for f in files], tracker=tracker,
         progress=cfg.logging.progress, force=True)  # the workflow's config decides: a new step count retrains
     tracker.finish()
     summary = {**summary, "architecture": name, "variant": variant_id, "study": study, "n_state_dict_params": n_params,

@@ -23,28 +23,13 @@ import torch
 from torch import nn
 
 import rpg.vision.cifar_cnn  # noqa: F401  (registers the rpg_* models with timm)
+from rpg.config import BackboneConfig
 from rpg.data import Cifar10
 from rpg.vision.evaluate import batched_outputs
 from rpg.vision.preprocess import Preprocess, resolve_amp
 from rpg.vision.training import make_optimizer, train_classifier
 
-__all__ = ["BACKBONE_DEFAULTS", "train_backbone", "extract_features", "evaluate_backbone", "accuracy_from_features"]
-
-# Options of ``train_backbone`` beyond its named arguments (``**extra``), with their defaults.
-BACKBONE_DEFAULTS: dict[str, Any] = {
-    "optimizer": "sgd",  # "sgd" (Nesterov) or "adamw"
-    "momentum": 0.9,
-    "warmup": 0.2,  # fraction of the steps with a linear LR ramp-up; linear decay to 0 afterwards
-    "translate": 2,  # max random shift in pixels (reflect padding); 0 disables
-    "flip": True,  # random horizontal flips
-    "amp": "auto",  # "auto" | "bf16" | "none": bfloat16 autocast (auto: CUDA, or CPUs with AMX/AVX512-BF16)
-    "channels_last": True,
-    "max_train": None,  # use only the first N training images (quick experiments)
-    "eval_flip": True,  # test accuracy with flip averaging of logits
-    "evaluate": True,  # score the test set after training (the workflow's features rule gets the same number from
-    # the cached test features instead: `accuracy_from_features`, ~45 s fewer on a 2-core CPU)
-    "model_kwargs": {},  # extra kwargs for timm.create_model (widths, depth, pool, ...)
-}
+__all__ = ["train_backbone", "extract_features", "evaluate_backbone", "accuracy_from_features"]
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
@@ -71,10 +56,20 @@ def train_backbone(
     weight_decay: float,
     label_smoothing: float,
     seed: int,
+    optimizer: str = BackboneConfig.optimizer,
+    momentum: float = BackboneConfig.momentum,
+    warmup: float = BackboneConfig.warmup,
+    translate: int = BackboneConfig.translate,
+    flip: bool = BackboneConfig.flip,
+    amp: str = BackboneConfig.amp,
     device: str = "cpu",
     progress: bool = True,
     train_indices: torch.Tensor | None = None,
-    **extra: Any,
+    max_train: int | None = None,
+    evaluate: bool = True,
+    eval_flip: bool = True,
+    channels_last: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``timm.create_model(arch)`` on 10-class CIFAR-10; deterministic for a given seed and machine.
 
@@ -87,36 +82,41 @@ def train_backbone(
         lr: peak learning rate of the warm-up / linear-decay schedule.
         weight_decay: on weights only (not biases / norms).
         label_smoothing: of the cross-entropy.
+        optimizer, momentum, warmup, translate, flip, amp: the recipe (config keys backbone.*, documented in the
+            schema, whose defaults they take): "sgd" (Nesterov) or "adamw"; SGD momentum; fraction of the steps with a linear ramp-up (then
+            linear decay to 0); largest random shift in pixels (0 = off); random horizontal flips; bfloat16 autocast
+            ("auto" | "bf16" | "none").
         seed: seeds the initialisation, shuffling and augmentation.
         device: "cpu" or "cuda[:i]".
         progress: show a tqdm bar.
         train_indices: the training images to use (default: all 50,000); the experiment passes the training split
             without the images that validate RPG.
-        **extra: options in ``BACKBONE_DEFAULTS`` (unknown keys raise ``TypeError``).
+        max_train: use only the first N training images (quick experiments).
+        evaluate: score the test set after training (the workflow's features rule gets the same number from the
+            cached test features instead: `accuracy_from_features`, ~45 s fewer on a 2-core CPU).
+        eval_flip: test accuracy with flip averaging of logits.
+        channels_last: the model and inputs in channels-last memory format (oneDNN's faster layout on CPU).
+        model_kwargs: extra kwargs for timm.create_model (widths, depth, pool, ...).
 
     Returns:
         The model in eval mode (on ``device``, channels-last if enabled) and metrics: ``test_accuracy`` (unless
         ``evaluate=False``), ``train_seconds``, ``epoch_losses``, ``n_params``, ``amp``, ``steps``.
     """
-    unknown = set(extra) - set(BACKBONE_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown train_backbone options {sorted(unknown)}; known: {sorted(BACKBONE_DEFAULTS)}")
-    opts = {**BACKBONE_DEFAULTS, **extra}
-    use_bf16 = resolve_amp(opts["amp"], device)
+    use_bf16 = resolve_amp(amp, device)
     dev = torch.device(device)
 
     torch.manual_seed(seed)
-    model = timm.create_model(arch, num_classes=len(data.classes), feature_dim=feature_dim, **opts["model_kwargs"])
+    model = timm.create_model(arch, num_classes=len(data.classes), feature_dim=feature_dim, **(model_kwargs or {}))
     model = model.to(dev)
-    if opts["channels_last"]:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, opts["optimizer"], lr, weight_decay, momentum=opts["momentum"])
+    opt = make_optimizer(model, optimizer, lr, weight_decay, momentum=momentum)
 
     images, labels = data.train_images, data.train_labels
     if train_indices is not None:
         images, labels = images[train_indices], labels[train_indices]
-    if opts["max_train"]:
-        images, labels = images[: opts["max_train"]], labels[: opts["max_train"]]
+    if max_train:
+        images, labels = images[:max_train], labels[:max_train]
     images, labels = images.to(dev), labels.to(dev)  # uint8 (N, 3, 32, 32), int64 (N,)
     steps_per_epoch = max(1, len(images) // batch_size)
     total = epochs * steps_per_epoch
@@ -125,17 +125,17 @@ def train_backbone(
     t0 = time.perf_counter()
     losses = train_classifier(
         model, images, labels, steps=total, batch_size=batch_size, optimizer=opt,
-        lr_at=lambda step: lr * _lr_factor(step, total, opts["warmup"]), gen=gen,
-        prepare=Preprocess(device=dev, channels_last=opts["channels_last"]), translate=opts["translate"],
-        flip=opts["flip"], label_smoothing=label_smoothing, bf16=use_bf16, progress=progress, desc=f"backbone {arch}")
+        lr_at=lambda step: lr * _lr_factor(step, total, warmup), gen=gen,
+        prepare=Preprocess(device=dev, channels_last=channels_last), translate=translate,
+        flip=flip, label_smoothing=label_smoothing, bf16=use_bf16, progress=progress, desc=f"backbone {arch}")
     epoch_losses = [float(x) for x in losses.view(epochs, steps_per_epoch).mean(1)] if total else []
     train_seconds = time.perf_counter() - t0
     model.eval()
     metrics: dict[str, Any] = {}
-    if opts["evaluate"]:
+    if evaluate:
         metrics["test_accuracy"] = evaluate_backbone(
-            model, data.test_images, data.test_labels, device=device, amp=opts["amp"],
-            flip_average=opts["eval_flip"], channels_last=opts["channels_last"])
+            model, data.test_images, data.test_labels, device=device, amp=amp,
+            flip_average=eval_flip, channels_last=channels_last)
     metrics |= {
         "train_seconds": train_seconds,
         "epoch_losses": epoch_losses,
@@ -156,7 +156,8 @@ def _batched(model: nn.Module, fn: str, images: torch.Tensor, batch_size: int, d
 
 @torch.no_grad()
 def evaluate_backbone(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: str = "cpu",
-                      amp: str = "auto", flip_average: bool = True, channels_last: bool = True,
+                      amp: str = BackboneConfig.amp, flip_average: bool = BackboneConfig.flip_average,
+                      channels_last: bool = True,
                       batch_size: int = 1000) -> float:
     """10-class accuracy of ``model`` on uint8 ``images`` (N, 3, 32, 32) with ``labels`` (N,)."""
     logits = _batched(model, "forward", images, batch_size, device, amp, flip_average, channels_last)  # (N, 10)
@@ -180,8 +181,8 @@ def extract_features(
     images: torch.Tensor,
     batch_size: int = 1000,
     device: str = "cpu",
-    flip_average: bool = True,
-    amp: str = "auto",
+    flip_average: bool = BackboneConfig.flip_average,
+    amp: str = BackboneConfig.amp,
     channels_last: bool = True,
 ) -> torch.Tensor:
     """Frozen features of uint8 images, for training the zoo heads.

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from rpg.config import ZooConfig
 from rpg.experiments.task_zoo.tasks import binary_labels, id_to_embedding, positive_classes
 from rpg.utils import CheckpointError, load_safetensors, save_safetensors_atomic, write_csv_atomic
 
@@ -45,7 +46,7 @@ INITS = ("shared", "per_task")
 PER_TASK_SEED_STRIDE = 1_000_003
 
 
-def initial_heads(d: int, seed: int, task_ids: Sequence[int], init: str = "shared") -> dict[str, torch.Tensor]:
+def initial_heads(d: int, seed: int, task_ids: Sequence[int], init: str = ZooConfig.init) -> dict[str, torch.Tensor]:
     """Stacked initial heads {key: (T, ...)}: one shared head repeated (`shared`, the paper's recipe), or each task's
     head from its own seeded init (`per_task`: heads of similar tasks then share no basin)."""
     if init == "shared":
@@ -100,7 +101,7 @@ def _head_grads(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, x: torch.T
 
 def train_heads(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Sequence[int], *, steps: int,
                 batch_size: int, lr: float, weight_decay: float, n_checkpoints: int, save_every: int, seed: int,
-                task_chunk: int = 16, init: str = "shared", progress: bool = True,
+                task_chunk: int = ZooConfig.task_chunk, init: str = ZooConfig.init, progress: bool = True,
                 on_step: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
     """Train one head per task, vectorised over tasks.
 
