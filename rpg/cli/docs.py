@@ -491,7 +491,8 @@ def update(table: str, results: Path, root: Path = ROOT) -> Path:
 def add_parser(sub: argparse._SubParsersAction, formatter) -> None:
     d = sub.add_parser("docs", formatter_class=formatter, help="render README / docs tables from reference results",
                        description=__doc__)
-    actions = d.add_subparsers(dest="docs_command", required=True)
+    actions = d.add_subparsers(dest="docs_command", required=True, metavar="ACTION",
+                               help="render, check or update the pages")
     actions.add_parser("render", help="rewrite the rendered parts of README.md and docs/*.md in place")
     actions.add_parser("check", help="exit 1 with a diff when a page disagrees with its reference CSVs")
     u = actions.add_parser("update", help="copy a new run's table into docs/reference/<table>/, then render")
