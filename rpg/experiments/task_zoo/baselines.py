@@ -23,8 +23,9 @@ training tasks only (the class-set bits as above; a head is only meaningful on t
 with one domain each is exactly the definition above; `compose` applies the clean 10-class head to each task's
 domain features (the classifier a fixed backbone offers: it has never seen a shifted domain).
 
-Novelty (`rpg.evaluation.l2_novelty`): L2 distance of a head to the nearest training checkpoint (for a checkpoint of
-the training split itself, the nearest *other* one: the zoo's own spread).
+Novelty (`rpg.evaluation.l2_novelty`, measured by `rpg.evaluation.SampleRows` against `TrainingZoo.collection`): L2
+distance of a head to the nearest training checkpoint (for a checkpoint of the training split itself, the nearest
+*other* one: the zoo's own spread).
 
 Every baseline is registered in `rpg.evaluation` under family `task` (FAMILY): a head baseline is called as
 `fn(zoo, targets, noise_l2, seed)` -> (n, P) flat heads; `compose` as `fn(classifier, features, task_ids)` ->
@@ -40,7 +41,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rpg.evaluation import create_baseline, l2_novelty, list_baselines, register_baseline
+from rpg.evaluation import Collection, create_baseline, list_baselines, register_baseline
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, load_task_checkpoints
 from rpg.experiments.task_zoo.tasks import (N_BITS, TaskSplit, domain_task_id, embedding_bits, rows_by_domain,
                                             split_task_id, task_domains)
@@ -97,9 +98,10 @@ class TrainingZoo:
         return self.checkpoints.view(len(self.task_ids), self.n_checkpoints, -1).mean(1)
 
     @cached_property
-    def checkpoints64(self) -> torch.Tensor:
-        """(T * K, P) float64, converted once: the novelty distances of every group use it."""
-        return self.checkpoints.double()
+    def collection(self) -> Collection:
+        """The checkpoints as the training collection of `rpg.evaluation` (novelty measured in float64, converted
+        once for every group; an original skips any checkpoint within SELF_TOLERANCE of itself)."""
+        return Collection(self.checkpoints.double(), self_tolerance=SELF_TOLERANCE)
 
 
 def load_training_zoo(zoo_dir: str | Path, split: TaskSplit, n_checkpoints: int,
@@ -243,15 +245,3 @@ def compose_predictions(classifier: dict[str, torch.Tensor], features: torch.Ten
 
 BASELINES = tuple(list_baselines(FAMILY))  # the head baselines, then compose
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Novelty
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def l2_to_nearest(heads: torch.Tensor, zoo: TrainingZoo, exclude_self: bool = False) -> torch.Tensor:
-    """`rpg.evaluation.l2_novelty` of heads against the training zoo, in float64. With exclude_self (the heads are
-    themselves originals), an identical checkpoint (the head itself, wherever it sits in the zoo) is skipped.
-    Shapes: (n, P) -> (n,) float32."""
-    return l2_novelty(heads.double(), zoo.checkpoints64, self_tolerance=SELF_TOLERANCE if exclude_self else 0.0
-                      ).float()
