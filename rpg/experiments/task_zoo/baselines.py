@@ -28,8 +28,8 @@ distance of a head to the nearest training checkpoint (for a checkpoint of the t
 *other* one: the zoo's own spread).
 
 Every baseline is registered in `rpg.evaluation` under family `task` (FAMILY): a head baseline is called as
-`fn(zoo, targets, noise_l2, seed)` -> (n, P) flat heads; `compose` as `fn(classifier, features, task_ids)` ->
-(T, N) predictions.
+`fn(zoo, targets, noise_l2, seed)` -> (n, P) flat heads (all but `noise` ignore the last two, and may be called with
+`(zoo, targets)`); `compose`, which has no weights, as `fn(classifier, features, task_ids)` -> (T, N) predictions.
 """
 
 from __future__ import annotations
@@ -133,20 +133,23 @@ def hamming(a: Sequence[int], b: Sequence[int]) -> torch.Tensor:
     return (embedding_bits(a)[:, None, :] != embedding_bits(b)[None, :, :]).sum(-1)
 
 
-def affine_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+@register_baseline(FAMILY, "affine")
+def affine_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Least-squares affine map from [1, ±1 bits] to the training tasks' mean heads. Shapes: -> (n, P)."""
     coef = torch.linalg.lstsq(task_design(zoo.task_ids), zoo.mean_heads.double(), driver="gelsd").solution
     return (task_design(targets) @ coef).float()
 
 
-def nearest_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+@register_baseline(FAMILY, "nearest")
+def nearest_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Mean of the mean heads of the Hamming-nearest training tasks (all ties). Shapes: -> (n, P)."""
     dist = hamming(targets, zoo.task_ids)
     weights = (dist == dist.min(1, keepdim=True).values).float()
     return (weights / weights.sum(1, keepdim=True)) @ zoo.mean_heads
 
 
-def complement_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+@register_baseline(FAMILY, "complement")
+def complement_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float = 0.0, seed: int = 0) -> torch.Tensor:
     """The complement task's mean head with output rows 0 <-> 1 swapped; NaN rows where the complement is not a
     training task. Shapes: -> (n, P)."""
     row = {t: i for i, t in enumerate(zoo.task_ids)}
@@ -160,11 +163,13 @@ def complement_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
     return heads
 
 
-def mean_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+@register_baseline(FAMILY, "mean")
+def mean_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float = 0.0, seed: int = 0) -> torch.Tensor:
     """The mean training head, for every target. Shapes: -> (n, P)."""
     return zoo.mean_heads.mean(0, keepdim=True).expand(len(targets), -1).clone()
 
 
+@register_baseline(FAMILY, "noise")
 def noise_heads(zoo: TrainingZoo, targets: Sequence[int], l2: float, seed: int) -> torch.Tensor:
     """Last checkpoint of the lowest-id Hamming-nearest training task plus Gaussian noise of L2 norm `l2`.
 
@@ -175,12 +180,6 @@ def noise_heads(zoo: TrainingZoo, targets: Sequence[int], l2: float, seed: int) 
     return noise_at_distance(source, l2, torch.Generator().manual_seed(seed))
 
 
-# The registered head baselines, in the order they are built: fn(zoo, targets, noise_l2, seed) -> (n, P).
-register_baseline(FAMILY, "affine")(lambda zoo, targets, noise_l2, seed: affine_heads(zoo, targets))
-register_baseline(FAMILY, "nearest")(lambda zoo, targets, noise_l2, seed: nearest_heads(zoo, targets))
-register_baseline(FAMILY, "complement")(lambda zoo, targets, noise_l2, seed: complement_heads(zoo, targets))
-register_baseline(FAMILY, "mean")(lambda zoo, targets, noise_l2, seed: mean_heads(zoo, targets))
-register_baseline(FAMILY, "noise")(noise_heads)
 HEAD_BASELINES = tuple(list_baselines(FAMILY))
 
 
