@@ -16,7 +16,8 @@ import torch
 
 from rpg.checkpoint import load_rpg
 from rpg.config import Config
-from rpg.evaluation import BALANCED_ACCURACY, KIND_ORIGINAL, KIND_RPG, Models, SampleRows, create_baseline, samples_table
+from rpg.evaluation import (BALANCED_ACCURACY, KIND_ORIGINAL, KIND_RPG, Models, SampleRows, create_baseline,
+                            samples_table)
 from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
