@@ -8,8 +8,8 @@ Baselines, each sampled as many times as the generator was and scored by the sam
   gaussian   an independent Gaussian per parameter with the collection's mean and std
 Beside the generated models (kind `rpg`), `rpg_bn_recomputed`: the same samples with their BatchNorm running
 statistics recomputed on training images instead of generated (when `architectures.bn_recompute_images` > 0).
-Novelty of every model (generated, baseline, and each original against the *other* originals), in the vocabulary of
-`rpg.evaluation`:
+Novelty of every model (generated, baseline, and each original against the *other* originals), measured by
+`rpg.evaluation.SampleRows` in its vocabulary:
   l2_novelty        L2 distance to the nearest collection checkpoint (for originals: their own nearest-neighbour
                     distance)
   max_iou_original  maximum IoU of its misclassified test images against any collection checkpoint's
