@@ -19,6 +19,10 @@ Novelty of a model (Zeng et al. 2025; p-diff's similarity):
   pairwise_iou      mean IoU against the other models of its kind (for the same task)
   l2_spread         mean L2 distance to the other models of its kind: how spread a generator's samples are
 
+Rows of samples.csv come from one builder, `SampleRows`: a family hands it each kind's models (their predictions,
+the true classes, the models as flat points) with the originals and the training collection; it measures every
+column above the same way for every family.
+
 Baselines are registered like timm's models: `@register_baseline("<family>")` on a function registers it under
 its name; `list_baselines(family)` gives a family's names in registration order (the order they are drawn in),
 `get_baseline` / `create_baseline` find or call one and raise a clear error for an unknown name.
@@ -27,11 +31,15 @@ its name; `list_baselines(family)` gives a family's names in registration order 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Mapping, Sequence
 
+import pandas as pd
 import torch
 
-from rpg.weightspace import nearest_distance
+from rpg.vision.similarity import max_iou_to_reference, misclassified_iou
+from rpg.weightspace import mean_distance, nearest_and_mean_distance, nearest_distance
 
 # ----------------------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -88,6 +96,138 @@ def l2_novelty(points: torch.Tensor, collection: torch.Tensor, *, exclude_self: 
     `self_tolerance * |point|` is the point itself). Shapes: (A, P), (B, P) -> (A,) in the inputs' dtype.
     """
     return nearest_distance(points, collection, exclude_self, self_tolerance)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows of samples.csv
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """One kind's models as a family's predictor scored them (the input of `SampleRows.rows`).
+
+    preds (M, N): each model's predicted class per test image; targets: the true classes, (N,) or per model (M, N);
+    flat (M, P): the models as points, in the collection's coordinates (None: no weight-space novelty, NaN);
+    index: each model's number in its kind (default 0..M-1); tasks: the task of each model (IoU compares models of
+    one task only; None: one task); columns: identity columns after `kind` (e.g. task_id), one value per model;
+    metrics: the family's further scores after `accuracy` (e.g. balanced_accuracy), (M,) each.
+    """
+
+    kind: str
+    preds: torch.Tensor
+    targets: torch.Tensor
+    flat: torch.Tensor | None = None
+    index: Sequence[int] | None = None
+    tasks: Sequence[int] | None = None
+    columns: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Collection:
+    """The checkpoints the generator learnt from, as points (K, P) in the dtype distances are measured in.
+
+    originals_inside: the originals are checkpoints of the collection, at rows `Models.index`; their l2_novelty
+        and l2_spread come from one pass over the collection, each skipping itself (NaN for a collection of one).
+    self_tolerance: otherwise an original skips any checkpoint within `self_tolerance * |original|` (itself,
+        wherever it sits in the collection; an original outside it, e.g. of a held-out task, skips nothing).
+    """
+
+    points: torch.Tensor
+    originals_inside: bool = False
+    self_tolerance: float = 0.0
+
+    def novelty(self, flat: torch.Tensor, of_originals: bool = False) -> torch.Tensor:
+        """l2_novelty of models given as points (M, P) (originals: skipping themselves by `self_tolerance`),
+        measured in the collection's dtype. -> (M,) float32."""
+        tolerance = self.self_tolerance if of_originals else 0.0
+        return l2_novelty(flat.to(self.points.dtype), self.points, self_tolerance=tolerance).float()
+
+    @cached_property
+    def own_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each checkpoint's distance to its nearest other one and its mean distance to the others. (K,), (K,)."""
+        if len(self.points) > 1:
+            return nearest_and_mean_distance(self.points, self.points, exclude_self=True)
+        nan = torch.full((len(self.points),), float("nan"))
+        return nan, nan
+
+
+@dataclass
+class SampleRows:
+    """Builds the samples.csv rows of every kind of model against one set of originals and one training collection.
+
+    The columns: kind, the models' identity columns, accuracy, the family's metrics, l2_novelty (against
+    `collection`; NaN without one), max_iou_original (against the originals of the model's task; an original
+    against the *other* ones, NaN where it has none), then pairwise_iou and l2_spread where the family measures them.
+    """
+
+    originals: Models
+    collection: Collection | None = None
+    pairwise_iou: bool = False
+    l2_spread: bool = False
+
+    def rows(self, models: Models) -> pd.DataFrame:
+        """One row per model of `models` (the originals themselves included)."""
+        n = len(models.preds)
+        columns: dict[str, Any] = {KIND: models.kind, **{k: list(v) for k, v in models.columns.items()},
+                                   "index": list(range(n)) if models.index is None else list(models.index),
+                                   ACCURACY: (models.preds == models.targets).float().mean(1)}
+        columns.update(models.metrics)
+        nearest, spread = self._distances(models)
+        iou, pairwise = self._iou(models)
+        columns.update({L2_NOVELTY: nearest, MAX_IOU_ORIGINAL: iou})
+        if self.pairwise_iou:
+            columns[PAIRWISE_IOU] = pairwise
+        if self.l2_spread:
+            columns[L2_SPREAD] = spread
+        return pd.DataFrame({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in columns.items()})
+
+    def _distances(self, models: Models) -> tuple[torch.Tensor, torch.Tensor]:
+        """l2_novelty and l2_spread (against the other models of the kind) of each model. (M,), (M,) float32."""
+        n = len(models.preds)
+        nan = torch.full((n,), float("nan"))
+        coll = self.collection
+        if coll is None or models.flat is None:
+            return nan, nan
+        own = models.kind == KIND_ORIGINAL
+        if own and coll.originals_inside:
+            rows = list(range(n)) if models.index is None else list(models.index)
+            nearest, spread = coll.own_distances
+            return nearest[rows], spread[rows]
+        flat = models.flat.to(coll.points.dtype)
+        spread = mean_distance(flat, flat, exclude_self=True).float() if self.l2_spread else nan
+        return coll.novelty(flat, of_originals=own), spread
+
+    def _iou(self, models: Models) -> tuple[torch.Tensor, torch.Tensor]:
+        """max_iou_original and pairwise_iou of each model, task by task. (M,), (M,)."""
+        n, orig = len(models.preds), self.originals
+        best, pairwise = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+        tasks = torch.tensor(models.tasks) if models.tasks is not None else torch.zeros(n, dtype=torch.long)
+        orig_tasks = (torch.tensor(orig.tasks) if orig.tasks is not None
+                      else torch.zeros(len(orig.preds), dtype=torch.long))
+        own = models.kind == KIND_ORIGINAL
+        for t in sorted(set(tasks.tolist())):
+            rows, ref = tasks == t, orig_tasks == t
+            target = models.targets if models.targets.ndim == 1 else models.targets[rows][0]
+            if not own or int(ref.sum()) > 1:
+                best[rows] = max_iou_to_reference(models.preds[rows], orig.preds[ref], target, exclude_self=own)
+            m = int(rows.sum())
+            if self.pairwise_iou and m > 1:
+                iou = misclassified_iou(models.preds[rows], models.preds[rows], target)
+                pairwise[rows] = (iou.sum(1) - iou.diag()) / (m - 1)
+        return best, pairwise
+
+
+def samples_table(frames: Sequence[pd.DataFrame], float_dtype: str | None = None) -> pd.DataFrame:
+    """Frames of `SampleRows.rows` as one samples table; float_dtype: the dtype its float columns are written in
+    (None: the tensors' own, float32; the task zoo's samples.csv has float64)."""
+    if not frames:
+        return pd.DataFrame()
+    frame = pd.concat(frames, ignore_index=True)
+    if float_dtype is not None:
+        frame = frame.astype({c: float_dtype for c in frame.columns if frame[c].dtype.kind == "f"})
+    return frame
 
 
 # ----------------------------------------------------------------------------------------------------------------

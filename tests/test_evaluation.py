@@ -83,3 +83,30 @@ def test_novelty_is_exact_and_skips_the_point_itself():
     assert torch.allclose(skipped, own[[5, 17]].double()) and (skipped > 0).all()
     assert torch.isinf(ev.l2_novelty(ref[:1], ref[:1], exclude_self=True)).all()  # no other checkpoint
     assert ev.l2_novelty(ref[:0], ref).shape == (0,)
+
+
+def test_sample_rows_measure_every_family_the_same_way():
+    """One builder: accuracy, l2_novelty against the collection, max IoU against the task's originals (an original
+    against the others), pairwise IoU and spread within a kind, task by task; identity columns and metrics in order."""
+    labels = torch.tensor([0, 1, 0, 1])
+    orig_preds = torch.tensor([[0, 1, 0, 0], [0, 1, 1, 1], [1, 1, 0, 1]])  # wrong on {3}, {2}, {0}
+    points = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    originals = ev.Models(ev.KIND_ORIGINAL, orig_preds, labels, points)
+    rows = ev.SampleRows(originals, ev.Collection(points, originals_inside=True), pairwise_iou=True, l2_spread=True)
+    own = rows.rows(originals)
+    assert own[ev.L2_NOVELTY].tolist() == [3.0, 3.0, 4.0]  # nearest *other* checkpoint
+    assert own[ev.MAX_IOU_ORIGINAL].tolist() == [0.0, 0.0, 0.0]  # disjoint mistakes
+    gen = ev.Models(ev.KIND_RPG, torch.tensor([[0, 1, 0, 0], [0, 1, 0, 0]]), labels, torch.tensor([[0.0, 1.0]] * 2),
+                    columns={"task_id": [7, 7]}, metrics={"extra": torch.tensor([0.5, 0.25])})
+    frame = rows.rows(gen)
+    assert list(frame.columns) == [ev.KIND, "task_id", "index", ev.ACCURACY, "extra", ev.L2_NOVELTY,
+                                   ev.MAX_IOU_ORIGINAL, ev.PAIRWISE_IOU, ev.L2_SPREAD]
+    assert frame[ev.ACCURACY].tolist() == [0.75, 0.75]
+    assert frame[ev.L2_NOVELTY].tolist() == [1.0, 1.0]
+    assert frame[ev.MAX_IOU_ORIGINAL].tolist() == [1.0, 1.0]  # a copy of original 0's mistakes
+    assert frame[ev.PAIRWISE_IOU].tolist() == [1.0, 1.0] and frame[ev.L2_SPREAD].tolist() == [0.0, 0.0]
+    lonely = ev.SampleRows(ev.Models(ev.KIND_ORIGINAL, orig_preds[:1], labels, points[:1]),
+                           ev.Collection(points[:1], originals_inside=True))
+    assert lonely.rows(lonely.originals)[[ev.L2_NOVELTY, ev.MAX_IOU_ORIGINAL]].isna().all().all()
+    wide = ev.samples_table([own, frame], float_dtype="float64")
+    assert wide[ev.L2_NOVELTY].dtype == "float64" and len(wide) == 5

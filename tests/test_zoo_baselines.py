@@ -16,7 +16,7 @@ import torch
 
 from rpg.config import load_config
 from rpg.experiments.task_zoo.baselines import (BASELINES, TrainingZoo, affine_heads, complement_heads,
-                                                compose_predictions, flatten_heads, l2_to_nearest, mean_heads,
+                                                compose_predictions, flatten_heads, mean_heads,
                                                 nearest_heads, noise_heads, unflatten_heads)
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, checkpoint_path, evaluate_heads, save_zoo, train_heads
 from rpg.experiments.task_zoo.pipeline import generate_and_evaluate, read_split, train_conditional_rpg, write_split
@@ -292,7 +292,7 @@ def test_compose_and_l2_by_hand(toy_zoo):
     pred = compose_predictions(clf, x, [1, 512])  # 1 = truck only, 512 = airplane only
     assert pred.tolist() == [[0, 1], [1, 0]]
     heads = toy_zoo.checkpoints[:2] + 0.0
-    assert torch.allclose(l2_to_nearest(heads, toy_zoo), torch.zeros(2))
-    own = l2_to_nearest(heads, toy_zoo, exclude_self=True)
+    assert torch.allclose(toy_zoo.collection.novelty(heads), torch.zeros(2))
+    own = toy_zoo.collection.novelty(heads, of_originals=True)
     expect = torch.cdist(heads, toy_zoo.checkpoints).sort(1).values[:, 1]
     assert torch.allclose(own, expect, atol=1e-5)

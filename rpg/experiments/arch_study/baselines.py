@@ -8,8 +8,8 @@ Baselines, each sampled as many times as the generator was and scored by the sam
   gaussian   an independent Gaussian per parameter with the collection's mean and std
 Beside the generated models (kind `rpg`), `rpg_bn_recomputed`: the same samples with their BatchNorm running
 statistics recomputed on training images instead of generated (when `architectures.bn_recompute_images` > 0).
-Novelty of every model (generated, baseline, and each original against the *other* originals), in the vocabulary of
-`rpg.evaluation`:
+Novelty of every model (generated, baseline, and each original against the *other* originals), measured by
+`rpg.evaluation.SampleRows` in its vocabulary:
   l2_novelty        L2 distance to the nearest collection checkpoint (for originals: their own nearest-neighbour
                     distance)
   max_iou_original  maximum IoU of its misclassified test images against any collection checkpoint's
@@ -31,11 +31,10 @@ import pandas as pd
 import torch
 
 from rpg.evaluation import (ACCURACY, BEST_BASELINE, KIND, KIND_ORIGINAL, KIND_RPG, L2_NOVELTY, L2_SPREAD,
-                            MAX_IOU_ORIGINAL, STATS, acc_column, best_baseline, best_baseline_column, create_baseline,
-                            l2_novelty, list_baselines, minus_baseline_column, novelty_column, register_baseline)
-from rpg.vision.similarity import max_iou_to_reference
-from rpg.weightspace import (flatten, gaussian_samples, mean_distance, nearest_and_mean_distance, noise_at_distance,
-                              random_averages, unflatten)
+                            MAX_IOU_ORIGINAL, STATS, Collection, Models, SampleRows, acc_column, best_baseline,
+                            best_baseline_column, create_baseline, list_baselines, minus_baseline_column,
+                            novelty_column, register_baseline, samples_table)
+from rpg.weightspace import flatten, gaussian_samples, noise_at_distance, random_averages, unflatten
 
 StateDict = Mapping[str, torch.Tensor]
 Predictor = Callable[[StateDict], torch.Tensor]  # state dict -> predicted classes (N,)
@@ -73,33 +72,6 @@ def baseline_points(points: torch.Tensor, n: int, novelty: float, seed: int) -> 
     return {name: create_baseline(name, FAMILY, points, n, novelty, gen) for name in BASELINES}
 
 
-def model_rows(kind: str, points: torch.Tensor, preds: torch.Tensor, reference: torch.Tensor,
-               reference_preds: torch.Tensor, labels: torch.Tensor, of_reference: bool = False,
-               index: Sequence[int] | None = None,
-               distances: tuple[torch.Tensor, torch.Tensor] | None = None) -> pd.DataFrame:
-    """One row per model: kind, index, accuracy, l2_novelty, max_iou_original (against the reference = the
-    collection) and l2_spread (against the other models of these points).
-
-    With of_reference the models are the collection itself and each is compared with the others (NaN for a
-    collection of one). distances: (l2_novelty, l2_spread) when the caller has them (the originals': from the
-    whole collection, of which the rows may be a part). Shapes: points (A, P), preds (A, N), reference (B, P),
-    reference_preds (B, N), labels (N,).
-    """
-    lonely = of_reference and len(reference) < 2
-    nan = torch.full((len(points),), float("nan"))
-    if distances is None:
-        distances = (nan if lonely else l2_novelty(points, reference, exclude_self=of_reference),
-                     mean_distance(points, points, exclude_self=True))
-    return pd.DataFrame({
-        KIND: kind, "index": range(len(points)) if index is None else list(index),
-        ACCURACY: (preds == labels).float().mean(1).numpy(),
-        L2_NOVELTY: distances[0].numpy(),
-        MAX_IOU_ORIGINAL: (nan if lonely else max_iou_to_reference(preds, reference_preds, labels,
-                                                                   exclude_self=of_reference)).numpy(),
-        L2_SPREAD: distances[1].numpy(),
-    })
-
-
 def compare_with_collection(collection: Sequence[StateDict], generated: Sequence[StateDict], predict: Predictor,
                             labels: torch.Tensor, seed: int, *, scored: Sequence[int] | None = None,
                             n_baseline: int | None = None,
@@ -115,32 +87,26 @@ def compare_with_collection(collection: Sequence[StateDict], generated: Sequence
         BatchNorm statistics recomputed), kind -> state dicts.
     scored_preds: (len(scored), N) the scored checkpoints' predictions, when already known (saved at collection).
     """
-    points, gen_points = flatten(collection), flatten(generated)
+    points = flatten(collection)
     scored = list(range(len(collection))) if scored is None else list(scored)
     ref_preds = (torch.stack([predict(collection[i]) for i in scored]) if scored_preds is None
                  else scored_preds.long())
-    gen_preds = torch.stack([predict(sd) for sd in generated])
+
+    def models(kind: str, state_dicts: Sequence[StateDict]) -> Models:  # this family's predictor, one kind at a time
+        return Models(kind, torch.stack([predict(sd) for sd in state_dicts]), labels, flatten(state_dicts))
+
     # an original's distances: to all the other checkpoints (one pass); its mistakes: against the other scored ones
-    if len(collection) > 1:
-        nearest, spread = nearest_and_mean_distance(points, points, exclude_self=True)
-    else:
-        nearest = spread = torch.full((1,), float("nan"))
-    originals = model_rows(KIND_ORIGINAL, points[scored], ref_preds, points[scored], ref_preds, labels,
-                           of_reference=True, index=scored, distances=(nearest[scored], spread[scored]))
-    frames = [originals, model_rows(KIND_RPG, gen_points, gen_preds, points, ref_preds, labels)]
-    for kind, models in (variants or {}).items():
-        preds = torch.stack([predict(sd) for sd in models])
-        frames.append(model_rows(kind, flatten(models), preds, points, ref_preds, labels))
+    originals = Models(KIND_ORIGINAL, ref_preds, labels, points[scored], index=scored)
+    builder = SampleRows(originals, Collection(points, originals_inside=True), l2_spread=True)
+    frames = [builder.rows(originals), builder.rows(models(KIND_RPG, generated))]
+    frames += [builder.rows(models(kind, variant)) for kind, variant in (variants or {}).items()]
     novelty = float(frames[1][L2_NOVELTY].mean())
     n = len(generated) if n_baseline is None else n_baseline
     for kind, kind_points in baseline_points(points, n, novelty, seed).items():
-        models = [unflatten(p, collection[0]) for p in kind_points]
         # back from the state dicts: a clipped running_var is what was scored, so it is what is measured
-        kind_points = flatten(models)
-        preds = torch.stack([predict(sd) for sd in models])
-        frames.append(model_rows(kind, kind_points, preds, points, ref_preds, labels))
+        frames.append(builder.rows(models(kind, [unflatten(p, collection[0]) for p in kind_points])))
     settings = {"noise_l2": novelty, "average_of": min(AVERAGE_OF, len(collection))}
-    return pd.concat(frames, ignore_index=True), settings
+    return samples_table(frames), settings
 
 
 def summary_columns(samples: pd.DataFrame) -> dict[str, float]:

@@ -23,12 +23,13 @@ training tasks only (the class-set bits as above; a head is only meaningful on t
 with one domain each is exactly the definition above; `compose` applies the clean 10-class head to each task's
 domain features (the classifier a fixed backbone offers: it has never seen a shifted domain).
 
-Novelty (`rpg.evaluation.l2_novelty`): L2 distance of a head to the nearest training checkpoint (for a checkpoint of
-the training split itself, the nearest *other* one: the zoo's own spread).
+Novelty (`rpg.evaluation.l2_novelty`, measured by `rpg.evaluation.SampleRows` against `TrainingZoo.collection`): L2
+distance of a head to the nearest training checkpoint (for a checkpoint of the training split itself, the nearest
+*other* one: the zoo's own spread).
 
 Every baseline is registered in `rpg.evaluation` under family `task` (FAMILY): a head baseline is called as
-`fn(zoo, targets, noise_l2, seed)` -> (n, P) flat heads; `compose` as `fn(classifier, features, task_ids)` ->
-(T, N) predictions.
+`fn(zoo, targets, noise_l2, seed)` -> (n, P) flat heads (all but `noise` ignore the last two, and may be called with
+`(zoo, targets)`); `compose`, which has no weights, as `fn(classifier, features, task_ids)` -> (T, N) predictions.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rpg.evaluation import create_baseline, l2_novelty, list_baselines, register_baseline
+from rpg.evaluation import Collection, create_baseline, list_baselines, register_baseline
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, load_task_checkpoints
 from rpg.experiments.task_zoo.tasks import (N_BITS, TaskSplit, domain_task_id, embedding_bits, rows_by_domain,
                                             split_task_id, task_domains)
@@ -97,9 +98,10 @@ class TrainingZoo:
         return self.checkpoints.view(len(self.task_ids), self.n_checkpoints, -1).mean(1)
 
     @cached_property
-    def checkpoints64(self) -> torch.Tensor:
-        """(T * K, P) float64, converted once: the novelty distances of every group use it."""
-        return self.checkpoints.double()
+    def collection(self) -> Collection:
+        """The checkpoints as the training collection of `rpg.evaluation` (novelty measured in float64, converted
+        once for every group; an original skips any checkpoint within SELF_TOLERANCE of itself)."""
+        return Collection(self.checkpoints.double(), self_tolerance=SELF_TOLERANCE)
 
 
 def load_training_zoo(zoo_dir: str | Path, split: TaskSplit, n_checkpoints: int,
@@ -131,20 +133,23 @@ def hamming(a: Sequence[int], b: Sequence[int]) -> torch.Tensor:
     return (embedding_bits(a)[:, None, :] != embedding_bits(b)[None, :, :]).sum(-1)
 
 
-def affine_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+@register_baseline(FAMILY, "affine")
+def affine_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Least-squares affine map from [1, ±1 bits] to the training tasks' mean heads. Shapes: -> (n, P)."""
     coef = torch.linalg.lstsq(task_design(zoo.task_ids), zoo.mean_heads.double(), driver="gelsd").solution
     return (task_design(targets) @ coef).float()
 
 
-def nearest_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+@register_baseline(FAMILY, "nearest")
+def nearest_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Mean of the mean heads of the Hamming-nearest training tasks (all ties). Shapes: -> (n, P)."""
     dist = hamming(targets, zoo.task_ids)
     weights = (dist == dist.min(1, keepdim=True).values).float()
     return (weights / weights.sum(1, keepdim=True)) @ zoo.mean_heads
 
 
-def complement_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+@register_baseline(FAMILY, "complement")
+def complement_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float = 0.0, seed: int = 0) -> torch.Tensor:
     """The complement task's mean head with output rows 0 <-> 1 swapped; NaN rows where the complement is not a
     training task. Shapes: -> (n, P)."""
     row = {t: i for i, t in enumerate(zoo.task_ids)}
@@ -158,11 +163,13 @@ def complement_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
     return heads
 
 
-def mean_heads(zoo: TrainingZoo, targets: Sequence[int]) -> torch.Tensor:
+@register_baseline(FAMILY, "mean")
+def mean_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float = 0.0, seed: int = 0) -> torch.Tensor:
     """The mean training head, for every target. Shapes: -> (n, P)."""
     return zoo.mean_heads.mean(0, keepdim=True).expand(len(targets), -1).clone()
 
 
+@register_baseline(FAMILY, "noise")
 def noise_heads(zoo: TrainingZoo, targets: Sequence[int], l2: float, seed: int) -> torch.Tensor:
     """Last checkpoint of the lowest-id Hamming-nearest training task plus Gaussian noise of L2 norm `l2`.
 
@@ -173,12 +180,6 @@ def noise_heads(zoo: TrainingZoo, targets: Sequence[int], l2: float, seed: int) 
     return noise_at_distance(source, l2, torch.Generator().manual_seed(seed))
 
 
-# The registered head baselines, in the order they are built: fn(zoo, targets, noise_l2, seed) -> (n, P).
-register_baseline(FAMILY, "affine")(lambda zoo, targets, noise_l2, seed: affine_heads(zoo, targets))
-register_baseline(FAMILY, "nearest")(lambda zoo, targets, noise_l2, seed: nearest_heads(zoo, targets))
-register_baseline(FAMILY, "complement")(lambda zoo, targets, noise_l2, seed: complement_heads(zoo, targets))
-register_baseline(FAMILY, "mean")(lambda zoo, targets, noise_l2, seed: mean_heads(zoo, targets))
-register_baseline(FAMILY, "noise")(noise_heads)
 HEAD_BASELINES = tuple(list_baselines(FAMILY))
 
 
@@ -243,15 +244,3 @@ def compose_predictions(classifier: dict[str, torch.Tensor], features: torch.Ten
 
 BASELINES = tuple(list_baselines(FAMILY))  # the head baselines, then compose
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Novelty
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def l2_to_nearest(heads: torch.Tensor, zoo: TrainingZoo, exclude_self: bool = False) -> torch.Tensor:
-    """`rpg.evaluation.l2_novelty` of heads against the training zoo, in float64. With exclude_self (the heads are
-    themselves originals), an identical checkpoint (the head itself, wherever it sits in the zoo) is skipped.
-    Shapes: (n, P) -> (n,) float32."""
-    return l2_novelty(heads.double(), zoo.checkpoints64, self_tolerance=SELF_TOLERANCE if exclude_self else 0.0
-                      ).float()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,8 @@ import torch
 
 from rpg.checkpoint import load_rpg
 from rpg.config import Config
-from rpg.evaluation import L2_NOVELTY, MAX_IOU_ORIGINAL, PAIRWISE_IOU
+from rpg.evaluation import (BALANCED_ACCURACY, KIND_ORIGINAL, KIND_RPG, Models, SampleRows, create_baseline,
+                            samples_table)
 from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
@@ -30,12 +30,10 @@ from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetenso
                        write_json_atomic)
 from rpg.weightspace import flatten
 from rpg.experiments.task_zoo.canonical import Gauge
-from rpg.experiments.task_zoo.baselines import (NOISE_SEED_OFFSET, TrainingZoo, baseline_heads, compose_predictions,
-                                                flatten_heads, l2_to_nearest, load_backbone_classifier,
-                                                load_training_zoo, unflatten_heads)
+from rpg.experiments.task_zoo.baselines import (FAMILY, NOISE_SEED_OFFSET, TrainingZoo, baseline_heads, flatten_heads,
+                                                load_backbone_classifier, load_training_zoo, unflatten_heads)
 from rpg.experiments.task_zoo.heads import (HeadEvaluator, checkpoint_path, evaluate_heads, load_task_checkpoints,
                                             save_steps, save_zoo, task_metrics, train_heads)
-from rpg.vision.similarity import max_iou_to_reference, misclassified_iou
 
 
 def configured_task_ids(cfg: Config) -> list[int]:
@@ -235,17 +233,6 @@ def generation_plan(cfg: Config, split: TaskSplit) -> dict[str, list[int]]:
     return {"unseen": list(split.unseen), "seen": sorted(split.train[i] for i in pick.tolist()), "flip": flip}
 
 
-@dataclass
-class ScoredModels:
-    """Test-set predictions of one kind of model (rpg, original or a baseline) for one group's tasks."""
-
-    kind: str
-    task_ids: list[int]
-    index: list[int]
-    preds: torch.Tensor  # (M, N)
-    l2_novelty: torch.Tensor  # (M,), NaN where not measured
-
-
 def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | Path,
                           features_path: str | Path | None, zoo_dir: str | Path, out_dir: str | Path,
                           backbone_path: str | Path | None = None) -> pd.DataFrame:
@@ -269,7 +256,7 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     train_zoo = (load_training_zoo(zoo_dir, split, k, cfg.train.canonicalise) if cfg.zoo.mode == "batched_heads"
                  else None)
     classifier = load_backbone_classifier(backbone_path) if backbone_path and train_zoo is not None else None
-    rows, timing = [], {}
+    frames, timing = [], {}
     for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
         if not task_ids:
             continue
@@ -285,22 +272,24 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
                                     {"arch": cfg.backbone.arch if cfg.zoo.mode == "finetune" else "binary_head",
                                      "task_id": t, "embedding": id_to_embedding(t), "sample": i % n,
                                      "generator": str(rpg_path), "generator_step": meta["step"]})
-        scored = [_score(evaluator, "rpg", sds, ids_rep, list(range(n)) * len(task_ids), train_zoo)]
+        scored = [_models(evaluator, KIND_RPG, sds, ids_rep, list(range(n)) * len(task_ids), train_zoo)]
         if train_zoo is not None:
-            noise_l2 = float(scored[0].l2_novelty.mean())
+            noise_l2 = float(train_zoo.collection.novelty(scored[0].flat).mean())
             heads = baseline_heads(train_zoo, task_ids, noise_l2, seed=cfg.seed + NOISE_SEED_OFFSET + g)
-            found = [_score_flat(evaluator, name, flat, task_ids, train_zoo) for name, flat in heads.items()]
+            found = [_flat_models(evaluator, name, flat, task_ids, train_zoo) for name, flat in heads.items()]
             scored += [s for s in found if s is not None]
         if classifier is not None:
-            preds = compose_predictions(classifier, evaluator.features, task_ids)
-            scored.append(ScoredModels("compose", list(task_ids), [0] * len(task_ids), preds,
-                                       torch.full((len(task_ids),), float("nan"))))
+            preds = create_baseline("compose", FAMILY, classifier, evaluator.features, task_ids)
+            scored.append(_predicted(evaluator, "compose", preds, task_ids, [0] * len(task_ids)))
         # The task's originals are read only now; the baselines come from `train_zoo`, read before any of them.
         orig_sds, _ = load_task_checkpoints(zoo_dir, task_ids, k)
-        originals = _score(evaluator, "original", orig_sds, [t for t in task_ids for _ in range(k)],
-                           list(range(k)) * len(task_ids), train_zoo)
-        rows += [row for s in [originals, *scored] for row in _rows(evaluator, s, originals, group)]
-    frame = pd.DataFrame(rows)
+        originals = _models(evaluator, KIND_ORIGINAL, orig_sds, [t for t in task_ids for _ in range(k)],
+                            list(range(k)) * len(task_ids), train_zoo)
+        builder = SampleRows(originals, train_zoo.collection if train_zoo is not None else None, pairwise_iou=True)
+        for models in [originals, *scored]:
+            frames.append(builder.rows(models))
+            frames[-1].insert(0, "group", group)
+    frame = samples_table(frames, float_dtype="float64")  # the task zoo's samples.csv has always had float64
     write_csv_atomic(out_dir / "samples.csv", frame)
     write_json_atomic(out_dir / "timing.json", {"seconds_per_generated_model": timing,
                                                 "sampler": cfg.diffusion.sampler,
@@ -309,60 +298,33 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     return frame
 
 
-def _score(evaluator, kind: str, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids: list[int],
-           index: list[int], train_zoo: TrainingZoo | None) -> ScoredModels:
-    """Predictions and (head zoo only) L2 novelty of state dicts; originals skip themselves in the training zoo."""
-    if train_zoo is None:
-        l2 = torch.full((len(state_dicts),), float("nan"))
-    else:
-        l2 = l2_to_nearest(flatten_heads(train_zoo.canonical(state_dicts)), train_zoo, exclude_self=kind == "original")
-    return ScoredModels(kind, task_ids, index, evaluator.predict(state_dicts, task_ids), l2)
+def _models(evaluator, kind: str, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids: Sequence[int],
+            index: list[int], train_zoo: TrainingZoo | None) -> Models:
+    """State dicts scored on their tasks, as points in the training zoo's coordinates (head zoo only)."""
+    flat = flatten_heads(train_zoo.canonical(state_dicts)) if train_zoo is not None else None
+    return _predicted(evaluator, kind, evaluator.predict(state_dicts, task_ids), task_ids, index, flat)
 
 
-def _score_flat(evaluator, kind: str, flat: torch.Tensor, task_ids: Sequence[int],
-                train_zoo: TrainingZoo) -> ScoredModels | None:
+def _flat_models(evaluator, kind: str, flat: torch.Tensor, task_ids: Sequence[int],
+                 train_zoo: TrainingZoo) -> Models | None:
     """One baseline head per task (flattened); tasks where the baseline does not exist (NaN rows) are left out,
     None when it exists for none."""
     keep = [i for i in range(len(task_ids)) if not bool(flat[i].isnan().any())]
     if not keep:
         return None
     sds = unflatten_heads(flat[keep], train_zoo.shapes)
-    return _score(evaluator, kind, sds, [task_ids[i] for i in keep], [0] * len(keep), train_zoo)
+    return _models(evaluator, kind, sds, [task_ids[i] for i in keep], [0] * len(keep), train_zoo)
 
 
-def _similarity(scored: ScoredModels, originals: ScoredModels, classes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per model: max wrong-prediction IoU against its task's originals (originals: against the *other* ones) and
-    mean IoU against the task's other models of the same kind (NaN for a single model). Shapes: -> (M,) each."""
-    out = {MAX_IOU_ORIGINAL: torch.full((len(scored.task_ids),), float("nan")),
-           PAIRWISE_IOU: torch.full((len(scored.task_ids),), float("nan"))}
-    ids, orig_ids = torch.tensor(scored.task_ids), torch.tensor(originals.task_ids)
-    for t in sorted(set(scored.task_ids)):
-        rows, ref = ids == t, orig_ids == t
-        target = binary_labels(classes, [t])[0]
-        own = scored.kind == "original"
-        if not own or int(ref.sum()) > 1:
-            out[MAX_IOU_ORIGINAL][rows] = max_iou_to_reference(scored.preds[rows], originals.preds[ref], target,
-                                                                 exclude_self=own)
-        m = int(rows.sum())
-        if m > 1:
-            iou = misclassified_iou(scored.preds[rows], scored.preds[rows], target)
-            out[PAIRWISE_IOU][rows] = (iou.sum(1) - iou.diag()) / (m - 1)
-    return out
-
-
-def _rows(evaluator, scored: ScoredModels, originals: ScoredModels, group: str) -> list[dict]:
-    m = task_metrics(scored.preds, evaluator.classes, scored.task_ids)
-    sim = _similarity(scored, originals, evaluator.classes)
-    rows = []
-    for i, t in enumerate(scored.task_ids):
-        row = {"group": group, "kind": scored.kind, "task_id": t, "embedding": id_to_embedding(t),
-               "index": scored.index[i], "accuracy": float(m["accuracy"][i]),
-               "balanced_accuracy": float(m["balanced_accuracy"][i])}
-        row.update({f"class_{c}": float(m["per_class"][i, c]) for c in range(10)})
-        row.update({L2_NOVELTY: float(scored.l2_novelty[i]),
-                    **{name: float(v[i]) for name, v in sim.items()}})
-        rows.append(row)
-    return rows
+def _predicted(evaluator, kind: str, preds: torch.Tensor, task_ids: Sequence[int], index: list[int],
+               flat: torch.Tensor | None = None) -> Models:
+    """Predictions (M, N) of models of `kind` on their tasks, with the task zoo's identity columns and metrics."""
+    m = task_metrics(preds, evaluator.classes, task_ids)
+    return Models(kind, preds, binary_labels(evaluator.classes, task_ids), flat=flat, index=index,
+                  tasks=list(task_ids),
+                  columns={"task_id": list(task_ids), "embedding": [id_to_embedding(t) for t in task_ids]},
+                  metrics={BALANCED_ACCURACY: m["balanced_accuracy"],
+                           **{f"class_{c}": m["per_class"][:, c] for c in range(10)}})
 
 
 def index_zoo(cfg: Config, zoo_dir: str | Path) -> dict:
