@@ -14,7 +14,7 @@ resolved config `config.yaml`, `lscpu.txt`, `rule_times.csv`):
     rpg docs check                       # exit 1 and print a diff when a page disagrees with its CSVs
     rpg docs update table16 results/     # copy a new run's table16.csv, config, lscpu and rule times, then render
 
-A view is a function registered in `VIEWS` by name; its arguments are the words after the name in the comment.
+The views (what each marker renders) are `rpg.cli.doc_views`.
 """
 
 from __future__ import annotations
@@ -22,383 +22,21 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import math
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
-from rpg.evaluation import best_baseline
+from rpg.cli.doc_views import VIEWS, DocsError, Reference
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = Path("docs") / "reference"
 PAGES = ("README.md", "docs/*.md")
 # A marker in backticks is prose about markers, not one.
 MARKER = re.compile(r"(?<!`)<!-- rendered: (?P<spec>.+?) -->(?P<body>.*?)(?<!`)<!-- /rendered -->", re.S)
-MINUS = "\u2212"
-
-ARCH_BASELINES = ("noise", "average16", "gaussian")
-ARCH_BASELINE_NAMES = {"noise": "noise", "average16": "average of 16", "gaussian": "Gaussian"}
-ZOO_BASELINES = ("affine", "nearest", "complement", "noise", "mean", "compose")
-TIE = 0.1  # points: RPG's best-of-n within this of the best baseline is a tie
-
-
-class DocsError(ValueError):
-    """A page names a view or a reference file that does not exist."""
-
-
-# ------------------------------------------------------------------------------------------------------ reading
-@dataclass
-class Reference:
-    """The committed reference results under `root` (`docs/reference` of a checkout), read once each."""
-
-    root: Path
-    _cache: dict = field(default_factory=dict)
-
-    def path(self, name: str) -> Path:
-        """`table16` -> table16/table16.csv; `ablations/recurrent` -> ablations/recurrent.csv; any file by its
-        relative path (with a suffix)."""
-        rel = Path(name)
-        if not rel.suffix:
-            rel = rel / f"{rel.name}.csv" if len(rel.parts) == 1 else rel.with_suffix(".csv")
-        path = self.root / rel
-        if not path.exists():
-            raise DocsError(f"no reference file {path}")
-        return path
-
-    def csv(self, name: str) -> pd.DataFrame:
-        path = self.path(name)
-        if path not in self._cache:
-            self._cache[path] = pd.read_csv(path, dtype={"embedding": str, "k": str})
-        return self._cache[path]
-
-
-def col(row: pd.Series, name: str):
-    """A column of the evaluation layer's vocabulary (`rpg.evaluation`); NaN where the table has none (e.g. the
-    std over seeds of an ablation run once)."""
-    return row[name] if name in row.index else float("nan")
-
-
-# --------------------------------------------------------------------------------------------------- formatting
-def num(x, spec: str = ".2f") -> str:
-    """A number as a page shows it: `spec` is a format spec (`.2f`, `,.0f`, `+.2f`, `%` for a percentage of a
-    fraction, `s` for text); NaN / missing is an em dash; negative numbers get a typographic minus."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "\u2014"
-    if spec == "s":
-        return str(x)
-    if spec == "%":
-        return f"{100 * float(x):.1f} %"
-    text = format(int(round(float(x))) if spec.endswith("d") else float(x), spec)
-    return MINUS + text[1:] if text.startswith("-") else text
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def pair(a, b, spec: str = ".2f") -> str:
-    return f"{num(a, spec)} ({num(b, spec)})"
-
-
-# ------------------------------------------------------------------------------------------------------- views
-VIEWS: dict[str, Callable[..., str]] = {}
-
-
-def view(name: str):
-    def register(fn):
-        VIEWS[name] = fn
-        return fn
-    return register
-
-
-def _select(df: pd.DataFrame, selector: str) -> pd.Series:
-    """`key=value[,key=value]` (string comparison) or `row=N` -> the one matching row."""
-    mask = pd.Series(True, index=df.index)
-    for part in selector.split(","):
-        key, _, value = part.partition("=")
-        if key == "row":
-            return df.iloc[int(value)]
-        if key not in df.columns:
-            raise DocsError(f"no column {key!r} to select on (columns: {', '.join(df.columns)})")
-        mask &= df[key].astype(str) == value
-    hits = df[mask]
-    if len(hits) != 1:
-        raise DocsError(f"selector {selector!r} matches {len(hits)} rows, not 1")
-    return hits.iloc[0]
-
-
-@view("value")
-def v_value(ref: Reference, table: str, selector: str, column: str, spec: str = ".2f") -> str:
-    """One number of a CSV, for prose: `value table16 embedding=mean rpg_best_acc .2f`."""
-    row = _select(ref.csv(table), selector)
-    return num(col(row, column), spec)
-
-
-@view("machine")
-def v_machine(ref: Reference, folder: str) -> str:
-    """The CPU that produced a folder's results, from its lscpu.txt (model, cores, bf16 matrix units)."""
-    lscpu = ref.root / folder / "lscpu.txt"
-    if not lscpu.exists():
-        return (ref.root / folder / "machine.txt").read_text().strip()
-    fields = dict(line.split(":", 1) for line in lscpu.read_text().splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    model = fields.get("Model name", "unknown CPU")
-    cores = fields.get("CPU(s)")
-    flags = fields.get("Flags", "")
-    amx = "AMX-BF16" if "amx_bf16" in flags else ("no AMX" if flags else None)
-    return ", ".join(p for p in (model, f"{cores} cores" if cores else None, amx) if p)
-
-
-@view("wins")
-def v_wins(ref: Reference, table: str) -> str:
-    """RPG's best-of-n against the best baseline per task: `W wins, T ties, L losses` (tie: within TIE points)."""
-    df = ref.csv(table)
-    d = df[df["embedding"] != "mean"]["rpg_best_minus_baseline_acc"]
-    return f"{(d > TIE).sum()} wins, {(d.abs() <= TIE).sum()} ties, {(d < -TIE).sum()} losses"
-
-
-def _zoo_mean(ref: Reference, table: str) -> pd.Series:
-    return _select(ref.csv(table), "embedding=mean")
-
-
-def _in(folder: str, table: str) -> str:
-    """`table16` of another run's folder (`zoo_x0/table16`), or the reference table itself."""
-    return f"{folder}/{table}" if folder else table
-
-
-def _arch_best_baseline(row: pd.Series) -> tuple[str, float]:
-    return best_baseline({b: col(row, f"{b}_mean_acc") for b in ARCH_BASELINES})
-
-
-ZOO_TABLES = (("table11", "Table 11 (10 unseen tasks)"), ("table16", "Table 16 (20 unseen tasks)"),
-              ("seen_summary", "seen tasks (50, 3 samples each)"))
-
-
-@view("headline")
-def v_headline(ref: Reference) -> str:
-    """README's one table: RPG against the originals and the best simple baseline, every table of `all`."""
-    rows = []
-    for table, label in ZOO_TABLES:
-        m = _zoo_mean(ref, table)
-        rows.append([label, num(m["original_acc"]), num(m["rpg_best_acc"]), num(m["rpg_mean_acc"]),
-                     num(m["best_baseline_acc"]), num(m["rpg_best_minus_baseline_acc"], "+.2f")])
-    for _, r in ref.csv("table1").iterrows():
-        name, base = _arch_best_baseline(r)
-        rows.append([f"Table 1: `{r['architecture']}` ({num(r['params'], ',d')} parameters)",
-                     num(col(r, "original_mean_acc")), num(col(r, "rpg_best_acc")), num(col(r, "rpg_mean_acc")),
-                     f"{num(base)} ({ARCH_BASELINE_NAMES[name]})", num(col(r, "rpg_mean_minus_baseline_acc"), "+.2f")])
-    return md_table(["rows (test accuracy %)", "originals (mean)", "RPG best-of-10", "RPG mean",
-                     "best baseline", "RPG − best baseline"], rows)
-
-
-@view("zoo_summary")
-def v_zoo_summary(ref: Reference, folder: str = "") -> str:
-    """Tables 11 / 16 / seen summary: originals, RPG and every baseline (mean rows; balanced in brackets)."""
-    rows = []
-    for table, label in ZOO_TABLES:
-        table = _in(folder, table)
-        m = _zoo_mean(ref, table)
-        rows.append([label, pair(m["original_acc"], m["original_bal_acc"]), num(m["original_best_acc"]),
-                     pair(m["rpg_best_acc"], m["rpg_best_bal_acc"]), num(m["rpg_mean_acc"])]
-                    + [num(m[f"{b}_acc"]) for b in ZOO_BASELINES]
-                    + [pair(m["best_baseline_acc"], m["best_baseline_bal_acc"]),
-                       pair(m["rpg_best_minus_baseline_acc"], m["rpg_best_minus_baseline_bal_acc"], "+.2f"),
-                       v_wins(ref, table)])
-    return md_table(["rows", "originals (bal.)", "originals best of 3", "RPG best-of-10 (bal.)", "RPG mean"]
-                    + list(ZOO_BASELINES) + ["best baseline (bal.)", "RPG best − best baseline (bal.)",
-                                             "per task"], rows)
-
-
-@view("zoo_novelty")
-def v_zoo_novelty(ref: Reference, folder: str = "") -> str:
-    """Novelty of the generated heads beside the originals' own (mean rows)."""
-    rows = []
-    for table, label in ZOO_TABLES:
-        m = _zoo_mean(ref, _in(folder, table))
-        rows.append([label, num(m["rpg_l2_novelty"]), num(m["original_l2_novelty"]), num(m["rpg_max_iou_original"]),
-                     num(m["original_max_iou_original"]), num(m["rpg_pairwise_iou"]), num(m["original_pairwise_iou"])])
-    return md_table(["rows", "RPG: L2 to nearest training checkpoint", "originals: the same",
-                     "RPG: max wrong-prediction IoU vs the task's originals", "originals among themselves",
-                     "IoU between a task's samples", "between its originals"], rows)
-
-
-@view("zoo_tasks")
-def v_zoo_tasks(ref: Reference, table: str) -> str:
-    """One row per task: originals, RPG, the best baseline and its name."""
-    rows = []
-    for _, r in ref.csv(table).iterrows():
-        rows.append([f"`{r['embedding']}`", num(r["positive_classes"], "s") if isinstance(r["positive_classes"], str)
-                     else "", num(r["original_acc"]), num(r["rpg_best_acc"]), num(r["rpg_mean_acc"]),
-                     num(r["best_baseline"], "s") if isinstance(r["best_baseline"], str) else "",
-                     num(r["best_baseline_acc"]), num(r["rpg_best_minus_baseline_acc"], "+.2f")])
-    return md_table(["task", "positive classes", "originals", "RPG best-of-10", "RPG mean", "best baseline", "its acc.",
-                     "RPG best − best baseline"], rows)
-
-
-@view("table12")
-def v_table12(ref: Reference) -> str:
-    df = ref.csv("table12")
-    classes = [c for c in df.columns if c not in ("embedding", "task_id", "model", "n_models", "accuracy",
-                                                  "balanced_accuracy")]
-    rows = [[f"`{r['embedding']}`", r["model"], num(r["n_models"], "d"), num(r["accuracy"])]
-            + [num(r[c], ".1f") for c in classes] for _, r in df.iterrows()]
-    return md_table(["task", "model", "models", "accuracy"] + classes, rows)
-
-
-@view("table13")
-def v_table13(ref: Reference) -> str:
-    df = ref.csv("table13")
-    mean = df[df["embedding"] == "mean"]
-    epochs = sorted(mean["epoch"].unique())
-    labels = {"scratch": "from scratch", "finetune": "pretrained + fresh head", "rpg": "RPG init + fine-tune"}
-    rows = [[labels.get(arm, arm)] + [num(mean[(mean["arm"] == arm) & (mean["epoch"] == e)]["accuracy"].iloc[0])
-                                      for e in epochs] for arm in mean["arm"].unique()]
-    return md_table(["epoch"] + [str(e) for e in epochs], rows)
-
-
-@view("rule_times")
-def v_rule_times(ref: Reference, folder: str, group: str = "", prefix: str = "") -> str:
-    """Per-job wall / CPU seconds and peak memory of a run (`rule_times.csv`), with the total."""
-    df = ref.csv(f"{folder}/rule_times")
-    if group:
-        df = df[df["group"] == group]
-    if prefix:
-        df = df[df["job"].str.startswith(tuple(prefix.split(",")))]
-    rows = [[f"`{r['job']}`", num(r["wall_s"], ",.0f"), num(r["cpu_s"], ",.0f"), num(r["max_rss_mb"], ",.0f")]
-            for _, r in df.iterrows()]
-    rows.append(["**all jobs**", num(df["wall_s"].sum(), ",.0f"), num(df["cpu_s"].sum(), ",.0f"),
-                 num(df["max_rss_mb"].max(), ",.0f")])
-    return md_table(["job", "wall s", "CPU s", "peak RSS MB"], rows)
-
-
-@view("rule_total")
-def v_rule_total(ref: Reference, folder: str, column: str, group: str = "", prefix: str = "") -> str:
-    """A sum over jobs, for prose: `rule_total table11 cpu_s cifar10_binary`; `minutes` gives wall min."""
-    df = ref.csv(f"{folder}/rule_times")
-    if group:
-        df = df[df["group"] == group]
-    if prefix:
-        df = df[df["job"].str.startswith(tuple(prefix.split(",")))]
-    if column == "minutes":
-        return num(df["wall_s"].sum() / 60, ".0f")
-    return num(df[column].sum(), ",.0f")
-
-
-@view("table1")
-def v_table1(ref: Reference, folder: str = "table1") -> str:
-    """One row per architecture of `<folder>/table1.csv`: originals, RPG, baselines, novelty, steps."""
-    rows = []
-    for _, r in ref.csv(f"{folder}/table1").iterrows():
-        name, base = _arch_best_baseline(r)
-        rows.append([f"`{r['architecture']}`", num(r["params"], ",d"),
-                     f"{num(col(r, 'original_best_acc'))} / {num(col(r, 'original_mean_acc'))}",
-                     f"{num(col(r, 'rpg_best_acc'))} / {num(col(r, 'rpg_mean_acc'))} / {num(col(r, 'rpg_min_acc'))}",
-                     f"{num(col(r, 'gap_best'))} / {num(col(r, 'gap_mean'))}",
-                     f"{num(r['sample_steps'], 'd')} ({r['sample_steps_val']})",
-                     " / ".join(num(col(r, f"{b}_mean_acc")) for b in ARCH_BASELINES),
-                     num(col(r, "rpg_mean_minus_baseline_acc"), "+.2f"),
-                     f"{num(col(r, 'rpg_l2_novelty'))} / {num(col(r, 'original_l2_novelty'), '.3f')}",
-                     num(col(r, "rpg_spread_ratio")),
-                     f"{num(col(r, 'rpg_max_iou_original'))} / {num(col(r, 'original_max_iou_original'))}",
-                     f"{num(r['best_step'], ',d')} / {num(r['max_steps'], ',d')}"])
-    return md_table(["architecture", "params", "original best / mean", "RPG best / mean / min", "gap best / mean",
-                     "DDIM steps (validation % per candidate)", "noise / average of 16 / Gaussian: mean",
-                     "RPG mean − best baseline", "L2 to nearest checkpoint: RPG / checkpoints' own",
-                     "spread vs collection", "wrong-prediction IoU: RPG / originals", "best step / max"], rows)
-
-
-@view("ablations")
-def v_ablations(ref: Reference, folder: str, *families: str) -> str:
-    """One row per setting of each family: RPG best / mean (± std over seeds when there are several)."""
-    rows = []
-    for family in families or ("recurrent", "position", "permutation", "token_size"):
-        for _, r in ref.csv(f"{folder}/{family}").iterrows():
-            seeds = r.get("n_seeds", 1)
-            std = isinstance(seeds, (int, float)) and not math.isnan(seeds) and seeds > 1
-            best, mean = num(col(r, "rpg_best_acc")), num(col(r, "rpg_mean_acc"))
-            if std:
-                best += f" ± {num(col(r, 'rpg_best_acc_std'))}"
-                mean += f" ± {num(col(r, 'rpg_mean_acc_std'))}"
-            _, base = _arch_best_baseline(r)
-            rows.append([family, num(r["setting"], "s"), f"`{r['architecture']}`", num(r["tokens"], "d"),
-                         best, mean, num(col(r, "original_mean_acc")), num(base),
-                         num(col(r, "rpg_l2_novelty")), num(r["sample_steps"], "d") if not std else "per seed",
-                         num(seeds if std else 1, "d")])
-    return md_table(["family", "setting", "architecture", "tokens", "RPG best", "RPG mean", "originals mean",
-                     "best baseline mean", "L2 to nearest checkpoint", "DDIM steps", "seeds"], rows)
-
-
-STUDY_METHODS = ("affine", "nearest", "complement", "noise", "mean", "compose")
-
-
-def _study_cell(part: pd.DataFrame, method: str, n_tasks: int) -> str:
-    """A baseline's mean accuracy; where it exists on fewer tasks than the group has (the complement swap),
-    the count is named: that mean is over other tasks and is no comparison."""
-    if method not in part.index:
-        return "\u2014"
-    acc = num(part.loc[method, "accuracy"])
-    n = part.loc[method, "n_tasks"]
-    return acc if n >= n_tasks else f"{acc} ({num(n, 'd')} tasks)"
-
-
-@view("unseen_study")
-def v_unseen_study(ref: Reference, *regimes: str) -> str:
-    """One row per regime (unseen tasks): seen-validation score, originals, RPG, each baseline, novelty."""
-    df = ref.csv("unseen_study")
-    df = df[df["group"] == "unseen"]
-    rows = []
-    for regime in regimes or df["regime"].unique():
-        part = df[df["regime"] == regime].set_index("method")
-        if part.empty:
-            raise DocsError(f"unseen_study.csv has no regime {regime!r}")
-        o, best, mean = part.loc["original"], part.loc["rpg_best"], part.loc["rpg_mean"]
-        rows.append([f"`{regime}`", num(o["n_train_tasks"], ",d"), num(o["rpg_steps"], ",d"),
-                     f"{num(o['val_score'], '.1f')} / {num(o['val_original'], '.1f')}",
-                     pair(o["accuracy"], o["balanced_accuracy"]), pair(best["accuracy"], best["balanced_accuracy"]),
-                     num(mean["accuracy"])]
-                    + [_study_cell(part, m, o["n_tasks"]) for m in STUDY_METHODS]
-                    + [f"{num(o['rpg_best_minus_baseline_acc'], '+.2f')} (`{o['best_baseline']}`)",
-                       f"{num(best['l2_novelty'])} ({num(o['l2_novelty'])})", num(best["max_iou_original"])])
-    return md_table(["regime", "training tasks", "RPG steps", "seen-val RPG / originals", "originals (bal.)",
-                     "RPG best of 5 (bal.)", "RPG mean"] + list(STUDY_METHODS)
-                    + ["RPG best − best baseline", "RPG L2 novelty (originals')", "RPG max IoU vs originals"], rows)
-
-
-@view("csv")
-def v_csv(ref: Reference, table: str, spec: str = ".2f") -> str:
-    """A small CSV as it is (numbers with `spec`)."""
-    df = ref.csv(table)
-    rows = [[num(v, "d" if float(v).is_integer() and spec != "s" else spec)
-             if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v) for v in r]
-            for r in df.itertuples(index=False)]
-    return md_table(list(df.columns), rows)
-
-
-@view("bench")
-def v_bench(ref: Reference, table: str, *columns: str) -> str:
-    """Chosen columns of a CSV, `name:spec` each; `name=value` words keep only the matching rows:
-    `bench generation/generation group=sampler configuration:s seconds_per_model:.2f`."""
-    df = ref.csv(table)
-    filters = [c for c in columns if "=" in c]
-    columns = tuple(c for c in columns if "=" not in c)
-    for f in filters:
-        key, _, value = f.partition("=")
-        df = df[df[key].astype(str) == value]
-    names, specs = zip(*[(c.partition(":")[0], c.partition(":")[2] or ".2f") for c in columns])
-    missing = [n for n in names if n not in df.columns]
-    if missing:
-        raise DocsError(f"{table} has no column {missing}")
-    rows = [[num(r[n], s) if isinstance(r[n], (int, float)) and not isinstance(r[n], bool) else str(r[n])
-             for n, s in zip(names, specs)] for _, r in df.iterrows()]
-    return md_table(list(names), rows)
 
 
 # ----------------------------------------------------------------------------------------------------- rendering
@@ -422,31 +60,32 @@ def pages(root: Path = ROOT) -> list[Path]:
     return found
 
 
-def check(root: Path = ROOT, reference: Path | None = None) -> dict[Path, str]:
-    """{page: unified diff} for every page whose rendered parts disagree with the reference results."""
+def stale(root: Path = ROOT, reference: Path | None = None) -> dict[Path, tuple[str, str]]:
+    """{page: (text, rendered text)} for every page whose rendered parts disagree with the reference results."""
     ref = Reference(reference or root / REFERENCE)
-    diffs = {}
+    found = {}
     for page in pages(root):
         text = page.read_text()
         new = render_text(text, ref)
         if new != text:
-            diffs[page] = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
-                                                       f"{page.relative_to(root)} (page)",
-                                                       f"{page.relative_to(root)} (rendered)"))
-    return diffs
+            found[page] = (text, new)
+    return found
+
+
+def check(root: Path = ROOT, reference: Path | None = None) -> dict[Path, str]:
+    """{page: unified diff} for every page whose rendered parts disagree with the reference results."""
+    return {page: "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                               f"{page.relative_to(root)} (page)",
+                                               f"{page.relative_to(root)} (rendered)"))
+            for page, (text, new) in stale(root, reference).items()}
 
 
 def render(root: Path = ROOT) -> list[Path]:
     """Rewrite every page whose rendered parts are stale; returns the pages changed."""
-    ref = Reference(root / REFERENCE)
-    changed = []
-    for page in pages(root):
-        text = page.read_text()
-        new = render_text(text, ref)
-        if new != text:
-            page.write_text(new)
-            changed.append(page)
-    return changed
+    changed = stale(root)
+    for page, (_, new) in changed.items():
+        page.write_text(new)
+    return list(changed)
 
 
 # ---------------------------------------------------------------------------------------------------- updating
