@@ -1,8 +1,9 @@
 """JupyterLab as a user opens it: the README's `.venv/bin/jupyter lab`, run exactly so from the repository root (the
 port, the token and "no browser" come from the environment, JUPYTER_PORT / JUPYTER_TOKEN / BROWSER, not from extra
-arguments; as root, as in CI, a config file in JUPYTER_CONFIG_DIR allows root as `--allow-root` would), then through its REST API and kernel websocket what the user's clicks do: list the project's notebooks,
-open one (a session on the project's kernel `rpg`, the one `make install` registers), run a cell that imports `rpg`
-and reads a results CSV."""
+arguments; as root, as in CI, a config file in JUPYTER_CONFIG_DIR allows root as `--allow-root` would), then
+through its REST API and kernel websocket what the user's clicks do: list the project's notebooks, open one (a
+session on the project's kernel `rpg`, the one `make install` registers), run a cell that imports `rpg` and reads a
+results CSV."""
 
 from __future__ import annotations
 
