@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,7 +89,8 @@ class DevTools:
         self.proc = subprocess.Popen(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={profile}",
-             "--window-size=1400,900", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--window-size=1400,900", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # its own process group: close() ends its helper processes too
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not (port_file.is_file() and port_file.read_text().strip()):
@@ -100,12 +103,19 @@ class DevTools:
         self.ws_url = pages[0]["webSocketDebuggerUrl"]
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """End Chromium and its helpers (they write into the profile until they exit)."""
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+                time.sleep(0.5)  # the group's other processes, after the browser process
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                continue
+            break
 
     def walk_report(self, report: Path, screenshot: Path | None = None, timeout: float = 120) -> list[dict]:
         """Load `report` and run WALK_JS; optionally a PNG screenshot of the first figure's view."""
@@ -160,7 +170,7 @@ def walk(report: Path, screenshot: Path | None = None) -> list[dict]:
     chromium = find_chromium()
     if chromium is None:
         raise FileNotFoundError(f"no Chromium found ({', '.join(CHROMIUM_NAMES)})")
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = DevTools(chromium, Path(profile))
         try:
             return browser.walk_report(report, screenshot)
