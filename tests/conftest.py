@@ -177,6 +177,12 @@ class SlurmRun(WorkflowRun):
 _snakemake: dict[str, SnakemakeRunner | WorkflowRun | str] = {}
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The test that waits on the session's SLURM run (tests/test_slurm.py) last: the run (~4 min, its jobs mostly
+    waiting on the executor's polls) then overlaps every other test instead of stopping the suite at its place."""
+    items.sort(key=lambda item: "slurm_dag" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_snakemake_early(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Before the first test: start what the selected tests need of Snakemake, so that it runs beside the tests
