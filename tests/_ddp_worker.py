@@ -8,6 +8,10 @@ checkpoints, diffusion batch 24 tokens, a validation (generation in eval mode, r
 Under torchrun the worker runs, in one launch: a whole run into RUNS/full; a run stopped after 6 steps into
 RUNS/resumed, then its resumption to the end; a run with one token per step into RUNS/sparse. Processes other than rank 0 record, with an audit hook, every file
 they open for writing, create, rename or delete under RUNS, and write the list to AUDIT/rank<r>.json.
+
+`_ddp_worker.py pipeline --runs DIR --audit AUDIT -- ARGS` instead runs the pipeline's own entry point,
+`python -m rpg.experiments.task_zoo.pipeline ARGS` (its `main`), with the same audit of what ranks other than 0 write
+under DIR (tests/test_workflow.py: train_rpg of the test DAG under torchrun).
 """
 
 from __future__ import annotations
@@ -85,7 +89,28 @@ def _audit_writes(root: Path, log: list) -> None:
     sys.addaudithook(hook)
 
 
+def pipeline_main(argv: list[str]) -> None:
+    """The pipeline's entry point under the audit of what ranks other than 0 write under --runs."""
+    from rpg.experiments.task_zoo import pipeline
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", required=True, type=Path)
+    parser.add_argument("--audit", required=True, type=Path)
+    split = argv.index("--")
+    args = parser.parse_args(argv[:split])
+    rank = int(os.environ.get("RANK", "0"))
+    writes: list = []
+    if rank != 0:
+        _audit_writes(args.runs, writes)
+    pipeline.main(argv[split + 1:])
+    if rank != 0:
+        args.audit.mkdir(parents=True, exist_ok=True)
+        (args.audit / f"rank{rank}.json").write_text(json.dumps(writes))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["pipeline"]:
+        return pipeline_main(sys.argv[2:])
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", required=True, type=Path)
     parser.add_argument("--audit", required=True, type=Path)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,7 +130,57 @@ class WorkflowRun:
         self._output.close()
 
 
-_snakemake: dict[str, SnakemakeRunner | WorkflowRun] = {}
+def slurm_partition() -> str:
+    """The default partition of a SLURM cluster that answers (`sinfo`); where none does, scripts/start_slurm.sh
+    starts a one-node one as root. Raises RuntimeError with the reason where there is none."""
+    def answers() -> bool:
+        if shutil.which("sinfo") is None:
+            return False
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False)
+        return proc.returncode == 0 and bool(re.search(r"^(idle|mixed|allocated)", proc.stdout, re.M))
+
+    if not answers():
+        if os.geteuid() != 0:
+            raise RuntimeError("no SLURM cluster answers (sinfo) and not root: run `sudo bash scripts/start_slurm.sh`")
+        proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "start_slurm.sh")], capture_output=True,
+                              text=True, timeout=600, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scripts/start_slurm.sh failed:\n{proc.stdout}{proc.stderr}")
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout.split()
+    return next((p.rstrip("*") for p in out if p.endswith("*")), out[0])
+
+
+class SlurmRun(WorkflowRun):
+    """The test DAG's chain to the paper tables (backbone ... tables) through config/profiles/slurm on a SLURM
+    cluster, under `tmp`, in the background from the session's start (tests/test_slurm.py): its 10 jobs spend most of
+    their ~3.5 min waiting on the scheduler's polls, which then overlaps the other tests."""
+
+    TABLES = ("table11", "table16", "table12", "seen_summary")
+
+    def __init__(self, tmp: Path, partition: str) -> None:
+        self.tmp = tmp
+        write_synthetic_cifar10(tmp / "data", n_train=600, n_test=200)  # the same data as WorkflowRun's
+        self._output = (tmp / "snakemake.out").open("w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "snakemake", *[str(tmp / "results" / f"{t}.csv") for t in self.TABLES],
+             "--workflow-profile", "config/profiles/slurm",
+             # what the one-node test cluster needs: its partition, no accounting (so no account and no sacct),
+             # its memory; and, for a test, job states polled every 2 s instead of 40 s
+             "--default-resources", f"slurm_partition={partition}", "runtime=30",
+             "--set-resources", "train_rpg:mem_mb=2000", "--slurm-no-account", "--slurm-status-command", "squeue",
+             "--slurm-init-seconds-before-status-checks", "2",
+             "--slurm-logdir", str(tmp / "slurm_logs"), "--slurm-keep-successful-logs", "--retries", "0",
+             *workflow_config_args(tmp)], cwd=REPO_ROOT, env=snakemake_env(), stdout=self._output,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+_snakemake: dict[str, SnakemakeRunner | WorkflowRun | str] = {}
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The test that waits on the session's SLURM run (tests/test_slurm.py) last: the run (~4 min, its jobs mostly
+    waiting on the executor's polls) then overlaps every other test instead of stopping the suite at its place."""
+    items.sort(key=lambda item: "slurm_dag" in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -142,9 +194,15 @@ def _start_snakemake_early(request: pytest.FixtureRequest, tmp_path_factory: pyt
             _snakemake["dag"] = WorkflowRun(tmp_path_factory.mktemp("workflow"))
         if "snakemake_cli" in needed:
             _snakemake["cli"] = SnakemakeRunner()
+        if "slurm_dag" in needed:
+            try:
+                _snakemake["slurm"] = SlurmRun(tmp_path_factory.mktemp("slurm"), slurm_partition())
+            except RuntimeError as e:
+                _snakemake["slurm"] = str(e)
     yield
-    if "dag" in _snakemake:
-        _snakemake.pop("dag").stop()
+    for name in ("dag", "slurm"):
+        if isinstance(_snakemake.get(name), WorkflowRun):
+            _snakemake.pop(name).stop()
     if "cli" in _snakemake:
         _snakemake.pop("cli").close()
 
@@ -163,6 +221,20 @@ def workflow_dag() -> WorkflowRun:
     if "dag" not in _snakemake:
         pytest.skip("snakemake is not installed")
     return _snakemake["dag"]
+
+
+@pytest.fixture(scope="session")
+def slurm_dag() -> SlurmRun:
+    """The test DAG's run on SLURM, started with the session; skips (not root) or fails (root: CI) with the reason
+    where no cluster answers and none could be started."""
+    run = _snakemake.get("slurm")
+    if run is None:
+        pytest.skip("snakemake is not installed")
+    if isinstance(run, str):
+        if os.geteuid() == 0:
+            pytest.fail(run)
+        pytest.skip(run)
+    return run
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

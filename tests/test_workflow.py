@@ -8,9 +8,17 @@ conftest's `snakemake_cli` (the real command line, without paying the Snakefile'
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from conftest import REPO_ROOT, workflow_config_args
 from rpg.config import load_config
@@ -304,10 +312,138 @@ def test_config_change_reruns_what_it_affects(workflow_run, snakemake_cli):
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr, unchanged.stdout[-3000:]
 
 
-def test_report_has_tables_and_figures(workflow_run, snakemake_cli):
-    """`snakemake --report` writes one HTML file with the tables, figures and per-rule runtimes."""
+@pytest.fixture(scope="module")
+def report_html(workflow_run, snakemake_cli):
+    """`snakemake --report` of the test DAG: one HTML file."""
     report = workflow_run["tmp"] / "report.html"
     proc = snakemake_cli("--report", str(report), *workflow_config_args(workflow_run["tmp"]))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    html = report.read_text(errors="replace")
+    return report
+
+
+def test_report_has_tables_and_figures(report_html):
+    """`snakemake --report` writes one HTML file with the tables, figures and per-rule runtimes."""
+    html = report_html.read_text(errors="replace")
     assert "table11.csv" in html and "table1.csv" in html and "pca_heads.png" in html
+
+
+REPORT_FIGURES = {"pca_heads.png": "notebook_pca_heads", "similarity_iou.png": "notebook_similarity_iou",
+                  "finetune_curves.png": "notebook_finetune_curves"}
+REPORT_TABLES = {**{f"{t}.csv": "tables" for t in TABLES}, "table13.csv": "table13", "table1.csv": "table1"}
+
+
+def test_report_in_chromium_shows_tables_and_figures_with_captions(report_html):
+    """The report opened in headless Chromium (tests/_report_browser.py): each category's menu item, each result's
+    eye button (figures: the image loads in the page; tables: their download link holds the file) and information
+    button (its caption, naming the rule that wrote it), read from the rendered page."""
+    import _report_browser
+
+    if _report_browser.find_chromium() is None:
+        if os.geteuid() == 0:  # CI: .ci/run installs it
+            pytest.fail("no Chromium: apt-get install chromium (as .ci/run does)")
+        pytest.skip("no Chromium to open the report in (apt-get install chromium)")
+    walk = _report_browser.walk(report_html)
+    seen = {Path(r["label"]).name: r for r in walk}
+    assert {r["category"] for r in walk} >= {"Task zoo (paper §5)", "Figures",
+                                              "Architecture study (Table 1, ablations)"}, walk
+    for name, rule in {**REPORT_FIGURES, **REPORT_TABLES}.items():
+        assert name in seen, (name, sorted(seen))
+        caption = seen[name]["caption"]
+        assert seen[name]["info"] and f"rule {rule}" in caption, seen[name]
+        assert not any(other in caption for other in seen), seen[name]  # its own, not the rule's other outputs
+    for name in REPORT_FIGURES:
+        width, height = seen[name]["image"]
+        assert width >= 200 and height >= 150, seen[name]
+    for name in REPORT_TABLES:
+        assert seen[name]["download_bytes"] == (report_html.parent / "results" / name).stat().st_size, seen[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_rpg of the test DAG through the pipeline's entry point under torchrun (DDP, gloo), on the DAG's zoo
+# ---------------------------------------------------------------------------------------------------------------
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+TIMING_KEYS = {"seconds"}  # wall time of the training loop
+
+
+def run_pipeline_train(results: Path, base: Path) -> dict[str, Path]:
+    """`python -m rpg.experiments.task_zoo.pipeline train` on the test DAG's zoo, split and features (`results`):
+    one process ("one"); `torchrun --standalone --nproc_per_node 2` ("two"); two single-process "nodes" on the
+    loopback address (`--nnodes 2 --node_rank 0|1 --master_addr 127.0.0.1`, "nodes"). W&B offline; each run's
+    results_dir is BASE/<run>/results; under torchrun, tests/_ddp_worker.py's audit records what rank 1 writes."""
+    zoo = results / "zoo" / "test"
+    inputs = ["--zoo", str(zoo), "--split", str(zoo / "split.json"),
+              "--features", str(results / "features" / "test" / "features.safetensors")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    worker = str(REPO_ROOT / "tests" / "_ddp_worker.py")
+
+    def pipeline_args(name: str) -> list[str]:
+        run = base / name
+        run.mkdir(parents=True)
+        (run / "run.yaml").write_text(yaml.safe_dump({"results_dir": str(run / "results"),
+                                                      "logging": {"wandb": True, "wandb_mode": "offline"}}))
+        return ["train", "--config", "config/config.yaml", "config/test.yaml", str(run / "run.yaml"), *inputs,
+                "--out", str(run / "results" / "rpg")]
+
+    def audited(name: str) -> list[str]:
+        run = base / name
+        return [worker, "pipeline", "--runs", str(run / "results"), "--audit", str(run / "audit"), "--",
+                *pipeline_args(name)]
+
+    def launch(cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    nodes = audited("nodes")
+    procs = [launch([sys.executable, "-m", "rpg.experiments.task_zoo.pipeline", *pipeline_args("one")]),
+             launch([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *audited("two")])]
+    for proc in procs:  # one after the other: 2 cores
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-5000:]
+    procs = [launch([str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+                     "--master_addr", "127.0.0.1", "--master_port", port, *nodes]) for rank in (0, 1)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-5000:]
+    return {name: base / name for name in ("one", "two", "nodes")}
+
+
+@pytest.fixture(scope="module")
+def pipeline_ddp_runs(workflow_run, tmp_path_factory):
+    if not TORCHRUN.exists():
+        pytest.skip(f"{TORCHRUN} not installed")
+    return run_pipeline_train(workflow_run["results"], tmp_path_factory.mktemp("pipeline_ddp"))
+
+
+def _wandb_files(run: Path) -> list[str]:
+    """The W&B offline run under a results_dir: its files, the run id replaced by RUN."""
+    (offline,) = (run / "results" / "wandb" / "wandb").glob("offline-run-*")
+    run_id = offline.name.rsplit("-", 1)[1]
+    return sorted(str(p.relative_to(offline)).replace(run_id, "RUN") for p in offline.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("name", ["two", "nodes"])
+def test_pipeline_train_under_torchrun_writes_what_one_process_writes(pipeline_ddp_runs, name):
+    """Two processes (one machine, or two "nodes" on 127.0.0.1) write the same files as one process, with the same
+    layout, the same summary up to timings and round-off, a generator equal within tests/test_ddp.py's tolerance and
+    one W&B offline run; rank 1 writes nothing (audit hook)."""
+    from test_ddp import TOL, _weights, _worst_relative
+
+    one, ddp = pipeline_ddp_runs["one"] / "results" / "rpg", pipeline_ddp_runs[name] / "results" / "rpg"
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(ddp)) for p in ddp.rglob("*") if p.is_file()) == files
+    assert (ddp / "layout.json").read_text() == (one / "layout.json").read_text()
+    s_one, s_ddp = (json.loads((d / "summary.json").read_text()) for d in (one, ddp))
+    assert s_ddp.keys() == s_one.keys()
+    for key, value in s_one.items():
+        if key not in TIMING_KEYS:
+            assert s_ddp[key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value), key
+    for ckpt in ("best.safetensors", "last.safetensors"):
+        worst, tensor = _worst_relative(_weights(ddp / ckpt), _weights(one / ckpt))
+        assert worst <= TOL, f"{name}: {ckpt} {tensor} differs by {worst:.2e} of its largest weight"
+    assert _wandb_files(pipeline_ddp_runs[name]) == _wandb_files(pipeline_ddp_runs["one"])
+    assert json.loads((pipeline_ddp_runs[name] / "audit" / "rank1.json").read_text()) == []
