@@ -39,7 +39,9 @@ WALK_JS = r"""
   const rows = () => [...document.querySelectorAll('table tbody tr')];
   const openCategory = async (cat) => {
     app.setView({navbarMode: 'menu'});  // the home breadcrumb
-    (await until('menu item ' + cat, () => link(cat))).click();
+    // A report of one category lists it as "Results" in the menu, not by its name.
+    const item = () => link(cat) || (Object.keys(categories).length === 1 ? link('Results') : null);
+    (await until('menu item ' + cat, item)).click();
     await until('results of ' + cat, () => rows().length > 0);
   };
   await until('the report app', () => typeof app !== 'undefined' && link('Statistics'));
