@@ -526,6 +526,12 @@ def coerce_strings(schema: Mapping, instance: Any, root: Mapping | None = None) 
                 for k, v in instance.items()}
     if isinstance(instance, list) and isinstance(schema.get("items"), dict):
         return [coerce_strings(schema["items"], v, root) for v in instance]
+    # A key of several forms (tasks.ids: `all` or a list of ids; sample_steps: a count, null or a list): the first
+    # alternative that reads the strings as its values.
+    for branch in schema.get("oneOf", []) + schema.get("anyOf", []):
+        coerced = coerce_strings(branch, instance, root)
+        if coerced != instance:
+            return coerced
     return instance
 
 

@@ -173,6 +173,20 @@ def test_unknown_nested_key_names_its_path(raw, where):
         C.config_from_dict(raw)
 
 
+def test_strings_from_the_command_line_are_coerced_in_keys_of_several_forms():
+    """--config gives every nested value as a string; keys with oneOf forms coerce them like the others."""
+    cfg = C.validate_config({"tasks": {"ids": ["1", "2"]},
+                           "architectures": {"sample_steps": "20",
+                                             "models": {"cnn_s": {"arch": "rpg_cnn_s", "sample_steps": ["10", "20"]}}}})
+    assert cfg["tasks"]["ids"] == [1, 2]
+    assert cfg["architectures"]["sample_steps"] == 20
+    assert cfg["architectures"]["models"]["cnn_s"]["sample_steps"] == [10, 20]
+    assert C.validate_config({"architectures": {"sample_steps": "null"}})["architectures"]["sample_steps"] is None
+    assert C.validate_config({"tasks": {"ids": "all"}})["tasks"]["ids"] == "all"
+    with pytest.raises(C.ConfigError, match="ids"):
+        C.validate_config({"tasks": {"ids": ["one"]}})
+
+
 def test_strings_from_the_command_line_are_coerced():
     """Snakemake's --config train='{steps: 1000}' gives nested strings; PyYAML reads 1e-3 as a string."""
     cfg = C.config_from_dict({"train": {"steps": "1000", "lr": "1e-3", "grad_clip": "null", "bf16": "false"},
