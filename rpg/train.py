@@ -34,6 +34,7 @@ import math
 import os
 import socket
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -166,14 +167,22 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+# Folders whose lock the running code holds for its callees (run_lock(..., callees_share=True)).
+_SHARED_WITH_CALLEES: ContextVar[frozenset[Path]] = ContextVar("rpg_run_lock_shared", default=frozenset())
+
+
 @contextlib.contextmanager
-def run_lock(out_dir: Path) -> Iterator[None]:
+def run_lock(out_dir: Path, *, callees_share: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on OUT/.rpg.lock while training; a second writer into the folder is refused.
 
     flock: the kernel drops the lock when its process dies, so a killed run never leaves a stale lock.
     Only rank 0 of a torchrun job (RANK unset or 0) writes, so only it takes the lock.
+    `callees_share`: the caller writes into the folder before training (`rpg train`'s collection.json, the
+    collection's layout.json), so it takes the lock first, before any write, and the code it calls
+    (`train_rpg`) runs under it; without it, a second lock on a held folder is refused, in this process too.
     """
-    if process_rank() != 0:
+    out_dir = Path(out_dir)
+    if process_rank() != 0 or out_dir.resolve() in _SHARED_WITH_CALLEES.get():
         yield
         return
     import fcntl
@@ -190,9 +199,12 @@ def run_lock(out_dir: Path) -> Iterator[None]:
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
+        shared = _SHARED_WITH_CALLEES.set(_SHARED_WITH_CALLEES.get() | {out_dir.resolve()}) if callees_share else None
         try:
             yield
         finally:
+            if shared is not None:
+                _SHARED_WITH_CALLEES.reset(shared)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

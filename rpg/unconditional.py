@@ -23,7 +23,7 @@ from rpg.generate import sample_models
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer, check_collection
 from rpg.tracking import Tracker
-from rpg.train import train_rpg
+from rpg.train import run_lock, train_rpg
 from rpg.utils import write_json_atomic
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], float]
@@ -74,18 +74,18 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
         raise ValueError("the collection is empty")
     check_collection(state_dicts, names)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.fit(state_dicts, model_cfg.token_size)
     tokens = torch.stack([tokenizer.tokenize(sd) for sd in state_dicts])  # (K, N, L)
-    write_json_atomic(out_dir / "layout.json", tokenizer.layout())
     validate = (make_score_validator(tokenizer, diffusion_cfg, score_fn, train_cfg.val_samples, seed=seed + 17)
                 if score_fn is not None else None)
-    summary = train_rpg(model_cfg, diffusion_cfg, train_cfg, tokenizer, tokens, out_dir, seed=seed, device=device,
-                        validate=validate, tracker=tracker, progress=progress, stop_after=stop_after,
-                        force=force)
-    summary = {**summary, "peak_rss_mb": peak_rss_mb()}
-    if summary["finished"]:
-        write_json_atomic(out_dir / "summary.json", summary)
+    with run_lock(out_dir, callees_share=True):  # nothing is written into a folder another run holds
+        write_json_atomic(out_dir / "layout.json", tokenizer.layout())
+        summary = train_rpg(model_cfg, diffusion_cfg, train_cfg, tokenizer, tokens, out_dir, seed=seed,
+                            device=device, validate=validate, tracker=tracker, progress=progress,
+                            stop_after=stop_after, force=force)
+        summary = {**summary, "peak_rss_mb": peak_rss_mb()}
+        if summary["finished"]:
+            write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import csv
 import errno
 import importlib
+import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -375,6 +378,38 @@ def test_second_run_into_a_locked_folder_is_refused(tmp_path):
             train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=0, progress=False)
     assert not (tmp_path / "train_log.csv").exists()
     assert train_rpg(mcfg, dcfg, tcfg, tok, tokens, tmp_path, seed=0, progress=False)["steps"] == 10  # released
+
+
+HOLD_LOCK = """import sys
+from pathlib import Path
+from rpg.train import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_refused_cli_train_writes_nothing_into_the_held_folder(collection, capsys, tmp_path):
+    """A second `rpg train` into a folder another process trains in is refused before it writes anything: the
+    first run's record of its collection (collection.json) and its layout stay as they were."""
+    out = tmp_path / "run"
+    out.mkdir()
+    record = {"checkpoints": "the first run's", "architecture": {"arch": "first"}}
+    (out / "collection.json").write_text(json.dumps(record))
+    (out / "layout.json").write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(["train", "--checkpoints", str(collection), "--out", str(out), "--steps", "2", "--device", "cpu"])
+    finally:
+        holder.communicate("")
+    err = capsys.readouterr().err
+    assert rc == 2 and "in use by another training run" in err, err
+    assert json.loads((out / "collection.json").read_text()) == record
+    assert (out / "layout.json").read_text() == "{}"
+    assert main(["train", "--checkpoints", str(collection), "--out", str(out), "--steps", "2", "--device", "cpu"]) == 0
+    assert json.loads((out / "collection.json").read_text())["architecture"] != record["architecture"]  # released
 
 
 def test_other_step_count_is_refused_without_force(tmp_path):

@@ -35,7 +35,7 @@ from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, dom
                                              task_condition)
 from rpg.cli import docs as docs_cli
 from rpg.cli.user_eval import load_score_function
-from rpg.train import RunConflictError, TrainingDivergedError
+from rpg.train import RunConflictError, TrainingDivergedError, run_lock
 from rpg.utils import (CheckpointError, check_finite, load_safetensors, read_safetensors_metadata, resolve_device,
                        save_safetensors_atomic, state_dict_mismatch, write_json_atomic)
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, evaluate_heads, stack_state_dicts
@@ -296,18 +296,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if score_fn is not None:  # fail now, not at the first validation, if the function does not work
         print(f"score of {collection.paths[0].name} (an original): {score_fn(collection.state_dicts[0]):.4f}")
     out = Path(args.out)
-    write_json_atomic(out / COLLECTION_INFO, {
-        "checkpoints": str(args.checkpoints), "files": [p.name for p in collection.paths],
-        "skipped": [{"file": str(p), "problem": msg} for p, msg in collection.skipped],
-        "architecture": collection.architecture(), "eval": args.eval,
-    })
     seed = cfg.seed if args.seed is None else args.seed
     try:
-        summary = train_on_collection(
-            collection.state_dicts, out, model_cfg=cfg.model, diffusion_cfg=cfg.diffusion, train_cfg=cfg.train,
-            seed=seed, device=resolve_device(args.device or cfg.device), score_fn=score_fn,
-            names=[p.name for p in collection.paths],
-            progress=cfg.logging.progress, stop_after=args.stop_after, force=args.force)
+        with run_lock(out, callees_share=True):  # a refused second run writes nothing into the first one's folder
+            write_json_atomic(out / COLLECTION_INFO, {
+                "checkpoints": str(args.checkpoints), "files": [p.name for p in collection.paths],
+                "skipped": [{"file": str(p), "problem": msg} for p, msg in collection.skipped],
+                "architecture": collection.architecture(), "eval": args.eval,
+            })
+            summary = train_on_collection(
+                collection.state_dicts, out, model_cfg=cfg.model, diffusion_cfg=cfg.diffusion, train_cfg=cfg.train,
+                seed=seed, device=resolve_device(args.device or cfg.device), score_fn=score_fn,
+                names=[p.name for p in collection.paths],
+                progress=cfg.logging.progress, stop_after=args.stop_after, force=args.force)
     except KeyboardInterrupt:
         print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.safetensors'}",
               file=sys.stderr)
