@@ -2,7 +2,7 @@
 
 A view is a function registered in `VIEWS` by name (`@view("table1")`); a page's marker
 `<!-- rendered: table1 ... -->` calls it with the reference results and the marker's remaining words.
-The baselines shown are the registry's (`rpg.evaluation.list_baselines`), in the order the tables hold them.
+The baselines shown are each family's `BASELINES` (its registry entries), in the order the tables hold them.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Callable
 
 import pandas as pd
 
-from rpg.evaluation import best_baseline, list_baselines
+from rpg.evaluation import best_baseline
 from rpg.experiments.arch_study import baselines as arch_baselines
 from rpg.experiments.task_zoo import baselines as zoo_baselines
 
 MINUS = "\u2212"
-ARCH_BASELINES = tuple(list_baselines(arch_baselines.FAMILY))
+ARCH_BASELINES = arch_baselines.BASELINES
 ARCH_BASELINE_NAMES = {"noise": "noise", "average16": "average of 16", "gaussian": "Gaussian"}
-ZOO_BASELINES = tuple(list_baselines(zoo_baselines.FAMILY))
+ZOO_BASELINES = zoo_baselines.BASELINES
 TIE = 0.1  # points: RPG's best-of-n within this of the best baseline is a tie
 
 
