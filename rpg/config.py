@@ -99,7 +99,7 @@ def _from_schema(*path: str, values: Mapping | None = None) -> Callable[[type], 
             if name in cls.__dict__ or name not in defaults:
                 continue
             value = _to_tuple(defaults[name])
-            if isinstance(value, (dict, list)):
+            if isinstance(value, dict):
                 value = field(default_factory=lambda v=value: copy.deepcopy(v))
             setattr(cls, name, value)
         return dataclass(frozen=True)(cls)
