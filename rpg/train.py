@@ -8,8 +8,9 @@ model (end to end).
 The diffusion loss is no proxy for the quality of generated weights (a calibration prototype reached a lower loss
 and collapsed), so training calls a user-supplied `validate(model) -> {"score": ...}` every `eval_every` steps and
 keeps the checkpoint with the best score as `best.safetensors`. `last.opt.pt` (weights, optimizer, data and noise
-generators) allows resuming, so a resumed run ends with the same weights as an uninterrupted one; `last.safetensors`
-is a loadable copy of the same weights, written after it. With `patience`, training stops once that many validations
+generators, and a copy of best.safetensors as it was then) allows resuming, so a resumed run ends with the same
+weights as an uninterrupted one, also when best.safetensors was deleted before the run finished (Snakemake deletes
+the outputs of a killed job); `last.safetensors` is a loadable copy of the same weights, written after it. With `patience`, training stops once that many validations
 in a row have not beaten the best score (a plateau), `steps` being the maximum budget; the validation curve is the
 `val/*` columns of `train_log.csv`. Under `torchrun` with several processes, training is data parallel (DDP):
 `batch_size` and `diffusion_batch` are the global batch, every process draws the same step and trains on its share
@@ -50,7 +51,8 @@ from rpg.diffusion import GaussianDiffusion, create_diffusion
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker
-from rpg.utils import CheckpointError, first_non_finite, read_safetensors_metadata, seed_everything, write_csv_rows
+from rpg.utils import (CheckpointError, atomic_path, first_non_finite, read_safetensors_metadata, seed_everything,
+                       write_csv_rows)
 
 Validator = Callable[[RPG], dict[str, float]]
 LOCK_FILE = ".rpg.lock"
@@ -276,6 +278,7 @@ class _RunState:
     step: int = 0  # optimizer steps done
     best_score: float = -math.inf
     best_step: int = -1
+    best_file: torch.Tensor | None = None  # the bytes (uint8) of best.safetensors as the main process wrote it
 
     @property
     def scored(self) -> RPG:
@@ -285,7 +288,8 @@ class _RunState:
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(), "step": self.step,
-                "best_score": self.best_score, "best_step": self.best_step}
+                "best_score": self.best_score, "best_step": self.best_step,
+                **({"best_file": self.best_file} if self.best_file is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from last.opt.pt's state. The weights come from it, not from last.safetensors: that is written
@@ -296,6 +300,7 @@ class _RunState:
         self.noise_gen.set_state(state["noise_gen"])
         self.step = int(state["step"])
         self.best_score, self.best_step = float(state["best_score"]), int(state["best_step"])
+        self.best_file = state.get("best_file")
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
 
@@ -320,21 +325,38 @@ class _RunFolder:
         if self.is_main:
             print(message)
 
+    @property
+    def best_path(self) -> Path:
+        return self.path / "best.safetensors"
+
     def resumable_state(self, force: bool) -> dict[str, Any] | None:
         """last.opt.pt if it belongs to this run; raises RunConflictError if it is this run with another step
-        count (unless `force`)."""
+        count (unless `force`).
+
+        Snakemake deletes a killed job's outputs (best.safetensors) before it reruns it: an unfinished run restores
+        best.safetensors from the copy in last.opt.pt and resumes. A finished run whose best.safetensors is gone
+        (`snakemake --forcerun`, a user who deleted it) and a leftover of a run on other data or settings (e.g.
+        Snakemake re-running the rule after its inputs changed) train from scratch: resuming would silently reuse
+        stale weights.
+        """
         state = load_training_state(self.state_path) if self.state_path.exists() else None
         if not force:
             _refuse_other_step_count(state, self.identity["fingerprint"], self.identity["run_fingerprint"],
                                      self.identity["total_steps"], self.path)
-        if state is not None and not (state.get("fingerprint") == self.identity["fingerprint"] and
-                                      (int(state["best_step"]) < 0 or (self.path / "best.safetensors").exists())):
-            # A leftover of a run on other data / settings (e.g. Snakemake re-running the rule after its inputs
-            # changed), or a finished run whose best checkpoint was deleted: resuming would silently reuse stale
-            # weights.
-            self.say(f"not resuming from {self.state_path}: other data or settings, or best.safetensors is gone; "
-                     "training from scratch")
+        if state is None:
             return None
+        if state.get("fingerprint") != self.identity["fingerprint"]:
+            self.say(f"not resuming from {self.state_path}: a run on other data or settings; training from scratch")
+            return None
+        if int(state["best_step"]) >= 0 and not self.best_path.exists():
+            if state.get("finished", True) or state.get("best_file") is None:
+                self.say(f"not resuming from {self.state_path}: the run had finished and {self.best_path.name} is "
+                         "gone; training from scratch")
+                return None
+            if self.is_main:
+                with atomic_path(self.best_path) as tmp:
+                    state["best_file"].numpy().tofile(tmp)
+            self.say(f"restored {self.best_path} (step {int(state['best_step'])}) from {self.state_path}")
         return state
 
     def restart_log(self, step: int) -> None:
@@ -351,20 +373,24 @@ class _RunFolder:
             self.tracker.log(record, step=int(record["step"]))
             _append_log(self.path / "train_log.csv", [record])  # as we go: the log survives a kill
 
-    def save_last(self, run: _RunState) -> None:
-        """last.opt.pt, then last.safetensors, a loadable copy of the same weights (every process checks them)."""
+    def save_last(self, run: _RunState, finished: bool) -> None:
+        """last.opt.pt, then last.safetensors, a loadable copy of the same weights (every process checks them).
+        `finished`: the run ends at this step (its last step, or a plateau)."""
         _check_weights(run.model, run.step, self.path)
         if not self.is_main:
             return
         save_training_state(self.state_path, {
-            **run.state_dict(), **self.identity, **({"ema": run.ema.state_dict()} if run.ema is not None else {})})
+            **run.state_dict(), **self.identity, "finished": finished,
+            **({"ema": run.ema.state_dict()} if run.ema is not None else {})})
         save_rpg(self.path / "last.safetensors", run.model, self.tokenizer, self.diffusion_cfg, step=run.step,
                  extra=self.metadata)
 
-    def save_best(self, model: RPG, step: int, extra: dict[str, Any] | None) -> None:
-        if self.is_main:
-            save_rpg(self.path / "best.safetensors", model, self.tokenizer, self.diffusion_cfg, step=step,
-                     extra=extra)
+    def save_best(self, model: RPG, step: int, extra: dict[str, Any] | None) -> torch.Tensor | None:
+        """Write best.safetensors; return its bytes (uint8), which last.opt.pt keeps (None off the main process)."""
+        if not self.is_main:
+            return None
+        save_rpg(self.best_path, model, self.tokenizer, self.diffusion_cfg, step=step, extra=extra)
+        return torch.frombuffer(bytearray(self.best_path.read_bytes()), dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -480,7 +506,7 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         if done % cfg.eval_every == 0:
             stopped_early = procs.main_says(stopped_early)
         if done % cfg.save_every == 0 or done == cfg.steps or stopped_early:
-            folder.save_last(run)
+            folder.save_last(run, finished=done == cfg.steps or stopped_early)
         if stopped_early:
             break
     bar.close()
@@ -555,7 +581,7 @@ def _validate(run: _RunState, validate: Validator, folder: _RunFolder) -> dict[s
     metrics = validate(run.scored)
     if metrics["score"] > run.best_score:
         run.best_score, run.best_step = float(metrics["score"]), run.step
-        folder.save_best(run.scored, run.step, {**(folder.metadata or {}), "val": metrics})
+        run.best_file = folder.save_best(run.scored, run.step, {**(folder.metadata or {}), "val": metrics})
     tqdm.write(f"step {run.step}: " + ", ".join(f"{key} {v:.4f}" for key, v in metrics.items()))
     return {f"val/{key}": float(v) for key, v in metrics.items()}
 

@@ -257,6 +257,36 @@ def test_finished_run_with_deleted_best_is_retrained(mlp_checkpoints, tmp_path):
     assert all(torch.equal(again[k], reference[k]) for k in reference)
 
 
+def test_unfinished_run_with_deleted_best_restores_it_and_resumes(mlp_checkpoints, tmp_path, capsys):
+    """Snakemake deletes a killed job's best.safetensors before its rerun: an unfinished run restores it from the copy
+    in last.opt.pt and resumes (one validation left, not two), ending with the weights of an uninterrupted run."""
+    mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, 0.9)
+    calls = []
+
+    def validate(model):
+        calls.append(1)
+        return {"score": float(-sum(p.detach().abs().sum() for p in model.denoiser.parameters()))}
+
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    train_rpg(mcfg, dcfg, tcfg, tok, tokens, full_dir, seed=3, progress=False, validate=validate)
+    train_rpg(mcfg, dcfg, tcfg, tok, tokens, split_dir, seed=3, progress=False, validate=validate, stop_after=20)
+    at_20 = (split_dir / "best.safetensors").read_bytes()
+    (split_dir / "best.safetensors").unlink()
+    calls.clear()
+    capsys.readouterr()
+    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, split_dir, seed=3, progress=False, validate=validate,
+                        stop_after=0)
+    assert "restored" in capsys.readouterr().out and summary["steps"] == 20 and not calls
+    assert (split_dir / "best.safetensors").read_bytes() == at_20
+    (split_dir / "best.safetensors").unlink()
+    train_rpg(mcfg, dcfg, tcfg, tok, tokens, split_dir, seed=3, progress=False, validate=validate)
+    out = capsys.readouterr().out
+    assert f"resumed from {split_dir / 'last.opt.pt'} at step 20" in out and len(calls) == 1, out
+    for name in ("best.safetensors", "last.safetensors"):
+        assert _tensors_equal(full_dir, split_dir, name), name
+    assert (full_dir / "train_log.csv").read_text() == (split_dir / "train_log.csv").read_text()
+
+
 def test_validate_hook_keeps_best(mlp_checkpoints, tmp_path):
     """validate() is called every eval_every steps; best.safetensors holds the best-scoring step."""
     mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, None)
