@@ -10,11 +10,12 @@ and collapsed), so training calls a user-supplied `validate(model) -> {"score": 
 keeps the checkpoint with the best score as `best.safetensors`. `last.opt.pt` (weights, optimizer, data and noise
 generators, and a copy of best.safetensors as it was then) allows resuming, so a resumed run ends with the same
 weights as an uninterrupted one, also when best.safetensors was deleted before the run finished (Snakemake deletes
-the outputs of a killed job); `last.safetensors` is a loadable copy of the same weights, written after it. With `patience`, training stops once that many validations
-in a row have not beaten the best score (a plateau), `steps` being the maximum budget; the validation curve is the
-`val/*` columns of `train_log.csv`. Under `torchrun` with several processes, training is data parallel (DDP):
-`batch_size` and `diffusion_batch` are the global batch, every process draws the same step and trains on its share
-of the checkpoints, and the result is the one-process result up to float round-off (tests/test_ddp.py).
+the outputs of a killed job); `last.safetensors` is a loadable copy of the same weights, written after it. With
+`patience`, training stops once that many validations in a row have not beaten the best score (a plateau), `steps`
+being the maximum budget; the validation curve is the `val/*` columns of `train_log.csv`. Under `torchrun` with
+several processes, training is data parallel (DDP): `batch_size` and `diffusion_batch` are the global batch, every
+process draws the same step and trains on its share of the checkpoints, and the result is the one-process result up
+to float round-off (tests/test_ddp.py).
 
 A run owns its folder: a lock file refuses a second run into it, `train_log.csv` is appended step by step (a resumed
 run first drops the rows after the step it resumes from), a run asked for another step count than the one in the
@@ -349,7 +350,11 @@ class _RunFolder:
             self.say(f"not resuming from {self.state_path}: a run on other data or settings; training from scratch")
             return None
         if int(state["best_step"]) >= 0 and not self.best_path.exists():
-            if state.get("finished", True) or state.get("best_file") is None:
+            if state.get("best_file") is None:  # a last.opt.pt of an older version
+                self.say(f"not resuming from {self.state_path}: {self.best_path.name} is gone and it holds no copy; "
+                         "training from scratch")
+                return None
+            if state["finished"]:
                 self.say(f"not resuming from {self.state_path}: the run had finished and {self.best_path.name} is "
                          "gone; training from scratch")
                 return None
