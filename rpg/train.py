@@ -183,9 +183,9 @@ def run_lock(out_dir: Path, *, callees_share: bool = False, user: str = "trainin
     flock: the kernel drops the lock when its process dies, so a killed run never leaves a stale lock (only the
     file, taken over by the next run); the holder removes the file when it is done, so a folder keeps only results.
     Only rank 0 of a torchrun job (RANK unset or 0) writes, so only it takes the lock.
-    `callees_share`: the caller writes into the folder before training (`rpg train`'s collection.json, the
-    collection's layout.json), so it takes the lock first, before any write, and the code it calls
-    (`train_rpg`) runs under it; without it, a second lock on a held folder is refused, in this process too.
+    `callees_share`: the caller uses the folder before training (`rpg train` checks that it can write there), so
+    it takes the lock first, before any write, and the code it calls (`train_rpg`) runs under it; without it, a
+    second lock on a held folder is refused, in this process too.
     `user`: what holds the lock, as a refused writer is told ("training run", "rpg generate").
     """
     out_dir = Path(out_dir)
