@@ -111,6 +111,13 @@ class GaussianDiffusion:
         seq = torch.linspace(0, self.timesteps - 1, steps).round().long().unique().tolist()
         return sorted(seq, reverse=True)
 
+    def sampling_sequence(self, sampler: str, steps: int) -> list[int]:
+        """The timesteps `sample` visits, one denoiser pass each: all T for ddpm (`steps` is ignored), for ddim
+        `steps` evenly spaced ones (at most T)."""
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler '{sampler}' (expected ddpm or ddim)")
+        return list(range(self.timesteps - 1, -1, -1)) if sampler == "ddpm" else self._timesteps(steps)
+
     @torch.no_grad()
     def sample(self, denoiser: Denoiser, cond: torch.Tensor, length: int, *, sampler: str = "ddim",
                steps: int = 50, eta: float = 0.0, clip_x0: float | None = None,
@@ -128,15 +135,13 @@ class GaussianDiffusion:
         Notes:
             DDIM with steps == T and eta == 1 reproduces DDPM exactly (same noise draws), a property the tests check.
         """
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler '{sampler}' (expected ddpm or ddim)")
+        seq = self.sampling_sequence(sampler, steps)
         device = cond.device
         m = cond.shape[0]
         if noise is None:
             noise = _randn((m, length), generator, device)
         x = noise.to(device=device, dtype=torch.float32)
         abar = self.alphas_cumprod.to(device)
-        seq = list(range(self.timesteps - 1, -1, -1)) if sampler == "ddpm" else self._timesteps(steps)
         for i, t in enumerate(seq):
             t_prev = seq[i + 1] if i + 1 < len(seq) else -1
             a_t = abar[t]

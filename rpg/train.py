@@ -18,8 +18,9 @@ process draws the same step and trains on its share of the checkpoints, and the 
 to float round-off (tests/test_ddp.py).
 
 A run owns its folder: a lock file refuses a second run into it, `train_log.csv` is appended step by step (a resumed
-run first drops the rows after the step it resumes from), a run asked for another step count than the one in the
-folder is refused unless `force`, and a NaN/Inf loss, gradient or weight stops training (TrainingDivergedError)
+run first drops the rows after the step it resumes from), a run asked for another step count, or on other data or
+settings, than the one in the folder is refused unless `force` (then the earlier run's files are removed first, so
+the folder never holds two runs), and a NaN/Inf loss, gradient or weight stops training (TrainingDivergedError)
 before a non-finite weight is written.
 """
 
@@ -39,7 +40,7 @@ import time
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import IO, Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -53,10 +54,12 @@ from rpg.model import RPG
 from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker
 from rpg.utils import (CheckpointError, atomic_path, first_non_finite, read_safetensors_metadata, seed_everything,
-                       write_csv_rows)
+                       write_csv_rows, write_json_atomic)
 
 Validator = Callable[[RPG], dict[str, float]]
 LOCK_FILE = ".rpg.lock"
+# What a run writes into its folder besides train_log.csv: removed when a forced run replaces another one.
+RUN_FILES = ("last.opt.pt", "last.safetensors", "best.safetensors", "summary.json")
 
 
 class RunConflictError(ValueError):
@@ -175,14 +178,17 @@ _SHARED_WITH_CALLEES: ContextVar[frozenset[Path]] = ContextVar("rpg_run_lock_sha
 
 
 @contextlib.contextmanager
-def run_lock(out_dir: Path, *, callees_share: bool = False) -> Iterator[None]:
-    """Hold an exclusive lock on OUT/.rpg.lock while training; a second writer into the folder is refused.
+def run_lock(out_dir: Path, *, callees_share: bool = False, user: str = "training run") -> Iterator[None]:
+    """Hold an exclusive lock on OUT/.rpg.lock while training (or generating: `rpg generate` takes the same lock);
+    a second writer into the folder is refused.
 
-    flock: the kernel drops the lock when its process dies, so a killed run never leaves a stale lock.
+    flock: the kernel drops the lock when its process dies, so a killed run never leaves a stale lock (only the
+    file, taken over by the next run); the holder removes the file when it is done, so a folder keeps only results.
     Only rank 0 of a torchrun job (RANK unset or 0) writes, so only it takes the lock.
-    `callees_share`: the caller writes into the folder before training (`rpg train`'s collection.json, the
-    collection's layout.json), so it takes the lock first, before any write, and the code it calls
-    (`train_rpg`) runs under it; without it, a second lock on a held folder is refused, in this process too.
+    `callees_share`: the caller uses the folder before training (`rpg train` checks that it can write there), so
+    it takes the lock first, before any write, and the code it calls (`train_rpg`) runs under it; without it, a
+    second lock on a held folder is refused, in this process too.
+    `user`: what holds the lock, as a refused writer is told ("training run", "rpg generate").
     """
     out_dir = Path(out_dir)
     if process_rank() != 0 or out_dir.resolve() in _SHARED_WITH_CALLEES.get():
@@ -191,16 +197,10 @@ def run_lock(out_dir: Path, *, callees_share: bool = False) -> Iterator[None]:
     import fcntl
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / LOCK_FILE).open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            raise RunConflictError(f"{out_dir} is in use by another training run ({owner}); wait for it to end or "
-                                   "train into another folder") from None
+    lock_path = out_dir / LOCK_FILE
+    with _locked_file(lock_path) as f:
         f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n{user}\n")
         f.flush()
         shared = _SHARED_WITH_CALLEES.set(_SHARED_WITH_CALLEES.get() | {out_dir.resolve()}) if callees_share else None
         try:
@@ -208,7 +208,40 @@ def run_lock(out_dir: Path, *, callees_share: bool = False) -> Iterator[None]:
         finally:
             if shared is not None:
                 _SHARED_WITH_CALLEES.reset(shared)
+            lock_path.unlink(missing_ok=True)  # before the unlock: a process that opened it sees it gone and retries
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _locked_file(path: Path) -> Iterator[IO[str]]:
+    """`path` opened and flocked by this process; RunConflictError naming the holder if another process holds it.
+
+    The holder removes the file when it is done, so a lock taken on a file that was removed (or replaced) between
+    opening and locking it is no lock on the folder: it is dropped and taken again on the file now there.
+    """
+    import fcntl
+
+    while True:
+        f = path.open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner, _, holder = f.read().strip().partition("\n")
+            f.close()
+            raise RunConflictError(f"{path.parent} is in use by another {holder or 'training run'} "
+                                   f"({owner or 'another process'}); wait for it to end or choose another "
+                                   "folder") from None
+        try:
+            now = os.stat(path)
+            current = (now.st_dev, now.st_ino) == (os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino)
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        f.close()
+    with f:
+        yield f
 
 
 def _holding_run_lock(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -331,38 +364,48 @@ class _RunFolder:
         return self.path / "best.safetensors"
 
     def resumable_state(self, force: bool) -> dict[str, Any] | None:
-        """last.opt.pt if it belongs to this run; raises RunConflictError if it is this run with another step
-        count (unless `force`).
+        """last.opt.pt if it belongs to this run, else None, the folder cleared of an earlier run's files.
+
+        Raises RunConflictError if the folder holds another run (this one with another step count, or one on other
+        data or settings), unless `force`: training there would overwrite its checkpoints and leave the rest beside
+        the new log. With `force` (the workflow's choice: Snakemake re-runs a rule after its inputs changed) the
+        earlier run's files are removed and training starts from scratch.
 
         Snakemake deletes a killed job's outputs (best.safetensors) before it reruns it: an unfinished run restores
         best.safetensors from the copy in last.opt.pt and resumes. A finished run whose best.safetensors is gone
-        (`snakemake --forcerun`, a user who deleted it) and a leftover of a run on other data or settings (e.g.
-        Snakemake re-running the rule after its inputs changed) train from scratch: resuming would silently reuse
-        stale weights.
+        (`snakemake --forcerun`, a user who deleted it) starts clean: resuming would silently reuse stale weights.
         """
         state = load_training_state(self.state_path) if self.state_path.exists() else None
-        if not force:
-            _refuse_other_step_count(state, self.identity["fingerprint"], self.identity["run_fingerprint"],
-                                     self.identity["total_steps"], self.path)
         if state is None:
             return None
         if state.get("fingerprint") != self.identity["fingerprint"]:
-            self.say(f"not resuming from {self.state_path}: a run on other data or settings; training from scratch")
+            if not force:
+                _refuse_other_run(state, self.identity, self.path)
+            self._start_clean("it held a run of another step count" if state.get("run_fingerprint") ==
+                              self.identity["run_fingerprint"] else "it held a run on other data or settings")
             return None
         if int(state["best_step"]) >= 0 and not self.best_path.exists():
             if state.get("best_file") is None:  # a last.opt.pt of an older version
-                self.say(f"not resuming from {self.state_path}: {self.best_path.name} is gone and it holds no copy; "
-                         "training from scratch")
+                self._start_clean("best.safetensors is gone and last.opt.pt holds no copy of it")
                 return None
             if state["finished"]:
-                self.say(f"not resuming from {self.state_path}: the run had finished and {self.best_path.name} is "
-                         "gone; training from scratch")
+                self._start_clean("the run had finished and best.safetensors is gone")
                 return None
             if self.is_main:
                 with atomic_path(self.best_path) as tmp:
                     state["best_file"].numpy().tofile(tmp)
             self.say(f"restored {self.best_path} (step {int(state['best_step'])}) from {self.state_path}")
         return state
+
+    def _start_clean(self, reason: str) -> None:
+        """Remove an earlier run's checkpoints and record (the log goes in restart_log) and say so."""
+        if not self.is_main:
+            return
+        removed = [name for name in RUN_FILES if (self.path / name).exists()]
+        for name in removed:
+            (self.path / name).unlink()
+        self.say(f"not resuming in {self.path}: {reason}; removed the earlier run's {', '.join(removed)} and "
+                 "training from scratch")
 
     def restart_log(self, step: int) -> None:
         """Drop train_log.csv's rows after `step` (all of them when starting from scratch): a resume redoes them."""
@@ -428,8 +471,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
               tokens: torch.Tensor, out_dir: str | Path, *, cond: torch.Tensor | None = None, seed: int = 0,
               device: torch.device | str = "cpu", validate: Validator | None = None,
               tracker: Tracker | None = None, progress: bool = True,
-              stop_after: int | None = None, force: bool = False, metadata: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+              stop_after: int | None = None, force: bool = False, metadata: dict[str, Any] | None = None,
+              files: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) a generator on `tokens` and write best/last checkpoints to `out_dir`.
 
     Args:
@@ -437,7 +480,10 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
         cond: (K, condition_dim) task bits per checkpoint, for task-conditioned models.
         validate: called every `eval_every` steps on the (EMA) model; must return {"score": higher-is-better, ...}.
         stop_after: stop (as if killed) after this many steps of this call; for tests of resuming.
-        force: train from scratch over a run of another step count in `out_dir` (refused otherwise).
+        force: train from scratch over another run in `out_dir` (another step count, other data or settings),
+            removing its files first (refused otherwise).
+        files: JSON documents (file name -> content) the caller's run keeps in `out_dir` (a collection's record,
+            its layout), written once the run is accepted: a refused run writes nothing.
         metadata: stored in every generator file's metadata under "extra" (e.g. the domain names of the condition,
             which `rpg generate --domain` reads); not part of the run's fingerprint.
     Returns:
@@ -476,6 +522,8 @@ def train_rpg(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Train
     tracker = tracker or Tracker()
     folder = _RunFolder(out_dir, procs.is_main, tokenizer, diffusion_cfg, metadata, tracker, identity)
     state = folder.resumable_state(force)
+    for name, content in (files or {}).items() if procs.is_main else ():
+        write_json_atomic(out_dir / name, content)
     if state is not None:
         run.load_state_dict(state)
         folder.say(f"resumed from {folder.state_path} at step {run.step}")
@@ -612,16 +660,19 @@ def _fingerprint(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Tr
     return h.hexdigest()
 
 
-def _refuse_other_step_count(state: dict | None, fingerprint: str, run_fingerprint: str, steps: int,
-                             out_dir: Path) -> None:
+def _refuse_other_run(state: dict, identity: dict[str, Any], out_dir: Path) -> None:
     """A folder holding this run with another step count would be retrained from scratch (its trajectory, the
-    learning-rate schedule included, depends on the count), overwriting best.safetensors: refuse instead."""
-    if state is None or state.get("fingerprint") == fingerprint or state.get("run_fingerprint") != run_fingerprint:
-        return
+    learning-rate schedule included, depends on the count), overwriting best.safetensors; one holding a run on other
+    data or settings would be overwritten too: refuse instead."""
+    if state.get("run_fingerprint") == identity["run_fingerprint"]:
+        raise RunConflictError(
+            f"{out_dir} holds this run with {state.get('total_steps')} steps (at step {state['step']}); asking for "
+            f"{identity['total_steps']} steps would retrain it from scratch and overwrite its best.safetensors. Pass "
+            "--force (force=True) to do that, or train into another folder")
     raise RunConflictError(
-        f"{out_dir} holds this run with {state.get('total_steps')} steps (at step {state['step']}); asking for "
-        f"{steps} steps would retrain it from scratch and overwrite its best.safetensors. Pass --force "
-        "(force=True) to do that, or train into another folder")
+        f"{out_dir} holds a run on other data or settings (at step {state['step']} of {state.get('total_steps')}); "
+        "this one would overwrite its checkpoints and leave the rest beside its own. Pass --force (force=True) to "
+        "remove that run and train from scratch, or train into another folder")
 
 
 def _last_good(out_dir: Path) -> str:

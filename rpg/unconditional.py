@@ -53,7 +53,8 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
                         model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, train_cfg: TrainConfig,
                         seed: int = 0, device: torch.device | str = "cpu", score_fn: ScoreFn | None = None,
                         names: Sequence[str] | None = None, tracker: Tracker | None = None,
-                        progress: bool = True, stop_after: int | None = None, force: bool = False) -> dict:
+                        progress: bool = True, stop_after: int | None = None, force: bool = False,
+                        files: dict[str, object] | None = None) -> dict:
     """Tokenise a collection and train (or resume) an unconditional RPG on it.
 
     Args:
@@ -64,7 +65,9 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
             weights are kept.
         names: labels of the checkpoints (file names) for error messages.
         stop_after: stop after this many steps of this call (as if killed), for resume tests.
-        force: retrain from scratch over a run of another step count in `out_dir` (refused otherwise).
+        force: retrain from scratch over another run in `out_dir` (refused otherwise; see `train_rpg`).
+        files: more JSON documents for `out_dir` (name -> content), written with layout.json once the run is
+            accepted (a refused run writes nothing).
     Returns:
         the training summary (also written to summary.json), with the peak memory of the process.
     """
@@ -79,10 +82,10 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
     validate = (make_score_validator(tokenizer, diffusion_cfg, score_fn, train_cfg.val_samples, seed=seed + 17)
                 if score_fn is not None else None)
     with run_lock(out_dir, callees_share=True):  # nothing is written into a folder another run holds
-        write_json_atomic(out_dir / "layout.json", tokenizer.layout())
         summary = train_rpg(model_cfg, diffusion_cfg, train_cfg, tokenizer, tokens, out_dir, seed=seed,
                             device=device, validate=validate, tracker=tracker, progress=progress,
-                            stop_after=stop_after, force=force)
+                            stop_after=stop_after, force=force,
+                            files={"layout.json": tokenizer.layout(), **(files or {})})
         summary = {**summary, "peak_rss_mb": peak_rss_mb()}
         if summary["finished"]:
             write_json_atomic(out_dir / "summary.json", summary)

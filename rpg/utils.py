@@ -94,6 +94,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_writable_folder(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove a file can be created in it, so that a command refuses an unwritable
+    output folder (permission denied, read-only file system, a name too long) before its work, not after it.
+
+    Raises the OSError of the failed creation, naming `folder`. The probe is an atomic_path-style temporary file,
+    removed at once (or, after a kill, by the next write to the folder).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rpg-write-check.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(folder)) from err
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -28,7 +28,7 @@ from rpg.config import DiffusionConfig, TrainConfig
 from rpg.diffusion import create_diffusion
 from rpg.generate import generate_state_dicts
 from rpg.tokenize import Tokenizer
-from rpg.train import lr_at, plateaued, train_rpg, update_ema
+from rpg.train import RunConflictError, lr_at, plateaued, train_rpg, update_ema
 from rpg.utils import load_safetensors
 
 N_CKPT = 4
@@ -224,19 +224,22 @@ def _tensors_equal(dir_a, dir_b, name):
 
 
 def test_no_resume_from_a_run_on_other_data(mlp_checkpoints, tmp_path):
-    """Leftover last.* of a run on other checkpoints (e.g. Snakemake re-running after its inputs changed) are not
-    resumed: the run starts from scratch and equals a run in a clean folder; the stale log is replaced."""
+    """Leftover last.* of a run on other checkpoints are refused (RunConflictError); with force (the workflow's
+    choice: Snakemake re-runs a rule after its inputs changed) they are not resumed: the run starts from scratch and
+    equals a run in a clean folder; the stale log is replaced."""
     mcfg, dcfg, tcfg, tok, tokens = _resume_setup(mlp_checkpoints, None)
     stale_dir, clean_dir = tmp_path / "reused", tmp_path / "clean"
     train_rpg(mcfg, dcfg, tcfg, tok, tokens.flip(0), stale_dir, seed=3, progress=False)  # other data
-    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, stale_dir, seed=3, progress=False)
+    with pytest.raises(RunConflictError, match="other data or settings"):
+        train_rpg(mcfg, dcfg, tcfg, tok, tokens, stale_dir, seed=3, progress=False)
+    summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, stale_dir, seed=3, progress=False, force=True)
     assert summary["steps"] == 40
     train_rpg(mcfg, dcfg, tcfg, tok, tokens, clean_dir, seed=3, progress=False)
     assert _tensors_equal(stale_dir, clean_dir, "last.safetensors")
     assert (stale_dir / "train_log.csv").read_text() == (clean_dir / "train_log.csv").read_text()
     # other settings (here: the learning rate) are "other data" too
     other = TrainConfig(**{**tcfg.__dict__, "lr": 1e-3})
-    train_rpg(mcfg, dcfg, other, tok, tokens, stale_dir, seed=3, progress=False)
+    train_rpg(mcfg, dcfg, other, tok, tokens, stale_dir, seed=3, progress=False, force=True)
     assert not _tensors_equal(stale_dir, clean_dir, "last.safetensors")
 
 

@@ -7,20 +7,22 @@
     rpg generate --checkpoint my_rpg/best.safetensors --samples 10 --out my_generated/
     rpg docs check                      # README / docs tables agree with docs/reference (`render` rewrites them)
 
-User mistakes (bad embedding, unknown class, unreadable or inconsistent checkpoints, bad --eval, ...) print one line
-and exit with status 2; a full disk prints one line and exits with status 1. `rpg <command> --help` documents each command.
+User mistakes (bad embedding, unknown class, unreadable or inconsistent checkpoints, bad --eval, ...) and any error
+of the file system (permission denied, read-only file system, a name too long, ...) print one line and exit with
+status 2; a full disk prints one line and exits with status 1. `rpg <command> --help` documents each command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -29,6 +31,7 @@ from rpg.checkpoint import load_rpg
 from rpg.collection import format_report, inspect_collection, load_collection
 from rpg.config import Config, ConfigError, DataConfig, GenerateConfig, ModelConfig, load_config
 from rpg.data import CorruptDataError
+from rpg.diffusion import create_diffusion
 from rpg.generate import GENERATION_MODES, sample_models
 from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, domain_task_id, embedding_bits,
                                              embedding_to_id, id_to_embedding, parse_embedding, positive_classes,
@@ -36,13 +39,21 @@ from rpg.experiments.task_zoo.tasks import (TaskError, classes_to_embedding, dom
 from rpg.cli import docs as docs_cli
 from rpg.cli.user_eval import load_score_function
 from rpg.train import RunConflictError, TrainingDivergedError, run_lock
-from rpg.utils import (CheckpointError, check_finite, load_safetensors, read_safetensors_metadata, resolve_device,
-                       save_safetensors_atomic, state_dict_mismatch, write_json_atomic)
+from rpg.utils import (CheckpointError, check_finite, check_writable_folder, load_safetensors,
+                       read_safetensors_metadata, resolve_device, save_safetensors_atomic, state_dict_mismatch)
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, evaluate_heads, stack_state_dicts
 
-# FileExistsError / NotADirectoryError: --out names a file; CorruptDataError: a truncated or malformed CIFAR-10 archive.
-USER_ERRORS = (TaskError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               ValueError, CorruptDataError, RunConflictError, TrainingDivergedError)
+# CorruptDataError: a truncated or malformed CIFAR-10 archive. Every OSError (a missing file, --out naming a file,
+# permission denied, ...) is one line too: see main().
+USER_ERRORS = (TaskError, CheckpointError, ConfigError, ValueError, CorruptDataError, RunConflictError,
+               TrainingDivergedError)
+# What to do about an OSError of the file system, by errno (the line names the path and the system's message first).
+OS_ERROR_ADVICE = {
+    errno.EACCES: "choose a path you may write to (or read), or change its permissions",
+    errno.EPERM: "choose a path you may write to (or read), or change its permissions",
+    errno.EROFS: "the file system is mounted read-only: choose a folder on another one",
+    errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (255 bytes on most): shorten it",
+}
 # `rpg train`'s preset, under its --config: unconditional, one permutation state per checkpoint (documented there).
 BYO_PRESET = Path(__file__).resolve().parents[1] / "byo_preset.yaml"
 COLLECTION_INFO = "collection.json"  # beside the generator: where its checkpoints came from, how to build them
@@ -101,9 +112,37 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 
 
 def _sampler_config(args: argparse.Namespace, dcfg):
-    """The generator's own sampler settings with --sampler / --steps applied."""
-    return dataclasses.replace(dcfg, sampler=args.sampler or dcfg.sampler,
+    """The generator's own sampler settings with --sampler / --steps applied.
+
+    A --steps the sampler cannot run is refused rather than capped or ignored (the user asked for that count):
+    ddpm always runs all the diffusion's timesteps, ddim at most that many.
+    """
+    sampler, total = args.sampler or dcfg.sampler, dcfg.timesteps
+    if args.steps is not None and sampler == "ddpm" and args.steps != total:
+        raise ValueError(f"--steps {args.steps} does not apply to the ddpm sampler, which runs all {total} steps of "
+                         f"{args.checkpoint}'s diffusion: drop --steps, or pass --sampler ddim")
+    if args.steps is not None and args.steps > total:
+        raise ValueError(f"--steps {args.steps}: {args.checkpoint}'s diffusion has {total} steps, so --steps must be "
+                         f"at most {total}")
+    return dataclasses.replace(dcfg, sampler=sampler,
                                sample_steps=args.steps if args.steps is not None else dcfg.sample_steps)
+
+
+def _sampler_metadata(dcfg) -> dict[str, Any]:
+    """What the sampler ran, for the generated files: its name and its count of denoising steps (all timesteps for
+    ddpm; a generator's own sample_steps above its timesteps are capped)."""
+    steps = len(create_diffusion(dcfg).sampling_sequence(dcfg.sampler, dcfg.sample_steps))
+    return {"sampler": dcfg.sampler, "steps": steps}
+
+
+@contextlib.contextmanager
+def _owned_output_folder(out: str | Path) -> Iterator[Path]:
+    """Hold --out as `rpg train` holds its folder (the run lock: a concurrent rpg generate or rpg train into it is
+    refused), and check that files can be created in it, before any sampling or write."""
+    out = Path(out)
+    with run_lock(out, user="rpg generate"):
+        check_writable_folder(out)
+        yield out
 
 
 def _check_generated(states: list[dict[str, torch.Tensor]], checkpoint: str) -> None:
@@ -116,35 +155,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate_args(args)
     device = resolve_device(args.device)
     model, tokenizer, dcfg, meta = load_rpg(args.checkpoint, device)
+    dcfg = _sampler_config(args, dcfg)
     if model.task_encoder is None:
         return _generate_unconditional(args, model, tokenizer, dcfg, meta)
     embedding = _task_from_args(args)
     task_id, domain, cond = _task_condition(args, embedding, model.cfg.condition_dim, meta)
-    if args.evaluate and not Path(args.features).is_file():
-        raise FileNotFoundError(f"--evaluate needs the features file {args.features} (not found); pass --features")
-    dcfg = _sampler_config(args, dcfg)
-    sampler, steps = dcfg.sampler, dcfg.sample_steps
-    states = sample_models(model, tokenizer, dcfg, args.samples, seed=args.seed, mode=args.mode,
-                           cond=cond.repeat(args.samples, 1),
-                           tokens_per_call=args.tokens_per_call)
-    out_dir = Path(args.out)
-    generated: dict[Path, dict[str, torch.Tensor]] = {}
-    _check_generated(states, args.checkpoint)
-    for s, sd in enumerate(states):
-        path = out_dir / f"{task_id:04d}_s{s}.safetensors"
-        d = sd["0.weight"].shape[1] if "0.weight" in sd else None
-        save_safetensors_atomic(sd, path, {
-            "arch": "binary_head", "feature_dim": d, "task_id": task_id, "embedding": embedding,
-            "positive_classes": positive_classes(embedding), **({} if domain is None else {"domain": domain}),
-            "sample": s, "seed": args.seed, "sampler": sampler,
-            "steps": steps, "generator": str(args.checkpoint), "generator_step": meta["step"],
-            "build": "rpg.experiments.task_zoo.heads.make_head(feature_dim).load_state_dict(safetensors.torch.load_file(path))",
-        })
-        generated[path] = sd
-        print(path)
-    if args.evaluate:
-        _print_eval(generated, args.features, embedding_to_id(embedding), domain)
+    feature_dim = {layer.name: layer.shape for layer in tokenizer.layers}.get("0.weight", (None, None))[1]
+    test_set = None
+    if args.evaluate:  # read (and checked against the heads) before anything is sampled or written
+        if not Path(args.features).is_file():
+            raise FileNotFoundError(f"--evaluate needs the features file {args.features} (not found); pass --features")
+        test_set = _test_features(args.features, feature_dim, domain)
+    with _owned_output_folder(args.out) as out_dir:
+        _refuse_heads_of_other_generators(out_dir, args.checkpoint, meta["step"], feature_dim, args.force)
+        states = sample_models(model, tokenizer, dcfg, args.samples, seed=args.seed, mode=args.mode,
+                               cond=cond.repeat(args.samples, 1),
+                               tokens_per_call=args.tokens_per_call)
+        generated: dict[Path, dict[str, torch.Tensor]] = {}
+        _check_generated(states, args.checkpoint)
+        for s, sd in enumerate(states):
+            path = out_dir / f"{task_id:04d}_s{s}.safetensors"
+            save_safetensors_atomic(sd, path, {
+                "arch": "binary_head", "feature_dim": feature_dim, "task_id": task_id, "embedding": embedding,
+                "positive_classes": positive_classes(embedding), **({} if domain is None else {"domain": domain}),
+                "sample": s, "seed": args.seed, **_sampler_metadata(dcfg),
+                "generator": str(args.checkpoint), "generator_step": meta["step"],
+                "build": "rpg.experiments.task_zoo.heads.make_head(feature_dim).load_state_dict(safetensors.torch.load_file(path))",
+            })
+            generated[path] = sd
+            print(path)
+    if test_set is not None:
+        _print_eval(generated, *test_set, embedding_to_id(embedding))
     return 0
+
+
+def _refuse_heads_of_other_generators(out: Path, checkpoint: str, step: int, feature_dim: int | None,
+                                      force: bool) -> None:
+    """The rule for heads: a folder holds the heads of one generator (any tasks, seeds and samples of it).
+
+    Earlier heads that rpg generate wrote from another generator file, another step of it or another feature
+    dimension are refused, or with --force removed; files rpg generate did not write are never touched.
+    """
+    this = (Path(checkpoint).resolve(), step, feature_dim)
+    others = []
+    for path in sorted(out.glob("[0-9][0-9][0-9][0-9]_s*.safetensors")):
+        meta = _metadata_or_empty(path)
+        if "generator" in meta and (Path(str(meta["generator"])).resolve(), meta.get("generator_step"),
+                                    meta.get("feature_dim")) != this:
+            others.append((path, meta))
+    if others and not force:
+        path, meta = others[0]
+        raise RunConflictError(
+            f"--out {out} holds heads of another generator ({path.name}: {meta['generator']}, step "
+            f"{meta.get('generator_step')}, feature_dim {meta.get('feature_dim')}); heads of {checkpoint} (step "
+            f"{step}, feature_dim {feature_dim}) would be mixed with them: pass --force to replace them, or choose "
+            "another --out")
+    for path, _ in others:
+        path.unlink()
 
 
 def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, meta: dict) -> int:
@@ -152,26 +219,26 @@ def _generate_unconditional(args: argparse.Namespace, model, tokenizer, dcfg, me
     if args.embedding is not None or args.classes is not None:
         raise TaskError(f"{args.checkpoint} is an unconditional generator (trained on a checkpoint collection); "
                         "it takes no --embedding or --classes")
-    dcfg = _sampler_config(args, dcfg)
     score_fn = load_score_function(args.eval) if args.eval else None
     if args.evaluate and score_fn is None:
         raise ValueError("--evaluate of whole models needs --eval module:function (a score of a state dict)")
     info_path = Path(args.checkpoint).parent / COLLECTION_INFO
     architecture = json.loads(info_path.read_text()).get("architecture", {}) if info_path.is_file() else {}
-    states = sample_models(model, tokenizer, dcfg, args.samples, seed=args.seed, mode=args.mode,
-                           tokens_per_call=args.tokens_per_call)
-    _check_generated(states, args.checkpoint)
-    _clear_earlier_models(Path(args.out))
-    for s, state in enumerate(states):
-        path = Path(args.out) / f"model_{s:03d}.safetensors"
-        save_safetensors_atomic(state, path, {
-            **architecture, "sample": s, "seed": args.seed, "sampler": dcfg.sampler, "steps": dcfg.sample_steps,
-            "generator": str(args.checkpoint), "generator_step": meta["step"],
-        })
-        line = str(path)
-        if args.evaluate:
-            line += f": score {score_fn(state):.4f}"
-        print(line)
+    with _owned_output_folder(args.out) as out:
+        states = sample_models(model, tokenizer, dcfg, args.samples, seed=args.seed, mode=args.mode,
+                               tokens_per_call=args.tokens_per_call)
+        _check_generated(states, args.checkpoint)
+        _clear_earlier_models(out)
+        for s, state in enumerate(states):
+            path = out / f"model_{s:03d}.safetensors"
+            save_safetensors_atomic(state, path, {
+                **architecture, "sample": s, "seed": args.seed, **_sampler_metadata(dcfg),
+                "generator": str(args.checkpoint), "generator_step": meta["step"],
+            })
+            line = str(path)
+            if args.evaluate:
+                line += f": score {score_fn(state):.4f}"
+            print(line)
     return 0
 
 
@@ -199,10 +266,11 @@ def _metadata_or_empty(path: Path) -> dict:
         return {}
 
 
-def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_id: int,
-                domain: int | None = None) -> None:
-    """Test accuracy of each head on one class set (`task_id` < 1024), on the features of `domain` when given (a
-    domain regime's features file, (D, N, d) arrays); the features file is read once for all of them."""
+def _test_features(features: str, feature_dim: int | None, domain: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test features (N, d) and class labels (N,) of `features`, on the images of `domain` when given (a domain
+    regime's features file, (D, N, d) arrays); refuses a file whose features do not fit heads of `feature_dim`
+    inputs (e.g. another backbone's), so that nothing is generated or written for it."""
     from rpg.experiments.task_zoo.features import load_features
 
     feats = load_features(features)
@@ -213,7 +281,18 @@ def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], features: str, task_
                          f"{'domain regime' if domain is not None else 'plain'} features file")
     if domain is not None:
         test_x = test_x[domain]
-    m = evaluate_heads(stack_state_dicts(list(heads.values())), [task_id] * len(heads), test_x, feats["test_y"])
+    if feature_dim is not None and test_x.shape[-1] != feature_dim:
+        raise ValueError(f"--features {features} holds {test_x.shape[-1]}-dimensional features but the heads take "
+                         f"{feature_dim}-dimensional ones: pass the features of the backbone their generator was "
+                         "trained on")
+    return test_x, feats["test_y"]
+
+
+def _print_eval(heads: dict[Path, dict[str, torch.Tensor]], test_x: torch.Tensor, test_y: torch.Tensor,
+                task_id: int) -> None:
+    """Test accuracy of each head on one class set (`task_id` < 1024), on test features and labels from
+    `_test_features`."""
+    m = evaluate_heads(stack_state_dicts(list(heads.values())), [task_id] * len(heads), test_x, test_y)
     for i, path in enumerate(heads):
         print(f"{path}: task {id_to_embedding(task_id)} accuracy {100 * m['accuracy'][i]:.2f} % "
               f"balanced accuracy {100 * m['balanced_accuracy'][i]:.2f} %")
@@ -228,7 +307,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     is_head = set(tensors) == set(HEAD_KEYS)
     if not is_head and "arch" in meta:
         print(f"{args.model}: {meta['arch']} CIFAR-10 test accuracy "
-              f"{100 * _cifar10_accuracy(tensors, meta, args.data, args.device):.2f} %")
+              f"{100 * _cifar10_accuracy(args.model, tensors, meta, args.data, args.device):.2f} %")
         return 0
     if not is_head:
         raise CheckpointError(f"{args.model} is neither a binary head (keys {list(HEAD_KEYS)}) nor a model whose "
@@ -239,11 +318,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         task_id = int(meta["task_id"])
     else:
         raise TaskError(f"{args.model} has no task in its metadata: pass --embedding")
-    _print_eval({Path(args.model): tensors}, args.features, task_id)
+    _print_eval({Path(args.model): tensors}, *_test_features(args.features, tensors["0.weight"].shape[1]), task_id)
     return 0
 
 
-def _cifar10_accuracy(tensors: dict[str, torch.Tensor], meta: dict, data: str, device: str) -> float:
+def _cifar10_accuracy(path: str, tensors: dict[str, torch.Tensor], meta: dict, data: str, device: str) -> float:
     """10-class test accuracy of a full model saved with its architecture (rpg.vision.architectures metadata)."""
     from rpg.data import load_cifar10
     from rpg.vision.architectures import model_from_metadata
@@ -255,6 +334,9 @@ def _cifar10_accuracy(tensors: dict[str, torch.Tensor], meta: dict, data: str, d
                               "pass --eval module:function to score the state dict")
     try:
         model = model_from_metadata(meta, tensors)
+    except TypeError as err:  # a model_kwargs entry the architecture does not take (a typo, another timm version)
+        raise CheckpointError(f"{path}: its metadata's model_kwargs {meta.get('model_kwargs')} do not fit architecture "
+                              f"{meta['arch']} ({err}); correct them in the file's metadata") from err
     except RuntimeError as err:  # load_state_dict: keys or shapes do not fit the named architecture
         expected = model_from_metadata(meta).state_dict()
         raise CheckpointError(f"the weights do not fit architecture {meta['arch']}: "
@@ -299,16 +381,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     seed = cfg.seed if args.seed is None else args.seed
     try:
         with run_lock(out, callees_share=True):  # a refused second run writes nothing into the first one's folder
-            write_json_atomic(out / COLLECTION_INFO, {
-                "checkpoints": str(args.checkpoints), "files": [p.name for p in collection.paths],
-                "skipped": [{"file": str(p), "problem": msg} for p, msg in collection.skipped],
-                "architecture": collection.architecture(), "eval": args.eval,
-            })
+            check_writable_folder(out)  # before the training, not at its first checkpoint
             summary = train_on_collection(
                 collection.state_dicts, out, model_cfg=cfg.model, diffusion_cfg=cfg.diffusion, train_cfg=cfg.train,
                 seed=seed, device=resolve_device(args.device or cfg.device), score_fn=score_fn,
                 names=[p.name for p in collection.paths],
-                progress=cfg.logging.progress, stop_after=args.stop_after, force=args.force)
+                progress=cfg.logging.progress, stop_after=args.stop_after, force=args.force,
+                files={COLLECTION_INFO: {  # written once the folder accepts this run (a refused run writes nothing)
+                    "checkpoints": str(args.checkpoints), "files": [p.name for p in collection.paths],
+                    "skipped": [{"file": str(p), "problem": msg} for p, msg in collection.skipped],
+                    "architecture": collection.architecture(), "eval": args.eval,
+                }})
     except KeyboardInterrupt:
         print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.safetensors'}",
               file=sys.stderr)
@@ -358,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features of the CIFAR-10 test images, for --evaluate of heads")
     g.add_argument("--eval", metavar="MODULE:FUNCTION", help="score function of a state dict, for --evaluate of "
                    "whole models (e.g. examples/mlp_eval.py:test_accuracy)")
+    g.add_argument("--force", action="store_true", help="heads: replace the heads of another generator (or feature "
+                   "dimension) that an earlier rpg generate wrote to --out (without it they are refused, never mixed)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", formatter_class=_HelpFormatter,
@@ -405,13 +490,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="None: the config's seed")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="None: the config's device")
     t.add_argument("--steps", type=int, default=None, help="training steps (None: the config's train.steps)")
-    t.add_argument("--force", action="store_true", help="train from scratch into an OUT_DIR that holds a run of "
-                   "another step count (without it such a run is refused, never overwritten)")
+    t.add_argument("--force", action="store_true", help="train from scratch into an OUT_DIR that holds another run "
+                   "(another step count, other checkpoints or settings), removing its files first (without it such a "
+                   "run is refused, never overwritten)")
     t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop as if killed
     t.set_defaults(func=cmd_train)
 
     docs_cli.add_parser(sub, _HelpFormatter)
     return parser
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OSError: the project's own (no file name: its message says it all) as written; the file
+    system's naming the path, with the system's message and what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full ({err}); files are written atomically, so nothing half-written was kept: free space and "
+                "run the command again")
+    if err.filename is None:
+        return str(err)
+    path = f"{err.filename}" + ("" if err.filename2 is None else f" -> {err.filename2}")
+    advice = OS_ERROR_ADVICE.get(err.errno)
+    return f"{path}: {err.strerror}" + (f"; {advice}" if advice else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,12 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"rpg {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # not the user's input but the machine's: status 1, still one line
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"rpg {args.command}: error: disk full ({err}); files are written atomically, so nothing half-written "
-              "was kept: free space and run the command again", file=sys.stderr)
-        return 1
+    except OSError as err:  # the one place for every OS error; a full disk is the machine's, not the input's: 1
+        line = " ".join(_os_error_line(err).splitlines())
+        print(f"rpg {args.command}: error: {line}", file=sys.stderr)
+        return 1 if err.errno in (errno.ENOSPC, errno.EDQUOT) else 2
 
 
 if __name__ == "__main__":
