@@ -20,7 +20,7 @@ dtype; `intensity_flop_per_byte` = counted FLOPs / counted bytes (elementwise op
 ops x seconds per tiny op / wall (the share of the time Python and the dispatcher alone would take). The docs view
 `roofline` names the bound of each stage under 40 % of its peak from these columns.
 
-    OMP_NUM_THREADS=2 flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_roofline.py     # ~3-4 min
+    OMP_NUM_THREADS=2 flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_roofline.py     # about a minute
 Writes results/benchmarks/roofline.csv (+ .json, + lscpu.txt); `rpg docs update roofline results/benchmarks/`.
 """
 
