@@ -14,7 +14,7 @@ layout (`channels_last` / `contiguous`): wall and process-CPU seconds (median of
 difference from the project's path and whether every predicted class (hence the accuracy) is the same. Random
 weights with perturbed BatchNorm statistics (speed does not depend on the values).
 
-    OMP_NUM_THREADS=2 flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_scoring.py        # ~4 min
+    OMP_NUM_THREADS=2 flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_scoring.py        # ~7 min here
 Writes results/benchmarks/scoring.csv (+ .json).
 """
 
