@@ -373,3 +373,43 @@ def v_bench(ref: Reference, table: str, *columns: str) -> str:
     rows = [[num(r[n], s) if isinstance(r[n], (int, float)) and not isinstance(r[n], bool) else str(r[n])
              for n, s in zip(names, specs)] for _, r in df.iterrows()]
     return md_table(list(names), rows)
+
+
+ROOFLINE_TARGET = 0.4  # issue 34: every stage at >= 40 % of the measured matmul peak, or the reason it cannot be
+
+
+def roofline_bound(row: pd.Series) -> str:
+    """Why a stage runs below ROOFLINE_TARGET of its peak, from its measured columns (benchmarks/bench_roofline.py):
+    memory-bound when its FLOPs per byte moved let the measured bandwidth carry less than the target (intensity
+    below ROOFLINE_TARGET x the machine balance); else Python overhead when its op count at the measured cost of a
+    tiny op takes a quarter of its time or more; else the kernels themselves, at a fraction of the roofline
+    (min(peak, intensity x bandwidth)). Empty at or above the target."""
+    if row["fraction_of_peak"] >= ROOFLINE_TARGET:
+        return ""
+    intensity, balance = row["intensity_flop_per_byte"], row["machine_balance"]
+    if intensity < ROOFLINE_TARGET * balance:
+        return f"memory-bound: {num(intensity, '.1f')} FLOP/B, balance {num(balance, '.0f')}"
+    if row["overhead_fraction"] >= 0.25:
+        return f"Python overhead: {num(row['ops'], ',d')} small ops"
+    ceiling = min(row["peak_flop_s"], intensity * row["bandwidth_bytes_s"])
+    return f"kernels at {num(row['achieved_flop_s'] / ceiling, '%')} of the roofline"
+
+
+@view("roofline")
+def v_roofline(ref: Reference, table: str = "roofline/roofline") -> str:
+    """The measured peaks, then per stage: counted GFLOP, seconds, GFLOP/s, fraction of the peak of its dtype,
+    FLOP per byte and, under ROOFLINE_TARGET, the bound (`roofline_bound`)."""
+    df = ref.csv(table)
+    peaks = df[df["stage"].str.startswith("matmul peak")]
+    bandwidth = df.loc[df["stage"] == "memory bandwidth", "bandwidth_bytes_s"].iloc[0]
+    tiny = df.loc[df["stage"] == "tiny op", "seconds_per_tiny_op"].iloc[0]
+    head = ("Measured peaks: " + ", ".join(f"matmul {r.dtype} {num(r.peak_flop_s / 1e9, ',.0f')} GFLOP/s"
+                                           for r in peaks.itertuples())
+            + f"; memory bandwidth {num(bandwidth / 1e9, '.1f')} GB/s; one tiny op {num(tiny * 1e6, '.1f')} µs.")
+    stages = df[df["flops"].notna()]
+    rows = [[r["stage"], r["dtype"], num(r["flops"] / 1e9, ",.1f"), num(r["seconds"], ".2f"),
+             num(r["achieved_flop_s"] / 1e9, ",.1f"), num(r["fraction_of_peak"], "%"),
+             num(r["intensity_flop_per_byte"], ".1f"), num(r["overhead_fraction"], "%"), roofline_bound(r) or "—"]
+            for _, r in stages.iterrows()]
+    return head + "\n\n" + md_table(["stage", "dtype", "GFLOP", "seconds", "GFLOP/s", "of peak", "FLOP/B",
+                                     "op overhead", "below 40 % because"], rows)
