@@ -343,6 +343,18 @@ class DomainsConfig:
     test_images: int
 
 
+@_from_schema("study", "finetune_few")
+class FinetuneFewConfig:
+    """RPG-initialised fine-tuning with few labels (issue 31; `rpg.experiments.task_zoo.finetune_few`)."""
+
+    regime: str
+    shots: tuple[int | str, ...]  # labelled images per task; "all" = every training image
+    steps: int | None  # None: the regime's zoo.steps
+    eval_steps: tuple[int, ...]
+    within: float
+    seed_offset: int
+
+
 @_from_schema("study")
 class StudyConfig:
     """The study of regimes (issue 13): which regime files, where, and the overrides every regime shares."""
@@ -350,6 +362,7 @@ class StudyConfig:
     regimes: tuple[str, ...]
     regime_dir: str
     common: str | None
+    finetune_few: FinetuneFewConfig = field(default_factory=FinetuneFewConfig)
 
 
 @_from_schema("architectures", "collect")
@@ -594,7 +607,8 @@ def config_from_dict(raw: Mapping, *, validated: bool = False) -> Config:
         architectures=_architectures(full["architectures"]),
         table13=_section(Table13Config, full["table13"]),
         analysis=_section(AnalysisConfig, full["analysis"]),
-        study=_section(StudyConfig, full["study"]),
+        study=_section(StudyConfig, {**full["study"],
+                                     "finetune_few": _section(FinetuneFewConfig, full["study"]["finetune_few"])}),
         domains=_section(DomainsConfig, full["domains"]),
         raw=full,
     )

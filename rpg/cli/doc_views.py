@@ -346,6 +346,39 @@ def v_unseen_study(ref: Reference, *regimes: str) -> str:
                     + ["RPG best − best baseline", "RPG L2 novelty (originals')", "RPG max IoU vs originals"], rows)
 
 
+FINETUNE_ARMS = {"rpg": "RPG's sample (chosen on the k images)", "zoo_init": "the zoo's initial head",
+                 "fresh": "a fresh random head"}
+
+
+def _finetune_summary(ref: Reference, within: str) -> pd.DataFrame:
+    from rpg.experiments.task_zoo.finetune_few import images_needed
+
+    return images_needed(ref.csv("finetune_few"), float(within))
+
+
+@view("finetune_few")
+def v_finetune_few(ref: Reference, within: str = "1") -> str:
+    """Fine-tuning unseen heads on k images (`finetune_few.csv`): per arm the mean test accuracy at the last step
+    for each k, the originals', and the smallest k within `within` points of them."""
+    df = _finetune_summary(ref, within)
+    shots = [c for c in df.columns if c.startswith("k=")]
+    rows = [[f"`{r['arm']}`", num(r["n_tasks"], "d")] + [num(r[c]) for c in shots]
+            + [num(r["original"]), str(r["needs"])] for _, r in df.iterrows()]
+    return md_table(["start", "tasks"] + [c.replace("k=", "k = ") for c in shots]
+                    + ["originals", f"k within {within} point"], rows)
+
+
+@view("finetune_few_needs")
+def v_finetune_few_needs(ref: Reference, within: str = "1") -> str:
+    """The same as prose: how many labelled images each start needs to come within `within` points."""
+    df = _finetune_summary(ref, within)
+    parts = [f"{FINETUNE_ARMS.get(r['arm'], '`' + r['arm'] + '`')}: "
+             + ("not within reach even with all its training images" if r["needs"] == "none" else
+                "all its training images" if r["needs"] == "all" else f"{r['needs']} images")
+             for _, r in df.iterrows()]
+    return "; ".join(parts)
+
+
 @view("csv")
 def v_csv(ref: Reference, table: str, spec: str = ".2f") -> str:
     """A small CSV as it is (numbers with `spec`)."""

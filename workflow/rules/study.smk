@@ -59,3 +59,78 @@ rule unseen_study:
     input:
         rules.study_gather.output.csv,
         rules.notebook_unseen_study.output.notebook,
+
+
+# RPG-initialised fine-tuning with few labels (issue 31; target `finetune_few`, not part of `all` nor of
+# unseen_study): in regime study.finetune_few.regime, every unseen task's head fine-tuned on k labelled images from
+# RPG's sample and each baseline's head (rpg.experiments.task_zoo.finetune_few).
+FINETUNE_FEW_REGIME = CFG.study.finetune_few.regime
+
+
+def finetune_few_dir(wildcards=None):
+    """The results folder of study.finetune_few.regime, which must be a regime of study.regimes."""
+    if FINETUNE_FEW_REGIME not in CFG.study.regimes:
+        raise WorkflowError(
+            f"study.finetune_few.regime '{FINETUNE_FEW_REGIME}' is not in study.regimes "
+            f"(e.g. --config \"study={{regimes: [{FINETUNE_FEW_REGIME}]}}\")"
+        )
+    return REGIMES.results_dir(FINETUNE_FEW_REGIME)
+
+
+rule study_finetune_few:
+    input:
+        features=regime_features,
+        index=zoo_index,
+        split=regime_file("zoo", "split.json"),
+        models=regime_file("generated", "models"),
+    output:
+        csv="{results_dir}/finetune_few.csv",
+        summary="{results_dir}/finetune_few.summary.csv",
+        config="{results_dir}/finetune_few.config.yaml",
+    log:
+        "{results_dir}/logs/finetune_few.log",
+    benchmark:
+        "{results_dir}/benchmarks/rules/finetune_few.tsv"
+    conda:
+        "../envs/rpg.yaml"
+    threads: CFG.threads
+    resources:
+        mem_mb=4000,
+    params:
+        setting=regime_setting(
+            "seed", "zoo", "train.canonicalise", "domains", "study.finetune_few"
+        ),
+    script:
+        "../scripts/finetune_few.py"
+
+
+rule notebook_finetune_few:
+    input:
+        notebook="notebooks/finetune_few.ipynb",
+        finetune_csv=lambda wc: f"{finetune_few_dir()}/finetune_few.csv",
+        summary_csv=lambda wc: f"{finetune_few_dir()}/finetune_few.summary.csv",
+    output:
+        notebook=f"{RES}/notebooks/finetune_few.ipynb",
+        figure=report(
+            f"{FIGURES}/finetune_few.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
+        csv=f"{FIGURES}/finetune_few.csv",
+    log:
+        f"{RES}/logs/study/notebook_finetune_few.log",
+    conda:
+        "../envs/rpg.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        setting=setting("analysis.kernel"),
+    script:
+        "../scripts/notebook.py"
+
+
+rule finetune_few:
+    input:
+        lambda wc: f"{finetune_few_dir()}/finetune_few.csv",
+        rules.notebook_finetune_few.output.notebook,

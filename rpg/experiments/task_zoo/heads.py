@@ -100,9 +100,11 @@ def _head_grads(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, x: torch.T
 
 
 def train_heads(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Sequence[int], *, steps: int,
-                batch_size: int, lr: float, weight_decay: float, n_checkpoints: int, save_every: int, seed: int,
-                task_chunk: int = ZooConfig.task_chunk, init: str = ZooConfig.init, progress: bool = True,
-                on_step: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
+                batch_size: int, lr: float, weight_decay: float, n_checkpoints: int | None = None,
+                save_every: int | None = None, seed: int, task_chunk: int = ZooConfig.task_chunk,
+                init: str = ZooConfig.init, progress: bool = True,
+                on_step: Callable[[int, float], None] | None = None, start: dict[str, torch.Tensor] | None = None,
+                save_at: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Train one head per task, vectorised over tasks.
 
     Each step gathers the shared minibatch once, computes the gradients of blocks of `task_chunk` tasks by hand
@@ -116,23 +118,31 @@ def train_heads(features: torch.Tensor, class_labels: torch.Tensor, task_ids: Se
         features: (N, d) cached training features; class_labels: (N,) CIFAR-10 classes.
         init: "shared" (every task from one initial head) or "per_task" (each from its own; `initial_heads`).
         on_step: called every 10 steps (and at the last) with the step and the mean loss over tasks.
+        start: stacked heads {key: (T, ...)} to start from instead of `init` (fine-tuning given heads:
+            `rpg.experiments.task_zoo.finetune_few`); `seed` then sets the minibatches only.
+        save_at: the steps whose heads are returned (0 = the start); default the last `n_checkpoints` steps,
+            `save_every` apart.
     Returns:
-        stacked checkpoints {key: (T, K, ...)} for K = n_checkpoints, saved at the last steps.
+        stacked checkpoints {key: (T, K, ...)}, K = len(save_at) or n_checkpoints.
     """
     d = features.shape[1]
     n_tasks = len(task_ids)
-    start = initial_heads(d, seed, task_ids, init)  # {key: (T, ...)}
-    save_at = save_steps(steps, n_checkpoints, save_every)
+    start = initial_heads(d, seed, task_ids, init) if start is None else start  # {key: (T, ...)}
+    save_at = save_steps(steps, n_checkpoints, save_every) if save_at is None else sorted(set(save_at))
+    n_checkpoints = len(save_at)
     labels = binary_labels(class_labels, task_ids).T.to(features.device, features.dtype).contiguous()  # (N, T)
     # One shared sequence of minibatches for every task.
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [torch.randint(0, features.shape[0], (batch_size,), generator=gen) for _ in range(steps)]
     blocks = [slice(i, min(i + task_chunk, n_tasks)) for i in range(0, n_tasks, task_chunk)]
-    params = [start[k].to(features.device).contiguous() for k in HEAD_KEYS]
+    params = [start[k].to(features.device, copy=True).contiguous() for k in HEAD_KEYS]  # never the caller's
     for p in params:
         p.grad = torch.empty_like(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=features.device.type in ("cpu", "cuda"))
-    out = {k: torch.empty(n_tasks, n_checkpoints, *v.shape[1:]) for k, v in start.items()}
+    out = {k: torch.empty(n_tasks, n_checkpoints, *start[k].shape[1:]) for k in HEAD_KEYS}
+    if 0 in save_at:
+        for k in HEAD_KEYS:
+            out[k][:, 0] = start[k]
     bar = tqdm(total=steps, desc=f"zoo: {n_tasks} heads", disable=not progress, dynamic_ncols=True)
     for step in range(1, steps + 1):
         idx = batches[step - 1].to(features.device)
