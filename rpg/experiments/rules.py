@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from rpg.config import Config, config_from_dict, neutral_values
+from rpg.utils import CorruptFileError
 
 
 def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] | None = None) -> Any:
     """Run `job(cfg)` with stdout/stderr appended to `smk.log[0]`; re-raise failures after logging them.
 
-    The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them).
+    The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them); and the
+    one place a file of results_dir that cannot be read (truncated, corrupt) gets the rule that writes it named.
     config: a validated config dict other than the workflow's (a regime of the study); default `smk.config`.
     """
     torch.set_num_threads(max(1, int(smk.threads)))
@@ -25,9 +29,52 @@ def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] |
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             return job(cfg)
+        except CorruptFileError as err:
+            rule = writer_rule(err.path, cfg)
+            if rule is None:
+                traceback.print_exc(file=log)
+                raise
+            cause = err.__cause__ or err
+            rerun = CorruptFileError(err.path, f"{err.path} is truncated or corrupt ({cause}); rule `{rule}` writes "
+                                               f"it: rerun that rule and what depends on it with `snakemake <your "
+                                               f"targets and options> --forcerun {rule}` (--forcerun last: it takes "
+                                               "every name after it)")
+            print(f"{type(rerun).__name__}: {rerun}", file=log)
+            raise rerun from err
         except Exception:
             traceback.print_exc(file=log)
             raise
+
+
+# The rule that writes each file under results_dir (workflow/rules/*.smk), by the leading parts of the file's path
+# there ("*": any one part); the first match counts. tests/test_weak_cases.py checks it against `snakemake --summary`.
+WRITERS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("backbone",), "backbone"),
+    (("features", "domains_*"), "domain_features"),
+    (("features",), "features"),
+    (("zoo", "*", "split.json"), "split"),
+    (("zoo",), "zoo"),  # checkpoints/: `finetune_task` where zoo.mode is finetune
+    (("rpg",), "train_rpg"),
+    (("generated",), "generate"),
+    (("table1", "collections"), "collect_checkpoints"),
+    (("table1", "*", "rpg"), "train_arch_rpg"),
+    (("table1", "*", "generated"), "generate_arch"),
+)
+
+
+def writer_rule(path: str | Path, cfg: Config) -> str | None:
+    """The workflow rule that writes `path` (a file of the config's results_dir), or None where it is none of the
+    files WRITERS knows."""
+    try:
+        parts = Path(os.path.abspath(path)).relative_to(os.path.abspath(cfg.results_dir)).parts
+    except ValueError:  # not under results_dir
+        return None
+    for prefix, rule in WRITERS:
+        if len(parts) >= len(prefix) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, prefix)):
+            if rule == "zoo" and parts[2:3] == ("checkpoints",) and cfg.zoo.mode == "finetune":
+                return "finetune_task"
+            return rule
+    return None
 
 
 # Keys added after results existed, with the value that reproduces those results (marked in the schema): a rule's
