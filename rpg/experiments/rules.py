@@ -100,8 +100,8 @@ def config_setting(config: Mapping[str, Any], *keys: str) -> str:
     """The resolved config values a rule depends on, as canonical JSON for a rule's `params: setting=...`.
 
     `keys` are top-level keys or dotted paths (``"tasks.n_val"``). Snakemake stores a job's params with its
-    outputs and reruns the job (and, through its outputs, everything downstream) when they change; it lists such
-    jobs with ``snakemake --list-changes params``.
+    outputs and reruns the job (and, through its outputs, everything downstream) when they change; a dry run
+    (``snakemake -n ... --quiet rules``) lists such jobs under "params have changed since last execution".
     """
     chosen: dict[str, Any] = {}
     for key in keys:
