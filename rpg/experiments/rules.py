@@ -30,9 +30,9 @@ def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] |
         try:
             return job(cfg)
         except CorruptFileError as err:
+            traceback.print_exc(file=log)
             rule = writer_rule(err.path, cfg)
             if rule is None:
-                traceback.print_exc(file=log)
                 raise
             cause = err.__cause__ or err
             rerun = CorruptFileError(err.path, f"{err.path} is truncated or corrupt ({cause}); rule `{rule}` writes "
