@@ -68,6 +68,17 @@ def test_a_job_reading_a_corrupt_result_names_the_rule_to_rerun(tmp_path, relati
     assert message in (tmp_path / "job.log").read_text()  # the rule's log says it too
 
 
+def test_a_study_regime_job_names_the_rule_of_the_workflows_file(tmp_path):
+    """A regime of the study runs on its own config (results_dir results/study/<regime>) but reads the workflow's
+    features: the rule is found under the workflow's results_dir."""
+    cfg = load_config(CONFIGS, overrides={"results_dir": str(tmp_path / "results")})
+    path = _truncated(tmp_path / "results" / "features" / "test" / "features.safetensors")
+    smk = types.SimpleNamespace(threads=1, log=[], config=cfg.raw)
+    regime = {**cfg.raw, "results_dir": str(tmp_path / "results" / "study" / "few_shot")}
+    with pytest.raises(CheckpointError, match="rule `features` writes it"):
+        run_rule(smk, lambda _: load_features(path), config=regime)
+
+
 def test_a_file_outside_results_keeps_its_own_message(tmp_path):
     cfg = load_config(CONFIGS, overrides={"results_dir": str(tmp_path / "results")})
     path = _truncated(tmp_path / "elsewhere.safetensors")
@@ -85,13 +96,12 @@ def test_writer_rules_agree_with_the_workflow(tmp_path, snakemake_cli):
     write_synthetic_cifar10(tmp_path / "data", n_train=20, n_test=10)  # the DAG's first input
     proc = snakemake_cli("--summary", *workflow_config_args(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cfg = load_config(CONFIGS, overrides={"results_dir": str(tmp_path / "results")})
     rows = [line.split("\t") for line in proc.stdout.splitlines()[1:] if line.count("\t") >= 4]
     assert len(rows) > 20, proc.stdout[-3000:]
     known = {rule for _, rule in WRITERS}
     checked = 0
     for output, _, rule, *_ in rows:
-        named = writer_rule(output, cfg)
+        named = writer_rule(output, tmp_path / "results")
         if named is not None or rule in known:
             assert named == rule, (output, rule, named)
             checked += 1

@@ -31,7 +31,8 @@ def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] |
             return job(cfg)
         except CorruptFileError as err:
             traceback.print_exc(file=log)
-            rule = writer_rule(err.path, cfg)
+            # the workflow's results_dir: a study regime's jobs read the workflow's files, not their own folder's
+            rule = writer_rule(err.path, smk.config["results_dir"], cfg.zoo.mode)
             if rule is None:
                 raise
             cause = err.__cause__ or err
@@ -62,16 +63,16 @@ WRITERS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
-def writer_rule(path: str | Path, cfg: Config) -> str | None:
-    """The workflow rule that writes `path` (a file of the config's results_dir), or None where it is none of the
-    files WRITERS knows."""
+def writer_rule(path: str | Path, results_dir: str | Path, zoo_mode: str = "batched_heads") -> str | None:
+    """The workflow rule that writes `path` (a file under the workflow's `results_dir`; zoo checkpoints are
+    `finetune_task`'s in `zoo_mode` finetune), or None where it is none of the files WRITERS knows."""
     try:
-        parts = Path(os.path.abspath(path)).relative_to(os.path.abspath(cfg.results_dir)).parts
+        parts = Path(os.path.abspath(path)).relative_to(os.path.abspath(results_dir)).parts
     except ValueError:  # not under results_dir
         return None
     for prefix, rule in WRITERS:
         if len(parts) >= len(prefix) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, prefix)):
-            if rule == "zoo" and parts[2:3] == ("checkpoints",) and cfg.zoo.mode == "finetune":
+            if rule == "zoo" and parts[2:3] == ("checkpoints",) and zoo_mode == "finetune":
                 return "finetune_task"
             return rule
     return None
