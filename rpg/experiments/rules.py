@@ -101,8 +101,8 @@ def config_setting(config: Mapping[str, Any], *keys: str) -> str:
     """The resolved config values a rule depends on, as canonical JSON for a rule's `params: setting=...`.
 
     `keys` are top-level keys or dotted paths (``"tasks.n_val"``). Snakemake stores a job's params with its
-    outputs and reruns the job (and, through its outputs, everything downstream) when they change; a dry run
-    (``snakemake -n ... --quiet rules``) lists such jobs under "params have changed since last execution".
+    outputs and reruns the job (and, through its outputs, everything downstream) when they change;
+    ``snakemake --summary`` marks such jobs' outputs "params changed".
     """
     chosen: dict[str, Any] = {}
     for key in keys:
