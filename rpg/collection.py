@@ -131,6 +131,9 @@ def _disagreement(state: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Ten
 
 
 def _candidates(directory: Path, pattern: str | None) -> list[Path]:
+    if directory.is_file():
+        raise CollectionError(f"{directory} is a file; give the folder that holds the checkpoints (e.g. "
+                              f"{directory.parent})")
     if not directory.is_dir():
         raise CollectionError(f"checkpoint folder not found: {directory}")
     files = sorted(p for p in directory.iterdir()

@@ -10,7 +10,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -20,6 +20,15 @@ from safetensors.torch import load_file, safe_open, save_file
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (unreadable, truncated, wrong keys/shapes, non-finite values)."""
+
+
+class CorruptFileError(CheckpointError):
+    """A file that is there but cannot be read (truncated, or not the format it should be); `path` names it, so that
+    a workflow job can say which rule to rerun (rpg.experiments.rules.run_rule)."""
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        super().__init__(message)
+        self.path = Path(path)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -164,20 +173,50 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
         raise CheckpointError(f"{what} holds non-finite values (NaN or Inf) in '{bad}'; it is not a usable model")
 
 
+def _mismatch_line(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    """The one line of a state-dict mismatch: the first keys of each kind, and how many more there are."""
+    def first(keys: list[str]) -> str:
+        shown = ", ".join(f"'{k}'" for k in keys[:3])
+        return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = ([f"missing {first(missing)}"] if missing else []) + \
+            ([f"unexpected {first(unexpected)}"] if unexpected else []) + shapes[:3] + \
+            ([f"{len(shapes) - 3} more keys of another shape"] if len(shapes) > 3 else [])
+    return "; ".join(parts)
+
+
 def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
     """One line naming the keys and shapes by which `given` does not fit `expected` ('' if it fits)."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     shapes = [f"'{k}' has shape {tuple(given[k].shape)}, expected {tuple(v.shape)}"
               for k, v in expected.items() if k in given and tuple(given[k].shape) != tuple(v.shape)]
+    return _mismatch_line(missing, unexpected, shapes)
 
-    def names(keys: list[str]) -> str:
-        shown = ", ".join(f"'{k}'" for k in keys[:3])
-        return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
-    parts = ([f"missing {names(missing)}"] if missing else []) + \
-            ([f"unexpected {names(unexpected)}"] if unexpected else []) + shapes[:3]
-    return "; ".join(parts)
+_SIZE_MISMATCH = re.compile(r"size mismatch for (.+?): copying a param with shape torch\.Size\(\[(.*?)\]\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\(\[(.*?)\]\)")
+
+
+def load_error_mismatch(message: str) -> str | None:
+    """torch's `load_state_dict` error (a line per kind of problem, listing every key) as `state_dict_mismatch`'s
+    one line; None for any other message. A user's score function that loads a state dict raises it."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    if not lines or not lines[0].startswith("Error(s) in loading state_dict"):
+        return None
+    missing: list[str] = []
+    unexpected: list[str] = []
+    shapes: list[str] = []
+    for line in lines[1:]:
+        keys = re.findall(r'"([^"]*)"', line)
+        if line.startswith("Missing key(s)"):
+            missing += keys
+        elif line.startswith("Unexpected key(s)"):
+            unexpected += keys
+        elif (m := _SIZE_MISMATCH.match(line)) is not None:
+            given, expected = (tuple(int(n) for n in dims.split(",") if n.strip()) for dims in (m[2], m[3]))
+            shapes.append(f"'{m[1]}' has shape {given}, expected {expected}")
+    return _mismatch_line(missing, unexpected, shapes) or None
 
 
 def _decode_meta(meta: Mapping[str, str] | None) -> dict[str, Any]:
@@ -190,13 +229,23 @@ def _decode_meta(meta: Mapping[str, str] | None) -> dict[str, Any]:
     return out
 
 
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    """The error for a safetensors file that cannot be read: CorruptFileError where the file is there."""
+    if not path.is_file():
+        return CheckpointError(f"checkpoint not found: {path}")
+    return CorruptFileError(path, f"cannot read checkpoint {path} (truncated or not a safetensors file): {err}")
+
+
 def read_safetensors_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return _decode_meta(f.metadata())
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from err
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -206,9 +255,25 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a safetensors file): {err}") from err
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from err
     return tensors, read_safetensors_metadata(path)
+
+
+def load_safetensors_keys(path: str | Path, select: Callable[[list[str]], list[str]]) -> dict[str, torch.Tensor]:
+    """Only the tensors `select(all keys)` names (the others are not read), with load_safetensors' errors."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from err
+    chosen = select(keys)  # outside the try: its own errors are not the file's
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in chosen}
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from err
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -221,7 +286,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt pickles/zips
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): {err}") from err
+        raise CorruptFileError(path, f"cannot read checkpoint {path} (truncated or not a torch file): {err}") from err
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -355,22 +355,54 @@ def _scheduled_rules(dry_run_output: str) -> set[str]:
     return rules
 
 
+def _rules_with_params_changed(dry_run_output: str) -> set[str]:
+    """Rules under "params have changed since last execution" in the 'Reasons' section of a dry run (Snakemake 9:
+    one line of comma-separated rule names under each reason)."""
+    lines = dry_run_output.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.strip() == "params have changed since last execution:":
+            return set(lines[i + 1].strip().split(", "))
+    return set()
+
+
+def _summary_rules(summary_output: str, column: str, value: str) -> set[str]:
+    """Rules of the outputs whose `column` ("status" or "plan") is `value` in `snakemake --summary`'s table (output,
+    date, rule, log, status, plan)."""
+    index = {"status": 4, "plan": 5}[column]
+    rows = [line.split("\t") for line in summary_output.splitlines()[1:]]
+    return {row[2] for row in rows if len(row) >= 6 and row[index] == value}
+
+
 def test_config_change_reruns_what_it_affects(workflow_run, snakemake_cli):
     """A changed zoo setting (given as the README's nested --config override) reruns the zoo and everything
-    downstream of it, nothing upstream; `--list-changes params` names the zoo's jobs. Both override forms parse."""
+    downstream of it, nothing upstream. What the README says shows the jobs a change reruns names them and no
+    other: `--summary` marks the outputs of each rule whose own setting changed `params changed` (zoo, train_rpg)
+    and what it would remake `update pending`; a dry run's reasons name the rules the change reaches first (zoo;
+    train_rpg is downstream of it). (Snakemake 9.27.1's `--list-changes params` names an output of every job,
+    changed or not.) Both override forms parse."""
     tmp = workflow_run["tmp"]
-    proc = snakemake_cli("-n", "--cores", "2", *workflow_config_args(tmp), "zoo={lr: 0.0005}", "train={steps: 7}")
+    change = ["zoo={lr: 0.0005}", "train={steps: 7}"]
+    proc = snakemake_cli("-n", "--cores", "2", *workflow_config_args(tmp), *change)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     scheduled = _scheduled_rules(proc.stdout)
     assert {"zoo", "split", "train_rpg", "generate", "tables"} <= scheduled, scheduled
     assert not scheduled & {"backbone", "features", "collect_checkpoints", "train_arch_rpg"}, scheduled
-    changes = snakemake_cli("--list-changes", "params", *workflow_config_args(tmp), "zoo={lr: 0.0005}")
-    assert changes.returncode == 0 and "zoo" in changes.stdout, changes.stdout[-3000:] + changes.stderr[-3000:]
-    # the same config as the run: the tables are up to date (other tests may have rerun part of the DAG)
+    assert _rules_with_params_changed(out) == {"zoo"}, out[-3000:]
     tables = [str(workflow_run["results"] / f"{name}.csv") for name in TABLES]
+    summary = snakemake_cli("--summary", *tables, *workflow_config_args(tmp), *change)
+    assert summary.returncode == 0, summary.stdout[-3000:] + summary.stderr[-3000:]
+    assert _summary_rules(summary.stdout, "status", "params changed") == {"zoo", "train_rpg"}, summary.stdout[-3000:]
+    assert _summary_rules(summary.stdout, "plan", "update pending") == {"zoo", "split", "train_rpg", "generate",
+                                                                         "tables"}, summary.stdout[-3000:]
+    reasons = snakemake_cli("-n", *tables, *workflow_config_args(tmp), "zoo={lr: 0.0005}", "--quiet", "rules")
+    assert _rules_with_params_changed(reasons.stdout + reasons.stderr) == {"zoo"}, reasons.stdout[-3000:]
+    # the same config as the run: the tables are up to date (other tests may have rerun part of the DAG)
     unchanged = snakemake_cli("-n", "--cores", "2", *tables, *workflow_config_args(tmp))
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr, unchanged.stdout[-3000:]
+    summary = snakemake_cli("--summary", *tables, *workflow_config_args(tmp))
+    assert summary.returncode == 0 and not _summary_rules(summary.stdout, "status", "params changed") \
+        and not _summary_rules(summary.stdout, "plan", "update pending"), summary.stdout[-3000:]
 
 
 @pytest.fixture(scope="module")

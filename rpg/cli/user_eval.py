@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from rpg.utils import load_error_mismatch
+
 ScoreFn = Callable[[dict[str, torch.Tensor]], float]
 
 
@@ -28,8 +30,10 @@ class ScoreFunctionError(ValueError):
 
 
 def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    """The error as one line: a state-dict mismatch by its keys (torch lists each kind on a line of its own), any
+    other message with its lines joined, never just its first line."""
+    message = load_error_mismatch(str(err)) or " ".join(line.strip() for line in str(err).strip().splitlines())
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 def _import_file(path: Path) -> ModuleType:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from rpg.config import Config, config_from_dict, neutral_values
+from rpg.utils import CorruptFileError
 
 
 def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] | None = None) -> Any:
     """Run `job(cfg)` with stdout/stderr appended to `smk.log[0]`; re-raise failures after logging them.
 
-    The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them).
+    The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them); and the
+    one place a file of results_dir that cannot be read (truncated, corrupt) gets the rule that writes it named.
     config: a validated config dict other than the workflow's (a regime of the study); default `smk.config`.
     """
     torch.set_num_threads(max(1, int(smk.threads)))
@@ -25,9 +29,53 @@ def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] |
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             return job(cfg)
+        except CorruptFileError as err:
+            traceback.print_exc(file=log)
+            # the workflow's results_dir: a study regime's jobs read the workflow's files, not their own folder's
+            rule = writer_rule(err.path, smk.config["results_dir"], cfg.zoo.mode)
+            if rule is None:
+                raise
+            cause = err.__cause__ or err
+            rerun = CorruptFileError(err.path, f"{err.path} is truncated or corrupt ({cause}); rule `{rule}` writes "
+                                               f"it: rerun that rule and what depends on it with `snakemake <your "
+                                               f"targets and options> --forcerun {rule}` (--forcerun last: it takes "
+                                               "every name after it)")
+            print(f"{type(rerun).__name__}: {rerun}", file=log)
+            raise rerun from err
         except Exception:
             traceback.print_exc(file=log)
             raise
+
+
+# The rule that writes each file under results_dir (workflow/rules/*.smk), by the leading parts of the file's path
+# there ("*": any one part); the first match counts. tests/test_weak_cases.py checks it against `snakemake --summary`.
+WRITERS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("backbone",), "backbone"),
+    (("features", "domains_*"), "domain_features"),
+    (("features",), "features"),
+    (("zoo", "*", "split.json"), "split"),
+    (("zoo",), "zoo"),  # checkpoints/: `finetune_task` where zoo.mode is finetune
+    (("rpg",), "train_rpg"),
+    (("generated",), "generate"),
+    (("table1", "collections"), "collect_checkpoints"),
+    (("table1", "*", "rpg"), "train_arch_rpg"),
+    (("table1", "*", "generated"), "generate_arch"),
+)
+
+
+def writer_rule(path: str | Path, results_dir: str | Path, zoo_mode: str = "batched_heads") -> str | None:
+    """The workflow rule that writes `path` (a file under the workflow's `results_dir`; zoo checkpoints are
+    `finetune_task`'s in `zoo_mode` finetune), or None where it is none of the files WRITERS knows."""
+    try:
+        parts = Path(os.path.abspath(path)).relative_to(os.path.abspath(results_dir)).parts
+    except ValueError:  # not under results_dir
+        return None
+    for prefix, rule in WRITERS:
+        if len(parts) >= len(prefix) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, prefix)):
+            if rule == "zoo" and parts[2:3] == ("checkpoints",) and zoo_mode == "finetune":
+                return "finetune_task"
+            return rule
+    return None
 
 
 # Keys added after results existed, with the value that reproduces those results (marked in the schema): a rule's
@@ -53,8 +101,8 @@ def config_setting(config: Mapping[str, Any], *keys: str) -> str:
     """The resolved config values a rule depends on, as canonical JSON for a rule's `params: setting=...`.
 
     `keys` are top-level keys or dotted paths (``"tasks.n_val"``). Snakemake stores a job's params with its
-    outputs and reruns the job (and, through its outputs, everything downstream) when they change; it lists such
-    jobs with ``snakemake --list-changes params``.
+    outputs and reruns the job (and, through its outputs, everything downstream) when they change;
+    ``snakemake --summary`` marks such jobs' outputs "params changed".
     """
     chosen: dict[str, Any] = {}
     for key in keys:

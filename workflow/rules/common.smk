@@ -140,12 +140,14 @@ from rpg.experiments.arch_study import study as AX
 
 ARCH_RES = f"{RES}/table1"
 
-_N_PARAMS = {}
+# Every configured architecture built once, now: one that timm cannot build fails here, naming its config key.
+try:
+    _N_PARAMS = AX.architecture_sizes(CFG)
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration:\n{err}")
 
 
 def n_params(name):
-    if name not in _N_PARAMS:
-        _N_PARAMS[name] = AX.parameter_count(AX.arch_spec(CFG, name))
     return _N_PARAMS[name]
 
 

@@ -13,13 +13,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 
 from rpg.config import Config, config_to_yaml
 from rpg.evaluation import MAX_IOU_ORIGINAL
 from rpg.experiments.task_zoo.pipeline import make_evaluator, read_split
 from rpg.experiments.task_zoo.tasks import TaskSplit, binary_labels
-from rpg.utils import load_safetensors, write_csv_atomic, write_text_atomic
+from rpg.utils import load_safetensors, load_safetensors_keys, write_csv_atomic, write_text_atomic
 from rpg.vision.similarity import max_iou_to_reference, misclassified_iou  # noqa: F401 (re-exported)
 from rpg.weightspace import flatten
 from rpg.experiments.task_zoo.heads import HEAD_KEYS, binary_metrics, checkpoint_path, load_task_checkpoints
@@ -51,9 +50,8 @@ def load_head_vectors(paths: Sequence[str | Path]) -> torch.Tensor:
     """Flattened head parameters of each checkpoint file, reading only the head tensors. Shape: (len(paths), P)."""
     rows = []
     for path in paths:
-        with safe_open(str(path), framework="pt") as f:
-            keys = head_keys(f.keys())
-            rows.append(flatten([{k: f.get_tensor(k) for k in keys}], keys)[0])
+        head = load_safetensors_keys(path, head_keys)
+        rows.append(flatten([head], list(head))[0])
     return torch.stack(rows) if rows else torch.empty(0, 0)
 
 
