@@ -345,11 +345,13 @@ class DomainsConfig:
 
 @_from_schema("study")
 class StudyConfig:
-    """The study of regimes (issue 13): which regime files, where, and the overrides every regime shares."""
+    """The study of regimes (issue 13): which regime files, where, the overrides every regime shares, and the
+    user's own methods scored beside the built-in ones (`module:callable` each, issue 31)."""
 
     regimes: tuple[str, ...]
     regime_dir: str
     common: str | None
+    methods: tuple[str, ...]
 
 
 @_from_schema("architectures", "collect")
