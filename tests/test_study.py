@@ -3,6 +3,7 @@ orders, the regime configs, the gathering of unseen_study.csv and the `unseen_st
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -463,3 +464,62 @@ def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, meth
     orig = samples[(samples.kind == "original") & (samples.group == "seen")]
     assert (orig.l2_novelty > 0).all() and orig.l2_novelty.notna().all()
     assert load_features(inputs["features"])["test_x"].shape[0] == 200
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A method of one's own, from outside the package (study.methods), through the study DAG
+# ----------------------------------------------------------------------------------------------------------------
+
+TOY_METHOD = '''
+import torch
+
+from rpg.experiments.task_zoo.methods import TaskGenerator
+
+
+class NearestTrainingHead(TaskGenerator):
+    """The mean head of the training task whose code is closest (the first on a tie)."""
+
+    name = "nearest_training_head"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def fit(self, zoo, codes):
+        self.heads, self.codes = zoo.mean_heads, codes
+
+    def generate(self, query):
+        return self.heads[torch.cdist(query.codes, self.codes).argmin(1)][:, None]
+'''
+
+
+def test_study_method_from_outside_the_package_joins_the_study_table(tmp_path, snakemake_cli, monkeypatch):
+    """`study.methods: ["toy_methods:NearestTrainingHead"]` (a module written here) runs through rule study_method
+    on a tiny regime, and its rows are in unseen_study.csv: on seen tasks it is the task's own mean head, so it
+    scores exactly as the built-in `nearest` (scored by generate), which it can only do through the same split,
+    evaluator and tasks."""
+    from rpg.data import write_synthetic_cifar10
+
+    (tmp_path / "toy_methods.py").write_text(TOY_METHOD)
+    (tmp_path / "regimes").mkdir()
+    (tmp_path / "regimes" / "tiny.yaml").write_text("{}\n")  # the test profile as it is
+    write_synthetic_cifar10(tmp_path / "data", n_train=600, n_test=200)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    results = tmp_path / "results"
+    proc = snakemake_cli(
+        "--cores", "2", str(results / "unseen_study.csv"), "--configfile", "config/test.yaml", "--config",
+        f"results_dir={results}", f"data={{root: {tmp_path / 'data'}}}",
+        f"study={{regimes: [tiny], regime_dir: {tmp_path / 'regimes'}, common: null, "
+        "methods: ['toy_methods:NearestTrainingHead']}", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = pd.read_csv(results / "unseen_study.csv")
+    mine = table[table.method == "nearest_training_head"].set_index("group")
+    assert set(mine.index) == {"unseen", "seen"} and set(mine.regime) == {"tiny"}
+    assert list(table[table.group == "unseen"].method)[-1] == "nearest_training_head"  # after the built-ins
+    for group in ("unseen", "seen"):
+        original = table[(table.group == group) & (table.method == "original")].iloc[0]
+        assert mine.loc[group, "n_tasks"] == original.n_tasks and mine.loc[group, "n_heads"] == 1
+        assert 0 < mine.loc[group, "accuracy_mean"] <= 100 and mine.loc[group, "l2_novelty"] >= 0
+    nearest = table[(table.group == "seen") & (table.method == "nearest")].iloc[0]
+    assert mine.loc["seen", "accuracy_mean"] == nearest.accuracy_mean
+    assert mine.loc["seen", "balanced_accuracy_mean"] == nearest.balanced_accuracy_mean
+    assert (results / "methods" / "tiny" / "toy_methods.NearestTrainingHead" / "samples.csv").is_file()
