@@ -17,6 +17,7 @@ rule study_method:
         split=rules.split.output.split,
         index=zoo_index,
         samples=rules.generate.output.samples,  # RPG's novelty per group (the `noise`-like methods match it)
+        rpg=rules.train_rpg.output.best,  # the regime's generator, for a method built on it (MethodContext.rpg_path)
         backbone=lambda wc: (
             out("backbone", "backbone.safetensors")
             if CFG.zoo.mode == "batched_heads"

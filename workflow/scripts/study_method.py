@@ -8,5 +8,5 @@ from rpg.experiments.task_zoo.study import job_config
 smk = snakemake  # noqa: F821
 run_rule(smk, lambda cfg: evaluate_method(cfg, smk.params.spec, smk.input.split, smk.input.features,
                                           Path(smk.input.index).parent, smk.input.samples, smk.output.samples,
-                                          smk.input.get("backbone") or None),
+                                          smk.input.get("backbone") or None, smk.input.rpg),
          config=job_config(smk))

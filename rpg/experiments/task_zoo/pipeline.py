@@ -301,13 +301,14 @@ STUDY_GROUPS = ("unseen", "seen")  # the groups of `generation_plan` a study met
 
 
 def evaluate_method(cfg: Config, spec: str, split_path: str | Path, features_path: str | Path, zoo_dir: str | Path,
-                    rpg_samples: str | Path, out_csv: str | Path, backbone_path: str | Path | None = None
-                    ) -> pd.DataFrame:
+                    rpg_samples: str | Path, out_csv: str | Path, backbone_path: str | Path | None = None,
+                    rpg_path: str | Path | None = None) -> pd.DataFrame:
     """Rule study_method: a user's method (`spec`, `module:callable`, see `rpg.experiments.task_zoo.methods`)
     fitted on the regime's training split and scored like the built-ins in `generate_and_evaluate`: the same
     tasks (`generation_plan`'s unseen and seen groups), as many heads as RPG samples, the same seeds, evaluator,
-    originals and novelty. rpg_samples: the regime's samples.csv (RPG's mean novelty per group, `reference_l2`).
-    Writes samples.csv rows of the method only (kind: its registered name)."""
+    originals and novelty. rpg_samples: the regime's samples.csv (RPG's mean novelty per group, `reference_l2`);
+    backbone_path / rpg_path: what the method's `MethodContext` offers. Writes samples.csv rows of the method only
+    (kind: its registered name)."""
     if cfg.zoo.mode != "batched_heads":
         raise ValueError("study.methods are scored on the head zoo (zoo.mode: batched_heads) only")
     name = register_spec(METHOD_FAMILY, spec)
@@ -315,7 +316,7 @@ def evaluate_method(cfg: Config, spec: str, split_path: str | Path, features_pat
     evaluator = make_evaluator(cfg, features_path, "test")
     k = cfg.zoo.n_checkpoints
     train_zoo = load_training_zoo(zoo_dir, split, k, cfg.train.canonicalise)  # before any other task's file
-    method = fitted_methods([name], MethodContext(cfg, None, backbone_path), train_zoo,
+    method = fitted_methods([name], MethodContext(cfg, rpg_path, backbone_path), train_zoo,
                             condition(cfg, train_zoo.task_ids)).get(name)
     if method is None:
         raise ValueError(f"study method '{spec}' returned no method for regime {cfg.experiment}")
