@@ -502,13 +502,14 @@ def test_study_method_from_outside_the_package_joins_the_study_table(tmp_path, s
     (tmp_path / "toy_methods.py").write_text(TOY_METHOD)
     (tmp_path / "regimes").mkdir()
     (tmp_path / "regimes" / "tiny.yaml").write_text("{}\n")  # the test profile as it is
+    (tmp_path / "regimes" / "common.yaml").write_text("{}\n")  # no study budget over it
     write_synthetic_cifar10(tmp_path / "data", n_train=600, n_test=200)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     results = tmp_path / "results"
     proc = snakemake_cli(
         "--cores", "2", str(results / "unseen_study.csv"), "--configfile", "config/test.yaml", "--config",
         f"results_dir={results}", f"data={{root: {tmp_path / 'data'}}}",
-        f"study={{regimes: [tiny], regime_dir: {tmp_path / 'regimes'}, common: null, "
+        f"study={{regimes: [tiny], regime_dir: {tmp_path / 'regimes'}, common: {tmp_path / 'regimes' / 'common.yaml'}, "
         "methods: ['toy_methods:NearestTrainingHead']}", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = pd.read_csv(results / "unseen_study.csv")
