@@ -357,11 +357,13 @@ class FinetuneFewConfig:
 
 @_from_schema("study")
 class StudyConfig:
-    """The study of regimes (issue 13): which regime files, where, and the overrides every regime shares."""
+    """The study of regimes (issue 13): which regime files, where, the overrides every regime shares, and the
+    user's own methods scored beside the built-in ones (`module:callable` each, issue 31)."""
 
     regimes: tuple[str, ...]
     regime_dir: str
     common: str | None
+    methods: tuple[str, ...]
     finetune_few: FinetuneFewConfig = field(default_factory=FinetuneFewConfig)
 
 

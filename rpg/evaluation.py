@@ -25,11 +25,13 @@ column above the same way for every family.
 
 Baselines are registered like timm's models: `@register_baseline("<family>")` on a function registers it under
 its name; `list_baselines(family)` gives a family's names in registration order (the order they are drawn in),
-`get_baseline` / `create_baseline` find or call one and raise a clear error for an unknown name.
+`get_baseline` / `create_baseline` find or call one and raise a clear error for an unknown name. A method from
+outside the package joins a family by its `module:callable` name (`register_spec`, e.g. from a config key).
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -278,6 +280,41 @@ def get_baseline(name: str, family: str) -> Callable:
 def create_baseline(name: str, family: str, *args, **kwargs):
     """Call baseline `name` of `family` with the family's arguments (what it returns is the family's contract)."""
     return get_baseline(name, family)(*args, **kwargs)
+
+
+def load_spec(spec: str) -> Any:
+    """The object a `module:attribute` name points at (`mypkg.methods:make_method`; dots after the colon walk
+    attributes). Raises ValueError: not of that form, or nothing there."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"'{spec}' is not a 'module:callable' name")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load '{spec}': {err}") from err
+    return obj
+
+
+def register_spec(family: str, spec: str) -> str:
+    """Register the callable named by `spec` (`module:callable`, `load_spec`) in `family`, under its `name`
+    attribute or else its `__name__`; returns that name. A config never replaces another entry (a built-in).
+
+    Raises:
+        ValueError: `spec` names no callable, or its name is taken in `family` by another callable.
+    """
+    fn = load_spec(spec)
+    if not callable(fn):
+        raise ValueError(f"'{spec}' is not callable")
+    name = getattr(fn, "name", None) or fn.__name__
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"'{spec}' has no usable name ({name!r}): give it a `name` attribute")
+    known = _BASELINES.get(family, {})
+    if name in known and known[name] is not fn:
+        raise ValueError(f"'{spec}' is named '{name}', already a {family} method ({', '.join(known)}): rename it")
+    register_baseline(family, name)(fn)
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------------------

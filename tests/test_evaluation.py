@@ -110,3 +110,24 @@ def test_sample_rows_measure_every_family_the_same_way():
     assert lonely.rows(lonely.originals)[[ev.L2_NOVELTY, ev.MAX_IOU_ORIGINAL]].isna().all().all()
     wide = ev.samples_table([own, frame], float_dtype="float64")
     assert wide[ev.L2_NOVELTY].dtype == "float64" and len(wide) == 5
+
+
+def test_register_spec_adds_a_callable_from_outside_the_package(tmp_path, monkeypatch):
+    import rpg.experiments.task_zoo.methods  # noqa: F401  registers family "task_method"
+
+    (tmp_path / "outside_methods.py").write_text(
+        "def make(ctx):\n    return ctx\n\n\nclass Named:\n    name = 'my_method'\n\n\n"
+        "def affine(ctx):\n    return None\n\n\nnot_callable = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert ev.register_spec("test_outside", "outside_methods:make") == "make"
+    assert ev.create_baseline("make", "test_outside", 7) == 7
+    assert ev.register_spec("test_outside", "outside_methods:Named") == "my_method"
+    assert ev.register_spec("test_outside", "outside_methods:Named") == "my_method"  # the same again: no change
+    with pytest.raises(ValueError, match="already a task_method method"):  # never replaces a built-in
+        ev.register_spec("task_method", "outside_methods:affine")
+    with pytest.raises(ValueError, match="not a 'module:callable'"):
+        ev.register_spec("test_outside", "outside_methods.make")
+    with pytest.raises(ValueError, match="cannot load"):
+        ev.register_spec("test_outside", "outside_methods:missing")
+    with pytest.raises(ValueError, match="not callable"):
+        ev.register_spec("test_outside", "outside_methods:not_callable")

@@ -3,6 +3,7 @@ orders, the regime configs, the gathering of unseen_study.csv and the `unseen_st
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -287,44 +288,64 @@ def _samples(offset: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _regime_files(folder: Path, samples: pd.DataFrame, summary: str = '{"n_train_tasks": 7, "steps": 40}') -> dict:
+    folder.mkdir(exist_ok=True)
+    samples.to_csv(folder / "samples.csv", index=False)
+    (folder / "s.json").write_text(summary)
+    return {"samples": [folder / "samples.csv"], "rpg_summary": folder / "s.json"}
+
+
 def _gathered(tmp_path):
-    """Two regimes' tables from synthetic samples, gathered; returns the frame and the CSV path."""
-    paths = {}
-    for name, offset in (("a", 0.0), ("b", 0.1)):
-        samples = _samples(offset)
-        (tmp_path / name).mkdir()
-        unseen_table(samples, task_ids=[314, 482]).to_csv(tmp_path / name / "t16.csv", index=False)
-        seen_summary(samples).to_csv(tmp_path / name / "seen.csv", index=False)
-        (tmp_path / name / "s.json").write_text('{"n_train_tasks": 7, "steps": 40, "best_step": 20, '
-                                                '"best_score": 0.5, "val_original_accuracy": 0.9}')
-        paths[name] = {"table16": tmp_path / name / "t16.csv", "seen_summary": tmp_path / name / "seen.csv",
-                       "rpg_summary": tmp_path / name / "s.json"}
+    """Two regimes' samples, gathered; returns the frame and the CSV path."""
+    paths = {name: _regime_files(tmp_path / name, _samples(offset), '{"n_train_tasks": 7, "steps": 40, '
+                                 '"best_step": 20, "best_score": 0.5, "val_original_accuracy": 0.9}')
+             for name, offset in (("a", 0.0), ("b", 0.1))}
     return S.write_study(paths, None, tmp_path / "study.csv"), tmp_path / "study.csv"
 
 
 def test_gather_study_summarises_every_method(tmp_path):
     out, _ = _gathered(tmp_path)
     assert set(out.regime) == {"a", "b"} and set(out.group) == {"unseen", "seen"}
-    assert set(out.method) == set(S.METHODS)
+    assert list(out[(out.regime == "a") & (out.group == "unseen")].method) == ["original", "rpg", *BASELINES]
 
-    def get(regime, method, col="accuracy", group="unseen"):
+    def get(regime, method, col="accuracy_mean", group="unseen"):
         row = out[(out.regime == regime) & (out.group == group) & (out.method == method)]
         assert len(row) == 1
         return float(row[col].iloc[0])
 
     assert get("a", "original") == pytest.approx(91.5)  # mean over tasks (90.5, 92.5) of the originals' mean
-    assert get("a", "rpg_best") == pytest.approx(80.5) and get("a", "rpg_mean") == pytest.approx(75.5)
-    assert get("b", "rpg_best") == pytest.approx(90.5)
-    assert get("a", "rpg_best", "minus_original") == pytest.approx(-11.0)
+    assert get("a", "original", "accuracy_best") == pytest.approx(92.5)  # the best original of each task
+    assert get("a", "rpg", "accuracy_best") == pytest.approx(80.5) and get("a", "rpg") == pytest.approx(75.5)
+    assert [get("a", m, "n_heads") for m in ("original", "rpg", "affine")] == [2, 2, 1]
+    assert get("b", "rpg", "accuracy_best") == pytest.approx(90.5)
+    assert get("a", "rpg", "minus_original_best") == pytest.approx(-11.0)
+    assert get("a", "rpg", "minus_original_mean") == pytest.approx(-16.0)
     assert get("a", "compose") == pytest.approx(100 * (0.60 + 0.01 * BASELINES.index("compose") + 0.005))
-    assert get("a", "rpg_best", "balanced_accuracy") == pytest.approx(70.0)  # no per-task offset
-    assert get("a", "rpg_best", "l2_novelty") == 2.0 and get("a", "original", "l2_novelty") == 1.0
+    assert get("a", "compose", "accuracy_best") == get("a", "compose")  # one head per task
+    assert get("a", "rpg", "balanced_accuracy_best") == pytest.approx(70.0)  # no per-task offset
+    assert get("a", "rpg", "l2_novelty") == 2.0 and get("a", "original", "l2_novelty") == 1.0
     best = 100 * (0.60 + 0.01 * (len(BASELINES) - 1) + 0.005)
-    assert get("a", "rpg_best", "rpg_best_minus_baseline_acc") == pytest.approx(80.5 - best)
+    assert get("a", "rpg", "rpg_best_minus_baseline_acc") == pytest.approx(80.5 - best)
+    assert get("a", "rpg", "best_minus_baseline") == pytest.approx(80.5 - best)
+    assert get("a", "original", "best_minus_baseline") == pytest.approx(92.5 - best)
     assert set(out[out.group == "unseen"].best_baseline) == {BASELINES[-1]}
-    assert get("a", "rpg_best", group="seen") == pytest.approx(80.5)
-    assert get("a", "rpg_best", "val_score") == 50.0
+    assert get("a", "rpg", "accuracy_best", group="seen") == pytest.approx(80.5)
+    assert get("a", "rpg", "val_score") == 50.0
     assert pd.read_csv(tmp_path / "study.csv").shape == out.shape
+
+
+def test_gather_study_takes_study_methods_from_their_own_files(tmp_path):
+    """A study method's samples (rule study_method) join its regime's rows after the built-ins."""
+    paths = {"a": _regime_files(tmp_path / "a", _samples(0.0))}
+    mine = _samples(0.0)
+    mine = mine[mine.kind == "rpg"].assign(kind="mine", accuracy=lambda f: f.accuracy + 0.05)
+    mine.to_csv(tmp_path / "mine.csv", index=False)
+    paths["a"]["samples"].append(tmp_path / "mine.csv")
+    out = S.gather_study(paths)
+    unseen = out[out.group == "unseen"].set_index("method")
+    assert list(unseen.index) == ["original", "rpg", *BASELINES, "mine"]
+    assert unseen.loc["mine", "accuracy_best"] == pytest.approx(unseen.loc["rpg", "accuracy_best"] + 5)
+    assert unseen.loc["mine", "best_baseline"] == BASELINES[-1]  # the yardstick stays the built-in baselines
 
 
 def test_best_baseline_is_one_present_on_every_task(tmp_path):
@@ -334,14 +355,18 @@ def test_best_baseline_is_one_present_on_every_task(tmp_path):
     partial = (samples.kind == "complement") & (samples.task_id == 482)
     samples = samples[~partial].copy()
     samples.loc[samples.kind == "complement", "accuracy"] = 0.99
-    unseen_table(samples, task_ids=[314, 482]).to_csv(tmp_path / "t16.csv", index=False)
-    seen_summary(samples).to_csv(tmp_path / "seen.csv", index=False)
-    (tmp_path / "s.json").write_text('{"n_train_tasks": 7, "steps": 40}')
-    out = S.gather_study({"a": {"table16": tmp_path / "t16.csv", "seen_summary": tmp_path / "seen.csv",
-                                "rpg_summary": tmp_path / "s.json"}})
+    out = S.gather_study({"a": _regime_files(tmp_path / "a", samples)})
     unseen = out[out.group == "unseen"]
     assert int(unseen.loc[unseen.method == "complement", "n_tasks"].iloc[0]) == 1
     assert set(unseen.best_baseline) == {BASELINES[-1]}  # not the complement, though its mean is higher
+
+
+def test_committed_reference_has_the_gathered_layout(tmp_path):
+    """docs/reference/unseen_study/unseen_study.csv has the columns gather_study writes, in its order."""
+    out, _ = _gathered(tmp_path)
+    reference = pd.read_csv(REPO / "docs" / "reference" / "unseen_study" / "unseen_study.csv")
+    settings = ["zoo_init", "canonicalise", "holdout_neighbours", "shifted_domain_tasks", "domains"]
+    assert [c for c in reference.columns if c not in settings] == list(out.columns)
 
 
 def _kernel_available() -> bool:
@@ -439,3 +464,63 @@ def test_canonicalised_per_task_regime_runs_end_to_end(tmp_path, repo_root, meth
     orig = samples[(samples.kind == "original") & (samples.group == "seen")]
     assert (orig.l2_novelty > 0).all() and orig.l2_novelty.notna().all()
     assert load_features(inputs["features"])["test_x"].shape[0] == 200
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A method of one's own, from outside the package (study.methods), through the study DAG
+# ----------------------------------------------------------------------------------------------------------------
+
+TOY_METHOD = '''
+import torch
+
+from rpg.experiments.task_zoo.methods import TaskGenerator
+
+
+class NearestTrainingHead(TaskGenerator):
+    """The mean head of the training task whose code is closest (the first on a tie)."""
+
+    name = "nearest_training_head"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def fit(self, zoo, codes):
+        self.heads, self.codes = zoo.mean_heads, codes
+
+    def generate(self, query):
+        return self.heads[torch.cdist(query.codes, self.codes).argmin(1)][:, None]
+'''
+
+
+def test_study_method_from_outside_the_package_joins_the_study_table(tmp_path, snakemake_cli, monkeypatch):
+    """`study.methods: ["toy_methods:NearestTrainingHead"]` (a module written here) runs through rule study_method
+    on a tiny regime, and its rows are in unseen_study.csv: on seen tasks it is the task's own mean head, so it
+    scores exactly as the built-in `nearest` (scored by generate), which it can only do through the same split,
+    evaluator and tasks."""
+    from rpg.data import write_synthetic_cifar10
+
+    (tmp_path / "toy_methods.py").write_text(TOY_METHOD)
+    (tmp_path / "regimes").mkdir()
+    (tmp_path / "regimes" / "tiny.yaml").write_text("{}\n")  # the test profile as it is
+    (tmp_path / "regimes" / "common.yaml").write_text("{}\n")  # no study budget over it
+    write_synthetic_cifar10(tmp_path / "data", n_train=600, n_test=200)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    results = tmp_path / "results"
+    proc = snakemake_cli(
+        "--cores", "2", str(results / "unseen_study.csv"), "--configfile", "config/test.yaml", "--config",
+        f"results_dir={results}", f"data={{root: {tmp_path / 'data'}}}",
+        f"study={{regimes: [tiny], regime_dir: {tmp_path / 'regimes'}, common: {tmp_path / 'regimes' / 'common.yaml'}, "
+        "methods: ['toy_methods:NearestTrainingHead']}", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = pd.read_csv(results / "unseen_study.csv")
+    mine = table[table.method == "nearest_training_head"].set_index("group")
+    assert set(mine.index) == {"unseen", "seen"} and set(mine.regime) == {"tiny"}
+    assert list(table[table.group == "unseen"].method)[-1] == "nearest_training_head"  # after the built-ins
+    for group in ("unseen", "seen"):
+        original = table[(table.group == group) & (table.method == "original")].iloc[0]
+        assert mine.loc[group, "n_tasks"] == original.n_tasks and mine.loc[group, "n_heads"] == 1
+        assert 0 < mine.loc[group, "accuracy_mean"] <= 100 and mine.loc[group, "l2_novelty"] >= 0
+    nearest = table[(table.group == "seen") & (table.method == "nearest")].iloc[0]
+    assert mine.loc["seen", "accuracy_mean"] == nearest.accuracy_mean
+    assert mine.loc["seen", "balanced_accuracy_mean"] == nearest.balanced_accuracy_mean
+    assert (results / "methods" / "tiny" / "toy_methods.NearestTrainingHead" / "samples.csv").is_file()

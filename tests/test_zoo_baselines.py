@@ -296,3 +296,43 @@ def test_compose_and_l2_by_hand(toy_zoo):
     own = toy_zoo.collection.novelty(heads, of_originals=True)
     expect = torch.cdist(heads, toy_zoo.checkpoints).sort(1).values[:, 1]
     assert torch.allclose(own, expect, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The baselines as methods of the study's interface (rpg.experiments.task_zoo.methods)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_every_baseline_is_a_method_and_answers_as_the_function(toy_zoo, repo_root):
+    from rpg.evaluation import list_baselines
+    from rpg.experiments.task_zoo.baselines import baseline_heads
+    from rpg.experiments.task_zoo.methods import FAMILY, MethodContext, TaskQuery, fitted_methods
+    from rpg.experiments.task_zoo.tasks import task_condition
+
+    assert list_baselines(FAMILY) == ["rpg", *BASELINES]
+    targets = (7, 13, 3)
+    query = TaskQuery(targets, task_condition(targets), n=4, seed=5, reference_l2=0.5)
+    ctx = MethodContext(load_config(repo_root / "config" / "config.yaml"))  # no generator, no backbone: rpg and compose absent
+    methods = fitted_methods(list_baselines(FAMILY), ctx, toy_zoo, task_condition(toy_zoo.task_ids))
+    assert list(methods) == [b for b in BASELINES if b != "compose"]
+    expected = baseline_heads(toy_zoo, targets, 0.5, 5)
+    for name, method in methods.items():
+        heads = method.generate(query)
+        assert heads.shape == (3, 1, 18)  # one head per task, whatever n
+        torch.testing.assert_close(heads[:, 0], expected[name], equal_nan=True, rtol=0, atol=0)
+
+
+def test_method_answers_of_the_wrong_shape_are_refused(toy_zoo):
+    from rpg.experiments.task_zoo.methods import TaskGenerator, TaskQuery
+    from rpg.experiments.task_zoo.pipeline import method_models
+    from rpg.experiments.task_zoo.tasks import task_condition
+
+    class TooMany(TaskGenerator):
+        def generate(self, query):
+            return torch.zeros(len(query.task_ids), query.n + 1, 18)
+
+    query = TaskQuery((7,), task_condition([7]), n=2, seed=0)
+    with pytest.raises(ValueError, match="1 <= m <= 2"):
+        method_models(None, "too_many", TooMany(), query, toy_zoo)
+    with pytest.raises(NotImplementedError):
+        TaskGenerator().generate(query)

@@ -313,36 +313,56 @@ def v_ablations(ref: Reference, folder: str, *families: str) -> str:
                      "best baseline mean", "L2 to nearest checkpoint", "DDIM steps", "seeds"], rows)
 
 
+STUDY_OWN = ("original", "rpg", *ZOO_BASELINES)  # the study table's built-in methods; any other is study.methods'
+
+
 def _study_cell(part: pd.DataFrame, method: str, n_tasks: int) -> str:
-    """A baseline's mean accuracy; where it exists on fewer tasks than the group has (the complement swap),
-    the count is named: that mean is over other tasks and is no comparison."""
+    """A method's mean accuracy over the unseen tasks (with several heads per task: best of n / mean); where it
+    exists on fewer tasks than the group has (the complement swap), the count is named: that mean is over other
+    tasks and is no comparison."""
     if method not in part.index:
         return "\u2014"
-    acc = num(part.loc[method, "accuracy"])
-    n = part.loc[method, "n_tasks"]
+    row = part.loc[method]
+    acc = num(row["accuracy_mean"])
+    if row["n_heads"] > 1:
+        acc = f"{num(row['accuracy_best'])} / {acc}"
+    n = row["n_tasks"]
     return acc if n >= n_tasks else f"{acc} ({num(n, 'd')} tasks)"
+
+
+def _study_unseen(ref: Reference) -> pd.DataFrame:
+    df = ref.csv("unseen_study")
+    return df[df["group"] == "unseen"]
+
+
+def _rpg_samples(df: pd.DataFrame) -> str:
+    """How many samples per task RPG's best is of: the number, or `n` where the regimes differ."""
+    n = df.loc[df["method"] == "rpg", "n_heads"].unique()
+    return num(n[0], "d") if len(n) == 1 else "n"
 
 
 @view("unseen_study")
 def v_unseen_study(ref: Reference, *regimes: str) -> str:
-    """One row per regime (unseen tasks): seen-validation score, originals, RPG, each baseline, novelty."""
-    df = ref.csv("unseen_study")
-    df = df[df["group"] == "unseen"]
+    """One row per regime (unseen tasks): seen-validation score, originals, RPG, each baseline, each method of
+    study.methods (best of its heads / mean where it gives several), novelty."""
+    df = _study_unseen(ref)
+    others = [m for m in dict.fromkeys(df["method"]) if m not in STUDY_OWN]
     rows = []
     for regime in regimes or df["regime"].unique():
         part = df[df["regime"] == regime].set_index("method")
         if part.empty:
             raise DocsError(f"unseen_study.csv has no regime {regime!r}")
-        o, best, mean = part.loc["original"], part.loc["rpg_best"], part.loc["rpg_mean"]
+        o, rpg = part.loc["original"], part.loc["rpg"]
         rows.append([f"`{regime}`", num(o["n_train_tasks"], ",d"), num(o["rpg_steps"], ",d"),
                      f"{num(o['val_score'], '.1f')} / {num(o['val_original'], '.1f')}",
-                     pair(o["accuracy"], o["balanced_accuracy"]), pair(best["accuracy"], best["balanced_accuracy"]),
-                     num(mean["accuracy"])]
-                    + [_study_cell(part, m, o["n_tasks"]) for m in ZOO_BASELINES]
+                     pair(o["accuracy_mean"], o["balanced_accuracy_mean"]),
+                     pair(rpg["accuracy_best"], rpg["balanced_accuracy_best"]), num(rpg["accuracy_mean"])]
+                    + [_study_cell(part, m, o["n_tasks"]) for m in (*ZOO_BASELINES, *others)]
                     + [f"{num(o['rpg_best_minus_baseline_acc'], '+.2f')} (`{o['best_baseline']}`)",
-                       f"{num(best['l2_novelty'])} ({num(o['l2_novelty'])})", num(best["max_iou_original"])])
+                       f"{num(rpg['l2_novelty'])} ({num(o['l2_novelty'])})", num(rpg["max_iou_original"])])
     return md_table(["regime", "training tasks", "RPG steps", "seen-val RPG / originals", "originals (bal.)",
-                     "RPG best of 5 (bal.)", "RPG mean"] + list(ZOO_BASELINES)
+                     f"RPG best of {_rpg_samples(df)} (bal.)", "RPG mean"] + list(ZOO_BASELINES)
+                    + [f"`{m}`" for m in others]
                     + ["RPG best − best baseline", "RPG L2 novelty (originals')", "RPG max IoU vs originals"], rows)
 
 
@@ -377,6 +397,27 @@ def v_finetune_few_needs(ref: Reference, within: str = "1") -> str:
                 "all its training images" if r["needs"] == "all" else f"{r['needs']} images")
              for _, r in df.iterrows()]
     return "; ".join(parts)
+def _span(values: pd.Series, spec: str) -> str:
+    low, high = num(values.min(), spec), num(values.max(), spec)
+    return low if low == high else f"{low} to {high}"
+
+
+@view("unseen_study_summary")
+def v_unseen_study_summary(ref: Reference) -> str:
+    """The README's summary of the study: in how many regimes RPG's best of n beats, ties or loses to the best
+    baseline (tie: within TIE points), which it beats and by how much, and how far it stays from the originals."""
+    df = _study_unseen(ref)
+    rpg = df[df["method"] == "rpg"].set_index("regime")
+    gap = rpg["rpg_best_minus_baseline_acc"]
+    wins = gap[gap > TIE]
+    named = ""
+    if len(wins):
+        below = -rpg.loc[wins.index, "minus_original_best"]
+        named = (f" ({', '.join(f'`{r}`' for r in wins.index)}: {_span(wins, '+.2f')} points, yet "
+                 f"{_span(below, '.2f')} points below the originals)")
+    return (f"over {len(gap)} regimes RPG's best of {_rpg_samples(df)} beats the best baseline in {len(wins)}{named}"
+            + f", ties in {int((gap.abs() <= TIE).sum())} and loses in {int((gap < -TIE).sum())}"
+            + f" (by up to {num(-gap.min())} points)")
 
 
 @view("csv")

@@ -1,21 +1,69 @@
 # The study of regimes (issue 13; target `unseen_study`, not part of table11): each regime is this config plus
 # study.common plus config/experiments/regimes/<name>.yaml (rpg.experiments.task_zoo.study.Regimes), reusing this
 # config's backbone and features. The regimes run through the default DAG's rules (their `regime` wildcard); this
-# file only gathers their tables into one.
+# file scores the methods of study.methods on each regime (rpg.experiments.task_zoo.methods) and gathers every
+# regime's scored models into one table.
+
+
+# study.methods: a user's own task-conditioned weight generators (`module:callable`), by folder name (ST.method_key)
+STUDY_METHODS = {ST.method_key(spec): spec for spec in CFG.study.methods}
+if len(STUDY_METHODS) != len(CFG.study.methods):
+    raise WorkflowError(f"study.methods has entries with one folder name: {list(CFG.study.methods)}")
+
+
+rule study_method:
+    input:
+        unpack(evaluation_inputs),
+        split=rules.split.output.split,
+        index=zoo_index,
+        samples=rules.generate.output.samples,  # RPG's novelty per group (the `noise`-like methods match it)
+        rpg=rules.train_rpg.output.best,  # the regime's generator, for a method built on it (MethodContext.rpg_path)
+        backbone=lambda wc: (
+            out("backbone", "backbone.safetensors")
+            if CFG.zoo.mode == "batched_heads"
+            else []
+        ),
+    output:
+        samples=f"{RES}/methods/{{regime}}/{{method}}/samples.csv",
+    log:
+        f"{RES}/logs/{{regime}}/study_method/{{method}}.log",
+    benchmark:
+        f"{RES}/benchmarks/rules/{{regime}}/study_method/{{method}}.tsv"
+    wildcard_constraints:
+        method="|".join(map(re.escape, STUDY_METHODS)) or "(?!)",
+    conda:
+        "../envs/rpg.yaml"
+    threads: CFG.threads
+    resources:
+        mem_mb=4000,
+    params:
+        spec=lambda wc: STUDY_METHODS[wc.method],
+        setting=regime_setting(
+            "seed",
+            "generate",
+            "tasks.n_seen_eval",
+            "train.canonicalise",
+            "domains",
+        ),
+    script:
+        "../scripts/study_method.py"
+
+
+def study_samples(wildcards):
+    """Per regime of study.regimes: its samples.csv (rule generate), then one per study method, in that order."""
+    return [
+        path
+        for regime in CFG.study.regimes
+        for path in [
+            at("generated", regime, "samples.csv"),
+            *(f"{RES}/methods/{regime}/{key}/samples.csv" for key in STUDY_METHODS),
+        ]
+    ]
 
 
 rule study_gather:
     input:
-        table16=expand(
-            rules.tables.output.table,
-            results_dir=map(REGIMES.results_dir, CFG.study.regimes),
-            table="table16",
-        ),
-        seen_summary=expand(
-            rules.tables.output.table,
-            results_dir=map(REGIMES.results_dir, CFG.study.regimes),
-            table="seen_summary",
-        ),
+        samples=study_samples,
         rpg_summary=expand(rules.train_rpg.output.summary, regime=CFG.study.regimes),
     output:
         csv=f"{RES}/unseen_study.csv",
@@ -59,6 +107,12 @@ rule unseen_study:
     input:
         rules.study_gather.output.csv,
         rules.notebook_unseen_study.output.notebook,
+        # every regime's own tables (per task), under <results_dir>/study/<regime>/
+        expand(
+            rules.tables.output.table,
+            results_dir=map(REGIMES.results_dir, CFG.study.regimes),
+            table=["table16", "seen_summary"],
+        ),
 
 
 # RPG-initialised fine-tuning with few labels (issue 31; target `finetune_few`, not part of `all` nor of

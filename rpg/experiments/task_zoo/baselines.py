@@ -183,30 +183,32 @@ def noise_heads(zoo: TrainingZoo, targets: Sequence[int], l2: float, seed: int) 
 HEAD_BASELINES = tuple(list_baselines(FAMILY))
 
 
-def baseline_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int) -> dict[str, torch.Tensor]:
-    """Every head baseline for `targets`: {name: (n, P)}, NaN rows where a baseline does not exist.
+def baseline_heads(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int,
+                   names: Sequence[str] = HEAD_BASELINES) -> dict[str, torch.Tensor]:
+    """The head baselines `names` (default: every one) for `targets`: {name: (n, P)}, NaN rows where a baseline
+    does not exist. A baseline's heads do not depend on which others are built with it.
 
     Domain tasks: each target's baselines come from its own domain's training tasks (`_single_domain_baselines`);
     a domain without training tasks gets NaN rows.
     """
     zoo_domains, target_domains = task_domains(zoo.task_ids), task_domains(targets)
     if not bool((zoo_domains > 0).any() or (target_domains > 0).any()):  # one domain: the plain images
-        return _single_domain_baselines(zoo, targets, noise_l2, seed)
-    out = {name: torch.full((len(targets), zoo.checkpoints.shape[1]), float("nan")) for name in HEAD_BASELINES}
+        return _single_domain_baselines(zoo, targets, noise_l2, seed, names)
+    out = {name: torch.full((len(targets), zoo.checkpoints.shape[1]), float("nan")) for name in names}
     for d, rows in rows_by_domain(targets):
         keep = (zoo_domains == d).nonzero().flatten().tolist()
         if not keep:
             continue
         part = _single_domain_baselines(zoo.restrict(keep), [targets[i] for i in rows.tolist()], noise_l2,
-                                        seed + 7919 * d)
+                                        seed + 7919 * d, names)
         for name, heads in part.items():
             out[name][rows] = heads
     return out
 
 
-def _single_domain_baselines(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int
-                             ) -> dict[str, torch.Tensor]:
-    return {name: create_baseline(name, FAMILY, zoo, targets, noise_l2, seed) for name in HEAD_BASELINES}
+def _single_domain_baselines(zoo: TrainingZoo, targets: Sequence[int], noise_l2: float, seed: int,
+                             names: Sequence[str]) -> dict[str, torch.Tensor]:
+    return {name: create_baseline(name, FAMILY, zoo, targets, noise_l2, seed) for name in names}
 
 
 # ----------------------------------------------------------------------------------------------------------------

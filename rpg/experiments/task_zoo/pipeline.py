@@ -14,10 +14,9 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from rpg.checkpoint import load_rpg
 from rpg.config import Config
 from rpg.evaluation import (BALANCED_ACCURACY, KIND_ORIGINAL, KIND_RPG, Models, SampleRows, create_baseline,
-                            samples_table)
+                            register_spec, samples_table)
 from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
@@ -30,8 +29,10 @@ from rpg.utils import (read_safetensors_metadata, resolve_device, save_safetenso
                        write_json_atomic)
 from rpg.weightspace import flatten
 from rpg.experiments.task_zoo.canonical import Gauge
-from rpg.experiments.task_zoo.baselines import (FAMILY, NOISE_SEED_OFFSET, TrainingZoo, baseline_heads, flatten_heads,
-                                                load_backbone_classifier, load_training_zoo, unflatten_heads)
+from rpg.experiments.task_zoo.baselines import (NOISE_SEED_OFFSET, TrainingZoo, flatten_heads, load_training_zoo,
+                                                unflatten_heads)
+from rpg.experiments.task_zoo.methods import FAMILY as METHOD_FAMILY
+from rpg.experiments.task_zoo.methods import BUILTIN, MethodContext, TaskGenerator, TaskQuery, fitted_methods
 from rpg.experiments.task_zoo.heads import (HeadEvaluator, checkpoint_path, evaluate_heads, load_task_checkpoints,
                                             save_steps, save_zoo, task_metrics, train_heads)
 
@@ -237,7 +238,8 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
                           features_path: str | Path | None, zoo_dir: str | Path, out_dir: str | Path,
                           backbone_path: str | Path | None = None) -> pd.DataFrame:
     """Generate `generate.samples` models per unseen / flip-pair task (`seen_samples` per seen task), save them,
-    and evaluate them beside their originals and the baselines of `rpg.experiments.task_zoo.baselines`.
+    and evaluate them beside their originals and the baselines (`rpg.experiments.task_zoo.methods`, the built-in
+    methods after `rpg`).
 
     Writes `samples.csv` (one row per generated, original or baseline model: group, kind, task, accuracy, balanced
     accuracy, per-class accuracies, and the novelty columns of `rpg.evaluation`: l2_novelty (L2 to the nearest
@@ -249,20 +251,22 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     device = resolve_device(cfg.device)
     split = read_split(split_path)
     evaluator = make_evaluator(cfg, features_path, "test")
-    model, tokenizer, _, meta = load_rpg(rpg_path, device)
+    ctx = MethodContext(cfg, rpg_path, backbone_path)
+    rpg = create_baseline(KIND_RPG, METHOD_FAMILY, ctx)
     out_dir = Path(out_dir)
     k = cfg.zoo.n_checkpoints
     # The baselines see the training split only, read here before any other task's file.
     train_zoo = (load_training_zoo(zoo_dir, split, k, cfg.train.canonicalise) if cfg.zoo.mode == "batched_heads"
                  else None)
-    classifier = load_backbone_classifier(backbone_path) if backbone_path and train_zoo is not None else None
+    baselines = (fitted_methods(BUILTIN[1:], ctx, train_zoo, condition(cfg, train_zoo.task_ids))
+                 if train_zoo is not None else {})
     frames, timing = [], {}
     for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
         if not task_ids:
             continue
         n = cfg.generate.seen_samples if group == "seen" else cfg.generate.samples
         start = time.time()
-        sds = generate_models(model, tokenizer, cfg, task_ids, n, seed=cfg.seed + 1000 * (g + 1))
+        sds = rpg.state_dicts(_query(cfg, task_ids, n, seed=cfg.seed + 1000 * (g + 1)))
         timing[group] = (time.time() - start) / len(sds)
         ids_rep = [t for t in task_ids for _ in range(n)]
         # The flip pair repeats an unseen (and maybe a sampled seen) task: its samples go to models/flip/.
@@ -271,20 +275,15 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
             save_safetensors_atomic(sd, models_dir / f"{t:04d}_s{i % n}.safetensors",
                                     {"arch": cfg.backbone.arch if cfg.zoo.mode == "finetune" else "binary_head",
                                      "task_id": t, "embedding": id_to_embedding(t), "sample": i % n,
-                                     "generator": str(rpg_path), "generator_step": meta["step"]})
+                                     "generator": str(rpg_path), "generator_step": rpg.meta["step"]})
         scored = [_models(evaluator, KIND_RPG, sds, ids_rep, list(range(n)) * len(task_ids), train_zoo)]
-        if train_zoo is not None:
+        if baselines:
             noise_l2 = float(train_zoo.collection.novelty(scored[0].flat).mean())
-            heads = baseline_heads(train_zoo, task_ids, noise_l2, seed=cfg.seed + NOISE_SEED_OFFSET + g)
-            found = [_flat_models(evaluator, name, flat, task_ids, train_zoo) for name, flat in heads.items()]
+            query = _query(cfg, task_ids, n, seed=cfg.seed + NOISE_SEED_OFFSET + g, reference_l2=noise_l2)
+            found = [method_models(evaluator, name, method, query, train_zoo) for name, method in baselines.items()]
             scored += [s for s in found if s is not None]
-        if classifier is not None:
-            preds = create_baseline("compose", FAMILY, classifier, evaluator.features, task_ids)
-            scored.append(_predicted(evaluator, "compose", preds, task_ids, [0] * len(task_ids)))
         # The task's originals are read only now; the baselines come from `train_zoo`, read before any of them.
-        orig_sds, _ = load_task_checkpoints(zoo_dir, task_ids, k)
-        originals = _models(evaluator, KIND_ORIGINAL, orig_sds, [t for t in task_ids for _ in range(k)],
-                            list(range(k)) * len(task_ids), train_zoo)
+        originals = _originals(evaluator, zoo_dir, task_ids, k, train_zoo)
         builder = SampleRows(originals, train_zoo.collection if train_zoo is not None else None, pairwise_iou=True)
         for models in [originals, *scored]:
             frames.append(builder.rows(models))
@@ -294,8 +293,87 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     write_json_atomic(out_dir / "timing.json", {"seconds_per_generated_model": timing,
                                                 "sampler": cfg.diffusion.sampler,
                                                 "steps": cfg.diffusion.sample_steps, "mode": cfg.generate.mode,
-                                                "generator_step": meta["step"], "device": str(device)})
+                                                "generator_step": rpg.meta["step"], "device": str(device)})
     return frame
+
+
+STUDY_GROUPS = ("unseen", "seen")  # the groups of `generation_plan` a study method is scored on
+
+
+def evaluate_method(cfg: Config, spec: str, split_path: str | Path, features_path: str | Path, zoo_dir: str | Path,
+                    rpg_samples: str | Path, out_csv: str | Path, backbone_path: str | Path | None = None,
+                    rpg_path: str | Path | None = None) -> pd.DataFrame:
+    """Rule study_method: a user's method (`spec`, `module:callable`, see `rpg.experiments.task_zoo.methods`)
+    fitted on the regime's training split and scored like the built-ins in `generate_and_evaluate`: the same
+    tasks (`generation_plan`'s unseen and seen groups), as many heads as RPG samples, the same seeds, evaluator,
+    originals and novelty. rpg_samples: the regime's samples.csv (RPG's mean novelty per group, `reference_l2`);
+    backbone_path / rpg_path: what the method's `MethodContext` offers. Writes samples.csv rows of the method only
+    (kind: its registered name)."""
+    if cfg.zoo.mode != "batched_heads":
+        raise ValueError("study.methods are scored on the head zoo (zoo.mode: batched_heads) only")
+    name = register_spec(METHOD_FAMILY, spec)
+    split = read_split(split_path)
+    evaluator = make_evaluator(cfg, features_path, "test")
+    k = cfg.zoo.n_checkpoints
+    train_zoo = load_training_zoo(zoo_dir, split, k, cfg.train.canonicalise)  # before any other task's file
+    method = fitted_methods([name], MethodContext(cfg, rpg_path, backbone_path), train_zoo,
+                            condition(cfg, train_zoo.task_ids)).get(name)
+    if method is None:
+        raise ValueError(f"study method '{spec}' returned no method for regime {cfg.experiment}")
+    rpg_rows = pd.read_csv(rpg_samples, usecols=["group", "kind", "l2_novelty"])
+    frames = []
+    for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
+        if group not in STUDY_GROUPS or not task_ids:
+            continue
+        n = cfg.generate.seen_samples if group == "seen" else cfg.generate.samples
+        ref = rpg_rows.l2_novelty[(rpg_rows.group == group) & (rpg_rows.kind == KIND_RPG)].mean()
+        models = method_models(evaluator, name, method,
+                               _query(cfg, task_ids, n, seed=cfg.seed + NOISE_SEED_OFFSET + g, reference_l2=ref),
+                               train_zoo)
+        if models is None:
+            continue
+        originals = _originals(evaluator, zoo_dir, task_ids, k, train_zoo)
+        frames.append(SampleRows(originals, train_zoo.collection, pairwise_iou=True).rows(models))
+        frames[-1].insert(0, "group", group)
+    frame = samples_table(frames, float_dtype="float64")
+    write_csv_atomic(out_csv, frame)
+    return frame
+
+
+def _query(cfg: Config, task_ids: Sequence[int], n: int, seed: int, reference_l2: float = float("nan")
+           ) -> TaskQuery:
+    return TaskQuery(tuple(task_ids), condition(cfg, task_ids), n, seed, reference_l2)
+
+
+def _originals(evaluator, zoo_dir: str | Path, task_ids: Sequence[int], k: int,
+               train_zoo: TrainingZoo | None) -> Models:
+    """The tasks' own checkpoints, scored (read only after every method has answered for these tasks)."""
+    orig_sds, _ = load_task_checkpoints(zoo_dir, task_ids, k)
+    return _models(evaluator, KIND_ORIGINAL, orig_sds, [t for t in task_ids for _ in range(k)],
+                   list(range(k)) * len(task_ids), train_zoo)
+
+
+def method_models(evaluator, name: str, method: TaskGenerator, query: TaskQuery,
+                  train_zoo: TrainingZoo) -> Models | None:
+    """A method's answer to `query`, scored: its heads (or, function space, its predictions) as models of kind
+    `name`, numbered 0..m-1 per task; heads with NaN are left out; None when it gave none."""
+    t = len(query.task_ids)
+    if method.function_space:
+        preds = method.predict(query, evaluator.features)
+        m = _answer_width(name, preds, t, query.n)
+        return _predicted(evaluator, name, preds.reshape(t * m, -1), [i for i in query.task_ids for _ in range(m)],
+                          list(range(m)) * t)
+    heads = method.generate(query)
+    m = _answer_width(name, heads, t, query.n)
+    return _flat_models(evaluator, name, heads.reshape(t * m, -1), [i for i in query.task_ids for _ in range(m)],
+                        train_zoo, list(range(m)) * t)
+
+
+def _answer_width(name: str, answer: torch.Tensor, n_tasks: int, n: int) -> int:
+    if answer.ndim != 3 or answer.shape[0] != n_tasks or not 1 <= answer.shape[1] <= n:
+        raise ValueError(f"method '{name}' answered shape {tuple(answer.shape)} for {n_tasks} tasks and n={n} "
+                         f"(expected ({n_tasks}, m, ...) with 1 <= m <= {n})")
+    return answer.shape[1]
 
 
 def _models(evaluator, kind: str, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids: Sequence[int],
@@ -306,14 +384,14 @@ def _models(evaluator, kind: str, state_dicts: Sequence[dict[str, torch.Tensor]]
 
 
 def _flat_models(evaluator, kind: str, flat: torch.Tensor, task_ids: Sequence[int],
-                 train_zoo: TrainingZoo) -> Models | None:
-    """One baseline head per task (flattened); tasks where the baseline does not exist (NaN rows) are left out,
-    None when it exists for none."""
+                 train_zoo: TrainingZoo, index: Sequence[int]) -> Models | None:
+    """Flat heads, head i for task task_ids[i] numbered index[i]; heads with NaN (a baseline that does not exist
+    for the task) are left out, None when none is left."""
     keep = [i for i in range(len(task_ids)) if not bool(flat[i].isnan().any())]
     if not keep:
         return None
     sds = unflatten_heads(flat[keep], train_zoo.shapes)
-    return _models(evaluator, kind, sds, [task_ids[i] for i in keep], [0] * len(keep), train_zoo)
+    return _models(evaluator, kind, sds, [task_ids[i] for i in keep], [index[i] for i in keep], train_zoo)
 
 
 def _predicted(evaluator, kind: str, preds: torch.Tensor, task_ids: Sequence[int], index: list[int],

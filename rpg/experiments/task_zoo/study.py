@@ -5,9 +5,10 @@ A regime is the workflow's config plus `study.common` (the study's smaller budge
 backbone and cached features (a regime may not change `data`, `backbone` or `seed`) and runs through the default
 DAG's rules, its name the rules' `regime` wildcard (`Regimes`): `<results_dir>/<stage>/<name>/`, its tables under
 `<results_dir>/study/<name>/`. Regimes whose zoo settings agree share one zoo: the workflow's own zoo when they equal
-its settings, else `<results_dir>/zoo/<key>/`. `gather_study` turns every regime's tables into one long table,
-`unseen_study.csv`: one row per regime x task group (unseen / seen) x method (originals, RPG best / mean, each
-baseline), with plain and balanced accuracy in percent, the gap to the originals, and the novelty of RPG's samples.
+its settings, else `<results_dir>/zoo/<key>/`. `gather_study` turns every regime's scored models into one long
+table, `unseen_study.csv`: one row per regime x task group (unseen / seen) x method (the originals, RPG, each
+baseline and each method of `study.methods`, `rpg.experiments.task_zoo.methods`), with plain and balanced accuracy
+of the best and the mean of each task's heads in percent, the gap to the originals, and the heads' novelty.
 """
 
 from __future__ import annotations
@@ -15,20 +16,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from rpg.config import deep_update, read_config_file, validate_config
-from rpg.evaluation import NOVELTY, best_baseline, best_baseline_column, minus_baseline_column
+from rpg.evaluation import (ACCURACY, BALANCED_ACCURACY, KIND, KIND_ORIGINAL, KIND_RPG, NOVELTY, best_baseline,
+                            best_baseline_column, minus_baseline_column)
 from rpg.experiments.rules import NEUTRAL_DEFAULTS
 from rpg.experiments.task_zoo.baselines import BASELINES
 from rpg.utils import write_csv_atomic
 
 SHARED_KEYS = ("data", "backbone", "seed")  # what the regimes share with the workflow (its backbone and features)
 ZOO_KEYS = ("seed", "tasks.ids", "zoo", "domains")  # what a zoo depends on (the zoo rule's setting)
-METHODS = ("original", "original_best", "rpg_best", "rpg_mean", *BASELINES)
 
 
 def _get(raw: Mapping, dotted: str):
@@ -168,49 +170,78 @@ def job_config(smk) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _method_rows(table: pd.DataFrame, group: str) -> list[dict]:
-    """Rows per method from the `mean` row of a table16 / seen_summary table (columns of `tables._task_rows`)."""
-    per_task = table[table.embedding.astype(str) != "mean"]
-    mean = per_task.drop(columns=["embedding", "task_id", "positive_classes", "best_baseline"]).apply(
-        pd.to_numeric, errors="coerce").mean()
+def method_key(spec: str) -> str:
+    """The folder of a `study.methods` entry (`module:callable`) under `<results_dir>/methods/<regime>/`."""
+    return re.sub(r"[^A-Za-z0-9_.]", ".", spec)
+
+
+def method_order(kinds: Sequence[str]) -> list[str]:
+    """The study table's order of methods: originals, RPG, the built-in baselines, then the others as found."""
+    first = [k for k in (KIND_ORIGINAL, KIND_RPG, *BASELINES) if k in kinds]
+    return first + [k for k in dict.fromkeys(kinds) if k not in first]
+
+
+def _method_rows(samples: pd.DataFrame, group: str) -> list[dict]:
+    """One row per method (samples.csv kind) of `group`: best-of-n and mean over each task's heads, in percent,
+    averaged over the tasks where the method answered, and against the originals of those tasks."""
+    part = samples[samples.group == group]
+    metrics = [ACCURACY, BALANCED_ACCURACY]
+    originals = 100 * part[part[KIND] == KIND_ORIGINAL].groupby("task_id")[metrics].mean()
     rows = []
-    for method in METHODS:
-        col = {"original": "original", "original_best": "original_best", "rpg_best": "rpg_best",
-               "rpg_mean": "rpg_mean"}.get(method, method)
-        if f"{col}_acc" not in mean or pd.isna(mean[f"{col}_acc"]):
-            continue
-        present = per_task[f"{col}_acc"].notna()
-        row = {"group": group, "method": method, "n_tasks": int(present.sum()),
-               "accuracy": mean[f"{col}_acc"], "balanced_accuracy": mean[f"{col}_bal_acc"],
-               # against the originals of the tasks where the method exists (complement: not everywhere)
-               "minus_original": (per_task.loc[present, f"{col}_acc"] - per_task.loc[present, "original_acc"]).mean(),
-               "minus_original_bal": (per_task.loc[present, f"{col}_bal_acc"]
-                                      - per_task.loc[present, "original_bal_acc"]).mean()}
-        kind = "rpg" if method.startswith("rpg") else "original" if method == "original" else None
-        for name in NOVELTY:
-            row[name] = mean.get(f"{kind}_{name}", float("nan")) if kind else float("nan")
+    for kind in method_order(list(part[KIND].unique())):
+        per_task = part[part[KIND] == kind].groupby("task_id")
+        row = {"group": group, "method": kind, "n_tasks": per_task.ngroups, "n_heads": int(per_task.size().max())}
+        stats = {"best": 100 * per_task[metrics].max(), "mean": 100 * per_task[metrics].mean()}
+        for stat, values in stats.items():
+            row.update({f"{metric}_{stat}": values[metric].mean() for metric in metrics})
+        for stat, values in stats.items():
+            minus = values - originals.loc[values.index]
+            row.update({f"minus_original{short}_{stat}": minus[metric].mean()
+                        for metric, short in ((ACCURACY, ""), (BALANCED_ACCURACY, "_bal"))})
+        for name in NOVELTY:  # mean over tasks of the task's mean (the originals: the zoo's own spread)
+            row[name] = per_task[name].mean().mean() if name in part else float("nan")
         rows.append(row)
     return rows
 
 
-def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mapping[str, Mapping] | None = None
-                 ) -> pd.DataFrame:
-    """One long table of every regime's results.
+def _best_baseline(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per group: the best baseline among those present on every task of the group (`rpg.evaluation.best_baseline`
+    on their mean accuracy), RPG's best-of-n minus it, and every method's best-of-n minus it (`best_minus_baseline`)."""
+    for group, part in frame.groupby("group"):
+        # a mean over a subset (the complement swap exists where the complement trains, e.g. 5 of 20 domain pairs)
+        # is not comparable with RPG's over all tasks
+        n_tasks = int(part.loc[part.method == KIND_ORIGINAL, "n_tasks"].max())
+        base = part[part.method.isin(BASELINES) & (part.n_tasks == n_tasks)]
+        name, best = best_baseline(dict(zip(base.method, base.accuracy_mean)))
+        rpg = part.loc[part.method == KIND_RPG, "accuracy_best"]
+        rows = frame.group == group
+        frame.loc[rows, "best_baseline"] = name
+        frame.loc[rows, best_baseline_column()] = best
+        frame.loc[rows, minus_baseline_column("best")] = float(rpg.iloc[0]) - best if len(rpg) else float("nan")
+        frame.loc[rows, "best_minus_baseline"] = frame.loc[rows, "accuracy_best"] - best
+    return frame
+
+
+def gather_study(regimes: Mapping[str, Mapping], configs: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
+    """The study table: one row per regime x task group (unseen / seen) x method.
 
     Args:
-        regimes: name -> {"table16": csv, "seen_summary": csv, "rpg_summary": json (train_conditional_rpg's)}.
+        regimes: name -> {"samples": [samples.csv of rule generate (originals, RPG, the baselines), then one per
+            `study.methods` entry (rule study_method)], "rpg_summary": json (train_conditional_rpg's)}.
         configs: name -> the regime's config dict (adds its zoo init, canonicalisation, training tasks and steps).
     Returns:
-        columns regime, group, method, n_tasks, accuracy, balanced_accuracy (percent, means over the group's tasks),
-        minus_original(_bal) (points), the novelty means (RPG rows: its samples; original: the zoo's own spread),
-        best_baseline, best_baseline_acc and rpg_best_minus_baseline_acc (per regime and group: RPG best minus the
-        best baseline's mean accuracy, `rpg.evaluation.best_baseline`), and the regime's settings.
+        columns regime, group, method (a samples.csv kind: original, rpg, each baseline, each study method),
+        n_tasks, n_heads (per task, at most), `<metric>_<stat>` for metric accuracy / balanced_accuracy and stat best
+        (best of the task's heads) / mean (mean over them), percent, means over the group's tasks;
+        `minus_original[_bal]_<stat>` (points against the originals' mean on the same tasks); the novelty means
+        (`rpg.evaluation.NOVELTY`; originals: the zoo's own spread); the regime's RPG summary (training tasks,
+        steps, seen-validation score beside the originals'); `best_baseline`, `best_baseline_acc`,
+        `rpg_best_minus_baseline_acc` and `best_minus_baseline` (`_best_baseline`); the regime's settings.
     """
     frames = []
     for name, paths in regimes.items():
-        rows = (_method_rows(pd.read_csv(paths["table16"], dtype={"embedding": str}), "unseen")
-                + _method_rows(pd.read_csv(paths["seen_summary"], dtype={"embedding": str}), "seen"))
-        frame = pd.DataFrame(rows)
+        samples = pd.concat([pd.read_csv(p, dtype={"embedding": str}) for p in paths["samples"]], ignore_index=True)
+        frame = pd.DataFrame(_method_rows(samples, "unseen") + _method_rows(samples, "seen"))
         frame.insert(0, "regime", name)
         summary = json.loads(Path(paths["rpg_summary"]).read_text())
         frame["n_train_tasks"] = summary.get("n_train_tasks")
@@ -226,21 +257,11 @@ def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mappi
             frame["holdout_neighbours"] = cfg["tasks"]["holdout_neighbours"]
             frame["shifted_domain_tasks"] = cfg["tasks"]["shifted_domain_tasks"]
             frame["domains"] = ",".join(cfg["domains"]["names"])  # empty: the plain images only
-        for group, part in frame.groupby("group"):
-            # Only baselines present on every task of the group: a mean over a subset (the complement swap exists
-            # where the complement trains, e.g. 5 of 20 domain pairs) is not comparable with RPG's over all.
-            base = part[part.method.isin(BASELINES) & (part.n_tasks == part.n_tasks.max())]
-            name, best = best_baseline(dict(zip(base.method, base.accuracy)))
-            rpg = part.loc[part.method == "rpg_best", "accuracy"]
-            frame.loc[frame.group == group, best_baseline_column()] = best
-            frame.loc[frame.group == group, minus_baseline_column("best")] = (
-                float(rpg.iloc[0]) - best if len(rpg) else float("nan"))
-            frame.loc[frame.group == group, "best_baseline"] = name
-        frames.append(frame)
+        frames.append(_best_baseline(frame))
     return pd.concat(frames, ignore_index=True).round(3)
 
 
-def write_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mapping[str, Mapping] | None,
+def write_study(regimes: Mapping[str, Mapping], configs: Mapping[str, Mapping] | None,
                 out_csv: str | Path) -> pd.DataFrame:
     frame = gather_study(regimes, configs)
     write_csv_atomic(out_csv, frame)
