@@ -142,6 +142,7 @@ class BackboneConfig:
     translate: int
     flip: bool
     amp: str  # auto | bf16 | none
+    stem_init: str  # random | whiten
 
 
 @_from_schema("tasks")

@@ -27,7 +27,10 @@ from rpg.vision.evaluate import batched_outputs
 from rpg.vision.preprocess import Preprocess, resolve_amp
 from rpg.vision.training import make_optimizer, train_classifier
 
-__all__ = ["train_backbone", "extract_features", "evaluate_backbone", "accuracy_from_features"]
+__all__ = ["train_backbone", "extract_features", "evaluate_backbone", "accuracy_from_features", "whiten_stem_"]
+
+
+WHITEN_IMAGES = 5000  # training images whose patch covariance initialises a whitened stem (airbench uses 5,000)
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
@@ -36,6 +39,29 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     if warmup > 0 and t < warmup:
         return t / warmup
     return max(0.0, (1 - t) / max(1e-8, 1 - warmup))
+
+
+@torch.no_grad()
+def whiten_stem_(conv: nn.Conv2d, x: torch.Tensor, eps: float = 5e-4) -> None:
+    """Initialise a patch conv as a whitening filter bank of its input patches (airbench's stem, Jordan 2024).
+
+    The k×k×C patches of ``x`` have a covariance with eigenvectors v_i and eigenvalues λ_i; output channels 2i and
+    2i + 1 get v_i / sqrt(λ_i + eps) and its negative (largest λ first), so the stem's outputs start decorrelated
+    and of unit variance: the first epochs need not learn the input statistics. Channels beyond 2·k·k·C keep their
+    random initialisation; a conv with fewer channels gets the leading eigenvectors only.
+
+    Shapes:
+        conv.weight: (C_out, C, k, k); x: (N, C, H, W) float, as the model sees it (standardised)
+    """
+    c_out, c, kh, kw = conv.weight.shape
+    patches = x.float().unfold(2, kh, 1).unfold(3, kw, 1)  # (N, C, H-kh+1, W-kw+1, kh, kw)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)  # (P, C·kh·kw) in the weight's order
+    cov = patches.T.double() @ patches.double() / len(patches)  # (D, D)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    filters = (eigvecs.T.flip(0) / (eigvals.flip(0)[:, None] + eps).sqrt()).float()  # (D, D), largest first
+    bank = torch.stack([filters, -filters], 1).reshape(-1, c, kh, kw)  # (2D, C, kh, kw): v_1, -v_1, v_2, ...
+    n = min(c_out, len(bank))
+    conv.weight[:n] = bank[:n].to(conv.weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,6 +86,7 @@ def train_backbone(
     translate: int = BackboneConfig.translate,
     flip: bool = BackboneConfig.flip,
     amp: str = BackboneConfig.amp,
+    stem_init: str = BackboneConfig.stem_init,
     device: str = "cpu",
     progress: bool = True,
     train_indices: torch.Tensor | None = None,
@@ -84,6 +111,8 @@ def train_backbone(
             schema, whose defaults they take): "sgd" (Nesterov) or "adamw"; SGD momentum; fraction of the steps with a linear ramp-up (then
             linear decay to 0); largest random shift in pixels (0 = off); random horizontal flips; bfloat16 autocast
             ("auto" | "bf16" | "none").
+        stem_init: "random" (the model's own) or "whiten": the first conv starts as a whitening filter bank of the
+            first `WHITEN_IMAGES` training images' patches (`whiten_stem_`).
         seed: seeds the initialisation, shuffling and augmentation.
         device: "cpu" or "cuda[:i]".
         progress: show a tqdm bar.
@@ -105,17 +134,22 @@ def train_backbone(
 
     torch.manual_seed(seed)
     model = timm.create_model(arch, num_classes=len(data.classes), feature_dim=feature_dim, **(model_kwargs or {}))
-    model = model.to(dev)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, optimizer, lr, weight_decay, momentum=momentum)
-
     images, labels = data.train_images, data.train_labels
     if train_indices is not None:
         images, labels = images[train_indices], labels[train_indices]
     if max_train:
         images, labels = images[:max_train], labels[:max_train]
     images, labels = images.to(dev), labels.to(dev)  # uint8 (N, 3, 32, 32), int64 (N,)
+
+    model = model.to(dev)
+    if stem_init == "whiten":
+        stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        whiten_stem_(stem, Preprocess(device=dev)(images[:WHITEN_IMAGES]))
+    elif stem_init != "random":
+        raise ValueError(f"stem_init must be 'random' or 'whiten', got {stem_init!r}")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, optimizer, lr, weight_decay, momentum=momentum)
     steps_per_epoch = max(1, len(images) // batch_size)
     total = epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same stream on every device
