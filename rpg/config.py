@@ -143,6 +143,7 @@ class BackboneConfig:
     flip: bool
     amp: str  # auto | bf16 | none
     stem_init: str  # random | whiten
+    lookahead: bool
 
 
 @_from_schema("tasks")

@@ -8,7 +8,7 @@ import torch
 
 import rpg.vision.cifar_cnn  # noqa: F401  (registration)
 from rpg.experiments.task_zoo.backbone import (evaluate_backbone, extract_features, accuracy_from_features,
-                                               train_backbone, whiten_stem_)
+                                               train_backbone, whiten_stem_, Lookahead)
 from rpg.vision.preprocess import augment
 from rpg.data import Cifar10, load_cifar10, write_synthetic_cifar10
 
@@ -121,6 +121,24 @@ def test_whitened_stem_trains_deterministically(tiny_data: Cifar10) -> None:
     assert torch.equal(a.stem[0].weight, b.stem[0].weight) and not torch.equal(a.stem[0].weight, c.stem[0].weight)
     with pytest.raises(ValueError, match="stem_init"):
         train_backbone(tiny_data, stem_init="pca", **kw)
+
+
+def test_lookahead_pulls_to_the_ema_and_keeps_it_at_the_end() -> None:
+    model = torch.nn.Linear(2, 1)
+    start = model.weight.detach().clone()
+    look = Lookahead(model, total=10, every=5, base=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    look(3, model)  # not a lookahead step: untouched
+    assert torch.equal(model.weight, start + 1)
+    look(5, model)  # decay 0.5**5 * (5/10)**3
+    decay = 0.5**5 / 8
+    assert torch.allclose(model.weight, decay * start + (1 - decay) * (start + 1))
+    kept = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    look(10, model)  # the last step: the model takes the EMA
+    assert torch.equal(model.weight, kept)
 
 
 def test_unknown_option_rejected(tiny_data: Cifar10) -> None:

@@ -64,6 +64,29 @@ def whiten_stem_(conv: nn.Conv2d, x: torch.Tensor, eps: float = 5e-4) -> None:
     conv.weight[:n] = bank[:n].to(conv.weight.dtype)
 
 
+class Lookahead:
+    """airbench's lookahead (Jordan 2024), an `on_step` of `train_classifier`: every `every` steps the weights (and
+    BatchNorm statistics) move to an EMA of themselves whose decay grows as (step / total)³ up to `base`^`every`;
+    after the last step the model keeps the EMA. Early steps are left almost alone, late ones are averaged."""
+
+    def __init__(self, model: nn.Module, total: int, every: int = 5, base: float = 0.95) -> None:
+        self.total, self.every, self.base = total, every, base
+        self.ema = [t.detach().clone() for t in self._tensors(model)]
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def __call__(self, done: int, model: nn.Module) -> None:
+        if done % self.every and done != self.total:
+            return
+        decay = 1.0 if done == self.total else self.base ** self.every * (done / self.total) ** 3
+        for ema, t in zip(self.ema, self._tensors(model)):
+            ema.lerp_(t, 1 - decay)
+            t.copy_(ema)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training, evaluation, features
 # --------------------------------------------------------------------------------------------------
@@ -87,6 +110,7 @@ def train_backbone(
     flip: bool = BackboneConfig.flip,
     amp: str = BackboneConfig.amp,
     stem_init: str = BackboneConfig.stem_init,
+    lookahead: bool = BackboneConfig.lookahead,
     device: str = "cpu",
     progress: bool = True,
     train_indices: torch.Tensor | None = None,
@@ -113,6 +137,7 @@ def train_backbone(
             ("auto" | "bf16" | "none").
         stem_init: "random" (the model's own) or "whiten": the first conv starts as a whitening filter bank of the
             first `WHITEN_IMAGES` training images' patches (`whiten_stem_`).
+        lookahead: pull the weights to their EMA every 5 steps and keep the EMA at the end (`Lookahead`).
         seed: seeds the initialisation, shuffling and augmentation.
         device: "cpu" or "cuda[:i]".
         progress: show a tqdm bar.
@@ -159,7 +184,8 @@ def train_backbone(
         model, images, labels, steps=total, batch_size=batch_size, optimizer=opt,
         lr_at=lambda step: lr * _lr_factor(step, total, warmup), gen=gen,
         prepare=Preprocess(device=dev, channels_last=channels_last), translate=translate,
-        flip=flip, label_smoothing=label_smoothing, bf16=use_bf16, progress=progress, desc=f"backbone {arch}")
+        flip=flip, label_smoothing=label_smoothing, bf16=use_bf16, progress=progress, desc=f"backbone {arch}",
+        on_step=Lookahead(model, total) if lookahead else None)
     epoch_losses = [float(x) for x in losses.view(epochs, steps_per_epoch).mean(1)] if total else []
     train_seconds = time.perf_counter() - t0
     model.eval()

@@ -49,7 +49,7 @@ def build_backbone(cfg: Config, out_path: str | Path) -> dict:
             data, arch=bb.arch, feature_dim=bb.feature_dim, epochs=bb.epochs, batch_size=bb.batch_size, lr=bb.lr,
             weight_decay=bb.weight_decay, label_smoothing=bb.label_smoothing, optimizer=bb.optimizer,
             momentum=bb.momentum, warmup=bb.warmup, translate=bb.translate, flip=bb.flip, amp=bb.amp,
-            stem_init=bb.stem_init, seed=cfg.seed,
+            stem_init=bb.stem_init, lookahead=bb.lookahead, seed=cfg.seed,
             device=str(device),
             progress=cfg.logging.progress, train_indices=train_idx, evaluate=False,
         )  # its test accuracy comes from the cached test features (`cache_features`): no second pass here
