@@ -15,6 +15,8 @@ after the last step and its difference to the same precision's eager run show wh
 The data path is measured on its own, per batch: the project's augmentation on uint8 tensors in batches
 (`rpg.vision.preprocess.augment` + `Preprocess`) vs. the usual per-image torchvision pipeline on PIL images
 (RandomCrop with reflect padding + RandomHorizontalFlip + ToTensor + Normalize), as a fraction of a training step.
+Last, the forward pass of 1,000 images in eval mode (what feature extraction and test scoring run): eager vs.
+compiled with inductor's freezing (constant weights, BatchNorm folded), per precision.
 
     OMP_NUM_THREADS=2 flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_backbone.py --data data   # ~5 min
     .venv/bin/python benchmarks/bench_backbone.py --data data --steps 3 --no-compile                   # quick look
@@ -147,6 +149,41 @@ def time_training(images: torch.Tensor, labels: torch.Tensor, variants: list[_Va
             v.step(batches[s], targets[s])
 
 
+@torch.no_grad()
+def time_inference(images: torch.Tensor, arch: str, precisions: list[str], compile_too: bool, repeats: int,
+                   batch_size: int = 1000) -> list[dict]:
+    """Forward passes of the backbone in eval mode on `batch_size` images, as feature extraction and
+    test scoring run it: eager, and compiled with inductor's freezing (weights constant: BN folded into the convs)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10, feature_dim=BackboneConfig.feature_dim).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = Preprocess(channels_last=True)(images[:batch_size])
+    rows, ref = [], {}
+    for compiled in [False] + ([True] if compile_too else []):
+        for precision in precisions:
+            torch._dynamo.reset()
+            torch._inductor.config.freezing = compiled
+            run = torch.compile(model) if compiled else model
+            times, out = [], None
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = run(x).float()
+                times.append(time.perf_counter() - t0)
+            ref.setdefault(precision, out)
+            rows.append({"kind": "inference", "variant": f"channels_last/{precision}/"
+                         f"{'compile+freezing' if compiled else 'eager'}", "precision": precision,
+                         "compiled": compiled, "first_step_s": times[0], "step_s": statistics.median(times[1:]),
+                         "max_abs_diff_to_eager": float((out - ref[precision]).abs().max())})
+    torch._inductor.config.freezing = False
+    base = {r["precision"]: r["step_s"] for r in rows if not r["compiled"]}
+    for r in rows:
+        r |= {"ratio_to_eager": base[r["precision"]] / r["step_s"], "ratio_fp32": base["fp32"] / r["step_s"]}
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -173,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for r in data_rows:
         r |= {"fraction_of_default_step": r["step_s"] / default, "ratio_to_tensor": r["step_s"] / data_rows[0]["step_s"]}
     rows += data_rows
+    inference_rows = time_inference(images, args.arch, precisions, not args.no_compile, repeats=3)
+    rows += inference_rows
 
     print(f"\n{'variant':<32} {'step s':>7} {'cpu s':>7} {'first s':>8} {'vs fp32':>8} {'(cpu)':>7} "
           f"{'vs default':>10} {'loss diff':>10}")
@@ -184,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for r in data_rows:
         print(f"data {r['variant']:<27} {r['step_s']:7.3f} s/batch = {r['fraction_of_default_step']:.1%} of a default "
               f"step, {r['ratio_to_tensor']:.1f}x the tensor path")
+    for r in inference_rows:
+        print(f"forward of 1000 images {r['variant']:<32} {r['step_s']:7.3f} s (first {r['first_step_s']:.1f} s), "
+              f"{r['ratio_to_eager']:.2f}x eager, {r['ratio_fp32']:.2f}x fp32 eager, "
+              f"max |diff| {r['max_abs_diff_to_eager']:.1e}")
     write_results(args.out, rows, {k: v for k, v in vars(args).items()}, "cpu")
     return rows
 
