@@ -144,6 +144,7 @@ class BackboneConfig:
     amp: str  # auto | bf16 | none
     stem_init: str  # random | whiten
     lookahead: bool
+    compile_features: bool
 
 
 @_from_schema("tasks")

@@ -98,6 +98,16 @@ def test_accuracy_from_features_equals_a_second_pass(tiny_data: Cifar10) -> None
     assert accuracy_from_features(model, feats, own) == 1.0 and from_features < 1.0
 
 
+def test_compiled_features_equal_eager_and_repeat(tiny_data: Cifar10) -> None:
+    """backbone.compile_features: inductor with freezing gives eager's features up to rounding, the same every run."""
+    model, _ = _train(tiny_data, seed=0)
+    eager = extract_features(model, tiny_data.test_images, batch_size=32, amp="none", compile=False)
+    compiled = extract_features(model, tiny_data.test_images, batch_size=32, amp="none", compile=True)
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-4) and not model.training
+    first = extract_features(model, tiny_data.test_images, batch_size=32, compile=True)  # bf16 where the CPU has it
+    assert torch.equal(first, extract_features(model, tiny_data.test_images, batch_size=32, compile=True))
+
+
 def test_whiten_stem_decorrelates_patches() -> None:
     """The whitened stem's outputs (one of each ± pair) have unit variance and no correlation on its own input,
     up to the eps damping of the smallest eigenvalues; channels beyond the bank keep their initialisation."""

@@ -205,11 +205,11 @@ def train_backbone(
 
 
 def _batched(model: nn.Module, fn: str, images: torch.Tensor, batch_size: int, device: str, amp: str,
-             flip_average: bool, channels_last: bool) -> torch.Tensor:
+             flip_average: bool, channels_last: bool, compile: bool = False) -> torch.Tensor:
     """Apply ``model.<fn>`` in batches, optionally averaged with the horizontally flipped images."""
     prepare = Preprocess(device=device, channels_last=channels_last)
     return batched_outputs(model, images, prepare, fn=fn, flip_average=flip_average, bf16=resolve_amp(amp, device),
-                           batch_size=batch_size)
+                           batch_size=batch_size, compile=compile)
 
 
 @torch.no_grad()
@@ -242,6 +242,7 @@ def extract_features(
     flip_average: bool = BackboneConfig.flip_average,
     amp: str = BackboneConfig.amp,
     channels_last: bool = True,
+    compile: bool = BackboneConfig.compile_features,
 ) -> torch.Tensor:
     """Frozen features of uint8 images, for training the zoo heads.
 
@@ -254,8 +255,10 @@ def extract_features(
             heads then see the same kind of feature at train and test time).
         amp: "auto" | "bf16" | "none", as in ``train_backbone``.
         channels_last: memory format of the inputs (match the model).
+        compile: torch.compile with inductor's freezing (config backbone.compile_features; outputs equal eager's
+            up to rounding, the same in every run).
 
     Shapes:
         images: (N, 3, 32, 32) uint8 → (N, feature_dim) float32 on CPU
     """
-    return _batched(model, "forward_features", images, batch_size, device, amp, flip_average, channels_last)
+    return _batched(model, "forward_features", images, batch_size, device, amp, flip_average, channels_last, compile)

@@ -106,7 +106,8 @@ def backbone_feature_fn(cfg: Config, backbone_path: str | Path, device: torch.de
             return _timm_features(model, images, cfg.backbone.img_size, device)
         from rpg.experiments.task_zoo.backbone import extract_features
 
-        return extract_features(model, images, device=str(device), flip_average=cfg.backbone.flip_average)
+        return extract_features(model, images, device=str(device), flip_average=cfg.backbone.flip_average,
+                                compile=cfg.backbone.compile_features)
 
     return feats
 
