@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=0.2)
     p.add_argument("--translate", type=int, default=2)
     p.add_argument("--amp", default="auto")
+    p.add_argument("--stem-init", default="random", choices=["random", "whiten"])
+    p.add_argument("--lookahead", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-flip-average", action="store_true", help="features without test-time flip averaging")
     p.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"widths": [64,128,256], "pool": "avg"}\'')
@@ -83,7 +85,8 @@ def main() -> None:
         data, arch=args.arch, feature_dim=args.feature_dim, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
         device=args.device, progress=not args.no_progress, optimizer=args.optimizer, warmup=args.warmup,
-        translate=args.translate, amp=args.amp, channels_last=not args.no_channels_last,
+        translate=args.translate, amp=args.amp, stem_init=args.stem_init,
+        lookahead=args.lookahead, channels_last=not args.no_channels_last,
         max_train=args.max_train, model_kwargs=json.loads(args.model_kwargs), train_indices=train_idx,
     )
     print(f"10-class test accuracy {metrics['test_accuracy']:.4f}  ({metrics['train_seconds']:.1f} s, "

@@ -142,6 +142,9 @@ class BackboneConfig:
     translate: int
     flip: bool
     amp: str  # auto | bf16 | none
+    stem_init: str  # random | whiten
+    lookahead: bool
+    compile_features: bool
 
 
 @_from_schema("tasks")

@@ -8,7 +8,7 @@ import torch
 
 import rpg.vision.cifar_cnn  # noqa: F401  (registration)
 from rpg.experiments.task_zoo.backbone import (evaluate_backbone, extract_features, accuracy_from_features,
-                                               train_backbone)
+                                               train_backbone, whiten_stem_, Lookahead)
 from rpg.vision.preprocess import augment
 from rpg.data import Cifar10, load_cifar10, write_synthetic_cifar10
 
@@ -96,6 +96,59 @@ def test_accuracy_from_features_equals_a_second_pass(tiny_data: Cifar10) -> None
     assert from_features == pytest.approx(evaluate_backbone(model, tiny_data.test_images, tiny_data.test_labels))
     own = model.forward_head(feats).argmax(1)  # labels the head agrees with: the number follows the labels
     assert accuracy_from_features(model, feats, own) == 1.0 and from_features < 1.0
+
+
+def test_compiled_features_equal_eager_and_repeat(tiny_data: Cifar10) -> None:
+    """backbone.compile_features: inductor with freezing gives eager's features up to rounding, the same every run."""
+    model, _ = _train(tiny_data, seed=0)
+    eager = extract_features(model, tiny_data.test_images, batch_size=32, amp="none", compile=False)
+    compiled = extract_features(model, tiny_data.test_images, batch_size=32, amp="none", compile=True)
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-4) and not model.training
+    first = extract_features(model, tiny_data.test_images, batch_size=32, compile=True)  # bf16 where the CPU has it
+    assert torch.equal(first, extract_features(model, tiny_data.test_images, batch_size=32, compile=True))
+
+
+def test_whiten_stem_decorrelates_patches() -> None:
+    """The whitened stem's outputs (one of each ± pair) have unit variance and no correlation on its own input,
+    up to the eps damping of the smallest eigenvalues; channels beyond the bank keep their initialisation."""
+    x = torch.randn(64, 3, 12, 12) @ torch.randn(12, 12) * 0.3 + torch.randn(64, 3, 1, 1)  # correlated patches
+    conv = torch.nn.Conv2d(3, 32, 2, bias=False)
+    spare = conv.weight[24:].detach().clone()
+    whiten_stem_(conv, x, eps=1e-8)
+    with torch.no_grad():
+        y = conv(x)[:, 0:24:2].permute(0, 2, 3, 1).reshape(-1, 12)  # (P, 12): v_1 ... v_12
+    assert torch.allclose(y.T @ y / len(y), torch.eye(12), atol=1e-3)
+    assert torch.equal(conv.weight[1:24:2], -conv.weight[0:24:2])
+    assert torch.equal(conv.weight[24:], spare)
+
+
+def test_whitened_stem_trains_deterministically(tiny_data: Cifar10) -> None:
+    kw = dict(arch="rpg_cifar_cnn_s", feature_dim=16, epochs=1, batch_size=64, lr=0.1, weight_decay=5e-4,
+              label_smoothing=0.1, seed=0, progress=False, evaluate=False)
+    a, _ = train_backbone(tiny_data, stem_init="whiten", **kw)
+    b, _ = train_backbone(tiny_data, stem_init="whiten", **kw)
+    c, _ = train_backbone(tiny_data, **kw)
+    assert torch.equal(a.stem[0].weight, b.stem[0].weight) and not torch.equal(a.stem[0].weight, c.stem[0].weight)
+    with pytest.raises(ValueError, match="stem_init"):
+        train_backbone(tiny_data, stem_init="pca", **kw)
+
+
+def test_lookahead_pulls_to_the_ema_and_keeps_it_at_the_end() -> None:
+    model = torch.nn.Linear(2, 1)
+    start = model.weight.detach().clone()
+    look = Lookahead(model, total=10, every=5, base=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    look(3, model)  # not a lookahead step: untouched
+    assert torch.equal(model.weight, start + 1)
+    look(5, model)  # decay 0.5**5 * (5/10)**3
+    decay = 0.5**5 / 8
+    assert torch.allclose(model.weight, decay * start + (1 - decay) * (start + 1))
+    kept = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    look(10, model)  # the last step: the model takes the EMA
+    assert torch.equal(model.weight, kept)
 
 
 def test_unknown_option_rejected(tiny_data: Cifar10) -> None:

@@ -3,6 +3,7 @@ with the mirrored images; `ImageEvaluator` scores classifiers (or their state di
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping
 
 import torch
@@ -14,24 +15,27 @@ from rpg.vision.preprocess import Preprocess
 @torch.no_grad()
 def batched_outputs(model: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor], *,
                     fn: str = "forward", flip_average: bool = False, bf16: bool = False,
-                    batch_size: int = 1000) -> torch.Tensor:
+                    batch_size: int = 1000, compile: bool = False) -> torch.Tensor:
     """``model.<fn>`` of uint8 ``images`` (N, 3, H, W) in batches -> (N, D) float32 on the CPU.
 
     With ``flip_average`` the output of each image is averaged with that of its mirror image (test-time
-    augmentation). The model is put in eval mode and given back in the mode it was in.
+    augmentation). The model is put in eval mode and given back in the mode it was in. ``compile``: run
+    ``torch.compile`` with inductor's freezing (the weights are constants: BatchNorm folds into the convs,
+    elementwise ops fuse); worth its compilation (seconds) only for many images (`benchmarks/bench_backbone.py`).
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    run = getattr(model, fn)
+    run = torch.compile(getattr(model, fn)) if compile else getattr(model, fn)
     out = []
-    for start in range(0, len(images), batch_size):
-        x = prepare(images[start:start + batch_size])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            y = run(x).float()
-            if flip_average:
-                y = 0.5 * (y + run(x.flip(3)).float())
-        out.append(y.cpu())
+    with torch._inductor.config.patch(freezing=True) if compile else contextlib.nullcontext():
+        for start in range(0, len(images), batch_size):
+            x = prepare(images[start:start + batch_size])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                y = run(x).float()
+                if flip_average:
+                    y = 0.5 * (y + run(x.flip(3)).float())
+            out.append(y.cpu())
     model.train(was_training)
     return torch.cat(out)
 

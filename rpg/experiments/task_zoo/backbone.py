@@ -27,7 +27,10 @@ from rpg.vision.evaluate import batched_outputs
 from rpg.vision.preprocess import Preprocess, resolve_amp
 from rpg.vision.training import make_optimizer, train_classifier
 
-__all__ = ["train_backbone", "extract_features", "evaluate_backbone", "accuracy_from_features"]
+__all__ = ["train_backbone", "extract_features", "evaluate_backbone", "accuracy_from_features", "whiten_stem_"]
+
+
+WHITEN_IMAGES = 5000  # training images whose patch covariance initialises a whitened stem (airbench uses 5,000)
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
@@ -36,6 +39,52 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     if warmup > 0 and t < warmup:
         return t / warmup
     return max(0.0, (1 - t) / max(1e-8, 1 - warmup))
+
+
+@torch.no_grad()
+def whiten_stem_(conv: nn.Conv2d, x: torch.Tensor, eps: float = 5e-4) -> None:
+    """Initialise a patch conv as a whitening filter bank of its input patches (airbench's stem, Jordan 2024).
+
+    The k×k×C patches of ``x`` have a covariance with eigenvectors v_i and eigenvalues λ_i; output channels 2i and
+    2i + 1 get v_i / sqrt(λ_i + eps) and its negative (largest λ first), so the stem's outputs start decorrelated
+    and of unit variance: the first epochs need not learn the input statistics. Channels beyond 2·k·k·C keep their
+    random initialisation; a conv with fewer channels gets the leading eigenvectors only.
+
+    Shapes:
+        conv.weight: (C_out, C, k, k); x: (N, C, H, W) float, as the model sees it (standardised)
+    """
+    c_out, c, kh, kw = conv.weight.shape
+    patches = x.float().unfold(2, kh, 1).unfold(3, kw, 1)  # (N, C, H-kh+1, W-kw+1, kh, kw)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)  # (P, C·kh·kw) in the weight's order
+    cov = patches.T.double() @ patches.double() / len(patches)  # (D, D)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    filters = (eigvecs.T.flip(0) / (eigvals.flip(0)[:, None] + eps).sqrt()).float()  # (D, D), largest first
+    bank = torch.stack([filters, -filters], 1).reshape(-1, c, kh, kw)  # (2D, C, kh, kw): v_1, -v_1, v_2, ...
+    n = min(c_out, len(bank))
+    conv.weight[:n] = bank[:n].to(conv.weight.dtype)
+
+
+class Lookahead:
+    """airbench's lookahead (Jordan 2024), an `on_step` of `train_classifier`: every `every` steps the weights (and
+    BatchNorm statistics) move to an EMA of themselves whose decay grows as (step / total)³ up to `base`^`every`;
+    after the last step the model keeps the EMA. Early steps are left almost alone, late ones are averaged."""
+
+    def __init__(self, model: nn.Module, total: int, every: int = 5, base: float = 0.95) -> None:
+        self.total, self.every, self.base = total, every, base
+        self.ema = [t.detach().clone() for t in self._tensors(model)]
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def __call__(self, done: int, model: nn.Module) -> None:
+        if done % self.every and done != self.total:
+            return
+        decay = 1.0 if done == self.total else self.base ** self.every * (done / self.total) ** 3
+        for ema, t in zip(self.ema, self._tensors(model)):
+            ema.lerp_(t, 1 - decay)
+            t.copy_(ema)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,6 +109,8 @@ def train_backbone(
     translate: int = BackboneConfig.translate,
     flip: bool = BackboneConfig.flip,
     amp: str = BackboneConfig.amp,
+    stem_init: str = BackboneConfig.stem_init,
+    lookahead: bool = BackboneConfig.lookahead,
     device: str = "cpu",
     progress: bool = True,
     train_indices: torch.Tensor | None = None,
@@ -84,6 +135,9 @@ def train_backbone(
             schema, whose defaults they take): "sgd" (Nesterov) or "adamw"; SGD momentum; fraction of the steps with a linear ramp-up (then
             linear decay to 0); largest random shift in pixels (0 = off); random horizontal flips; bfloat16 autocast
             ("auto" | "bf16" | "none").
+        stem_init: "random" (the model's own) or "whiten": the first conv starts as a whitening filter bank of the
+            first `WHITEN_IMAGES` training images' patches (`whiten_stem_`).
+        lookahead: pull the weights to their EMA every 5 steps and keep the EMA at the end (`Lookahead`).
         seed: seeds the initialisation, shuffling and augmentation.
         device: "cpu" or "cuda[:i]".
         progress: show a tqdm bar.
@@ -105,17 +159,22 @@ def train_backbone(
 
     torch.manual_seed(seed)
     model = timm.create_model(arch, num_classes=len(data.classes), feature_dim=feature_dim, **(model_kwargs or {}))
-    model = model.to(dev)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, optimizer, lr, weight_decay, momentum=momentum)
-
     images, labels = data.train_images, data.train_labels
     if train_indices is not None:
         images, labels = images[train_indices], labels[train_indices]
     if max_train:
         images, labels = images[:max_train], labels[:max_train]
     images, labels = images.to(dev), labels.to(dev)  # uint8 (N, 3, 32, 32), int64 (N,)
+
+    model = model.to(dev)
+    if stem_init == "whiten":
+        stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        whiten_stem_(stem, Preprocess(device=dev)(images[:WHITEN_IMAGES]))
+    elif stem_init != "random":
+        raise ValueError(f"stem_init must be 'random' or 'whiten', got {stem_init!r}")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, optimizer, lr, weight_decay, momentum=momentum)
     steps_per_epoch = max(1, len(images) // batch_size)
     total = epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same stream on every device
@@ -125,7 +184,8 @@ def train_backbone(
         model, images, labels, steps=total, batch_size=batch_size, optimizer=opt,
         lr_at=lambda step: lr * _lr_factor(step, total, warmup), gen=gen,
         prepare=Preprocess(device=dev, channels_last=channels_last), translate=translate,
-        flip=flip, label_smoothing=label_smoothing, bf16=use_bf16, progress=progress, desc=f"backbone {arch}")
+        flip=flip, label_smoothing=label_smoothing, bf16=use_bf16, progress=progress, desc=f"backbone {arch}",
+        on_step=Lookahead(model, total) if lookahead else None)
     epoch_losses = [float(x) for x in losses.view(epochs, steps_per_epoch).mean(1)] if total else []
     train_seconds = time.perf_counter() - t0
     model.eval()
@@ -145,11 +205,11 @@ def train_backbone(
 
 
 def _batched(model: nn.Module, fn: str, images: torch.Tensor, batch_size: int, device: str, amp: str,
-             flip_average: bool, channels_last: bool) -> torch.Tensor:
+             flip_average: bool, channels_last: bool, compile: bool = False) -> torch.Tensor:
     """Apply ``model.<fn>`` in batches, optionally averaged with the horizontally flipped images."""
     prepare = Preprocess(device=device, channels_last=channels_last)
     return batched_outputs(model, images, prepare, fn=fn, flip_average=flip_average, bf16=resolve_amp(amp, device),
-                           batch_size=batch_size)
+                           batch_size=batch_size, compile=compile)
 
 
 @torch.no_grad()
@@ -182,6 +242,7 @@ def extract_features(
     flip_average: bool = BackboneConfig.flip_average,
     amp: str = BackboneConfig.amp,
     channels_last: bool = True,
+    compile: bool = BackboneConfig.compile_features,
 ) -> torch.Tensor:
     """Frozen features of uint8 images, for training the zoo heads.
 
@@ -194,8 +255,10 @@ def extract_features(
             heads then see the same kind of feature at train and test time).
         amp: "auto" | "bf16" | "none", as in ``train_backbone``.
         channels_last: memory format of the inputs (match the model).
+        compile: torch.compile with inductor's freezing (config backbone.compile_features; outputs equal eager's
+            up to rounding, the same in every run).
 
     Shapes:
         images: (N, 3, 32, 32) uint8 → (N, feature_dim) float32 on CPU
     """
-    return _batched(model, "forward_features", images, batch_size, device, amp, flip_average, channels_last)
+    return _batched(model, "forward_features", images, batch_size, device, amp, flip_average, channels_last, compile)

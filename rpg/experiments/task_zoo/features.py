@@ -48,7 +48,8 @@ def build_backbone(cfg: Config, out_path: str | Path) -> dict:
         model, metrics = train_backbone(
             data, arch=bb.arch, feature_dim=bb.feature_dim, epochs=bb.epochs, batch_size=bb.batch_size, lr=bb.lr,
             weight_decay=bb.weight_decay, label_smoothing=bb.label_smoothing, optimizer=bb.optimizer,
-            momentum=bb.momentum, warmup=bb.warmup, translate=bb.translate, flip=bb.flip, amp=bb.amp, seed=cfg.seed,
+            momentum=bb.momentum, warmup=bb.warmup, translate=bb.translate, flip=bb.flip, amp=bb.amp,
+            stem_init=bb.stem_init, lookahead=bb.lookahead, seed=cfg.seed,
             device=str(device),
             progress=cfg.logging.progress, train_indices=train_idx, evaluate=False,
         )  # its test accuracy comes from the cached test features (`cache_features`): no second pass here
@@ -105,7 +106,8 @@ def backbone_feature_fn(cfg: Config, backbone_path: str | Path, device: torch.de
             return _timm_features(model, images, cfg.backbone.img_size, device)
         from rpg.experiments.task_zoo.backbone import extract_features
 
-        return extract_features(model, images, device=str(device), flip_average=cfg.backbone.flip_average)
+        return extract_features(model, images, device=str(device), flip_average=cfg.backbone.flip_average,
+                                compile=cfg.backbone.compile_features)
 
     return feats
 
