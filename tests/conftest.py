@@ -30,6 +30,7 @@ from rpg.data import write_synthetic_cifar10  # noqa: E402
 from rpg.experiments.task_zoo.heads import initial_head  # noqa: E402
 from rpg.model import RPG  # noqa: E402
 from rpg.tokenize import Tokenizer  # noqa: E402
+from rpg.utils import save_safetensors_atomic  # noqa: E402
 
 torch.set_num_threads(1)  # the test machines have 2 cores, often shared: 1 thread is fastest
 
@@ -236,6 +237,32 @@ def slurm_dag() -> SlurmRun:
         pytest.skip(run)
     return run
 
+
+
+def mlp_state(seed: int) -> dict[str, torch.Tensor]:
+    """The state dict of a tiny seeded MLP (3 -> 4 -> 2): a collection's checkpoint in CLI tests."""
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+                                                         torch.nn.Linear(4, 2)).state_dict().items()}
+
+
+@pytest.fixture
+def collection(tmp_path: Path) -> Path:
+    """A folder of three tiny MLP checkpoints (`mlp_state`): a collection for `rpg train` in CLI tests."""
+    folder = tmp_path / "ckpts"
+    for s in range(3):
+        save_safetensors_atomic(mlp_state(s), folder / f"c{s}.safetensors", {})
+    return folder
+
+
+def one_line_error(capsys, rc: int, *fragments: str) -> str:
+    """The CLI's stderr after a refused command: exit code 2, one line, no traceback, naming every fragment."""
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
 
 def tiny_model_config(**overrides) -> ModelConfig:
     """A generator small enough for CPU unit tests (Mamba d_model 32, 2 heads of 16, denoiser 1-8-16-8-1)."""

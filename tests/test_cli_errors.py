@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import save_tiny_head_generator, tiny_model_config
+from conftest import mlp_state, one_line_error, save_tiny_head_generator, tiny_model_config
 from rpg.checkpoint import save_rpg
 from rpg.cli.main import main
 from rpg.config import DiffusionConfig
@@ -24,22 +24,9 @@ from rpg.train import DiffusionObjective, RunConflictError, run_lock
 from rpg.utils import load_safetensors, read_safetensors_metadata, save_safetensors_atomic
 from rpg.vision.architectures import architecture_metadata, build_model
 
+
 CLI = importlib.import_module("rpg.cli.main")  # the module (rpg.cli re-exports its `main` under the same name)
 TOO_LONG = "x" * 300  # one path component longer than any common file system allows (255 bytes)
-
-
-def _mlp_state(seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    return {k: v.clone() for k, v in nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict().items()}
-
-
-def _one_line_error(capsys, rc: int, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def _features(path, dim: int) -> str:
@@ -58,21 +45,13 @@ def gens(tmp_path_factory):
     for name in ("task", "other"):
         model, tok = save_tiny_head_generator(tmp / f"{name}.safetensors", sample_steps=2)
         save_rpg(tmp / f"{name}.safetensors", model, tok, DiffusionConfig(timesteps=10, sample_steps=2), step=0)
-    mlps = [_mlp_state(s) for s in range(3)]
+    mlps = [mlp_state(s) for s in range(3)]
     utok = Tokenizer.fit(mlps, 16)
     uncond = RPG(tiny_model_config(condition="none"), utok.layer_index, utok.token_index)
     save_rpg(tmp / "uncond.safetensors", uncond, utok, DiffusionConfig(timesteps=10, sample_steps=2), step=0)
     _features(tmp / "features8.safetensors", 8)
     _features(tmp / "features5.safetensors", 5)
     return tmp
-
-
-@pytest.fixture
-def collection(tmp_path):
-    folder = tmp_path / "ckpts"
-    for s in range(3):
-        save_safetensors_atomic(_mlp_state(s), folder / f"c{s}.safetensors", {})
-    return folder
 
 
 def _count_calls(monkeypatch, module, name: str) -> dict[str, int]:
@@ -132,7 +111,7 @@ def test_unwritable_out_is_one_line_before_the_work(gens, collection, capsys, tm
         rc = main(_command(kind, gens, collection, out))
     finally:
         out.chmod(0o700)
-    _one_line_error(capsys, rc, str(out), "Permission denied")
+    one_line_error(capsys, rc, str(out), "Permission denied")
     assert work["n"] == 0, "the refusal came after the work"
     assert list(out.iterdir()) == []
 
@@ -141,13 +120,13 @@ def test_unwritable_out_is_one_line_before_the_work(gens, collection, capsys, tm
 def test_too_long_out_name_is_one_line_before_the_work(gens, collection, capsys, tmp_path, monkeypatch, kind):
     work = _work(kind, monkeypatch)
     rc = main(_command(kind, gens, collection, tmp_path / TOO_LONG / "out"))
-    _one_line_error(capsys, rc, TOO_LONG, "name too long")
+    one_line_error(capsys, rc, TOO_LONG, "name too long")
     assert work["n"] == 0
 
 
 def test_too_long_model_path_in_evaluate_is_one_line(capsys, tmp_path):
     rc = main(["evaluate", str(tmp_path / TOO_LONG / "m.safetensors")])
-    _one_line_error(capsys, rc, TOO_LONG, "name too long")
+    one_line_error(capsys, rc, TOO_LONG, "name too long")
 
 
 def test_any_os_error_is_one_line_naming_the_path(gens, capsys, tmp_path, monkeypatch):
@@ -157,7 +136,7 @@ def test_any_os_error_is_one_line_naming_the_path(gens, capsys, tmp_path, monkey
 
     monkeypatch.setattr(CLI, "sample_models", read_only)
     rc = main(_command("generate", gens, None, tmp_path / "o"))
-    _one_line_error(capsys, rc, str(tmp_path / "o"), "Read-only file system")
+    one_line_error(capsys, rc, str(tmp_path / "o"), "Read-only file system")
 
 
 def test_evaluate_features_of_another_dimension_is_one_line(gens, capsys, tmp_path):
@@ -165,13 +144,13 @@ def test_evaluate_features_of_another_dimension_is_one_line(gens, capsys, tmp_pa
     capsys.readouterr()
     rc = main(["evaluate", str(next((tmp_path / "o").glob("*.safetensors"))), "--features",
                str(gens / "features5.safetensors")])
-    _one_line_error(capsys, rc, "features5.safetensors", "5-dimensional", "8-dimensional")
+    one_line_error(capsys, rc, "features5.safetensors", "5-dimensional", "8-dimensional")
 
 
 def test_generate_evaluate_features_of_another_dimension_writes_nothing(gens, capsys, tmp_path):
     out = tmp_path / "o"
     rc = main([*_command("generate", gens, None, out), "--evaluate", "--features", str(gens / "features5.safetensors")])
-    _one_line_error(capsys, rc, "features5.safetensors", "5-dimensional", "8-dimensional")
+    one_line_error(capsys, rc, "features5.safetensors", "5-dimensional", "8-dimensional")
     assert not list(out.glob("*.safetensors")), "a head was written before the features were found not to fit"
 
 
@@ -180,7 +159,7 @@ def test_model_kwargs_typo_is_one_line(capsys, tmp_path):
     save_safetensors_atomic(build_model("rpg_cnn_s").state_dict(), path,
                             architecture_metadata("rpg_cnn_s", {"widht": 2}, 32))
     rc = main(["evaluate", str(path), "--data", str(tmp_path), "--device", "cpu"])
-    _one_line_error(capsys, rc, str(path), "widht")
+    one_line_error(capsys, rc, str(path), "widht")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,7 +180,7 @@ def test_generate_into_a_folder_in_use_is_refused(gens, capsys, tmp_path, monkey
     work = _work("generate", monkeypatch)
     with run_lock(out):
         rc = main([*args, "--seed", "1"])
-    _one_line_error(capsys, rc, f"{out} is in use")
+    one_line_error(capsys, rc, f"{out} is in use")
     assert work["n"] == 0 and {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == before
 
 
@@ -212,7 +191,7 @@ def test_generate_refuses_to_mix_generators_without_force(gens, capsys, tmp_path
                  str(out)]) == 0  # another task of the same generator: added
     capsys.readouterr()
     other = ["generate", "--checkpoint", str(gens / "other.safetensors"), "--classes", "ship", "--out", str(out)]
-    _one_line_error(capsys, main(other), "task.safetensors", "--force")
+    one_line_error(capsys, main(other), "task.safetensors", "--force")
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["0002_s0.safetensors", "0064_s0.safetensors"]
     assert main([*other, "--force"]) == 0
     heads = sorted(out.glob("*.safetensors"))
@@ -238,8 +217,8 @@ def test_generate_metadata_records_the_steps_that_ran(gens, capsys, tmp_path, ge
         meta = read_safetensors_metadata(next(out.glob("*.safetensors")))
         assert (meta["sampler"], meta["steps"]) == (sampler, steps), extra
     capsys.readouterr()
-    _one_line_error(capsys, main([*args, "--out", str(tmp_path / "a"), "--steps", "50"]), "at most 10")
-    _one_line_error(capsys, main([*args, "--out", str(tmp_path / "b"), "--steps", "5", "--sampler", "ddpm"]),
+    one_line_error(capsys, main([*args, "--out", str(tmp_path / "a"), "--steps", "50"]), "at most 10")
+    one_line_error(capsys, main([*args, "--out", str(tmp_path / "b"), "--steps", "5", "--sampler", "ddpm"]),
                     "ddpm", "all 10")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -257,7 +236,7 @@ def test_train_other_settings_into_a_used_folder_is_refused_without_force(collec
     assert main(args) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
-    _one_line_error(capsys, main([*args, "--seed", "1"]), str(out), "other data or settings", "--force")
+    one_line_error(capsys, main([*args, "--seed", "1"]), str(out), "other data or settings", "--force")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     real = DiffusionObjective.forward

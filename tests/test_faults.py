@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import save_tiny_head_generator, tiny_model_config
+from conftest import mlp_state, one_line_error, save_tiny_head_generator, tiny_model_config
 from rpg import __version__
 from rpg.checkpoint import load_rpg, save_rpg
 from rpg.cli.main import build_parser, main
@@ -31,21 +31,8 @@ from rpg.utils import (CheckpointError, atomic_path, load_safetensors, save_safe
                        write_text_atomic)
 from rpg.vision.architectures import architecture_metadata, build_model
 
+
 CLI = importlib.import_module("rpg.cli.main")  # the module (rpg.cli re-exports its `main` under the same name)
-
-
-def _mlp_state(seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    return {k: v.clone() for k, v in nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict().items()}
-
-
-def _one_line_error(capsys, rc: int, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +40,7 @@ def gens(tmp_path_factory):
     """A task-conditioned generator (heads), an unconditional one (MLPs), each also with a NaN weight."""
     tmp = tmp_path_factory.mktemp("faults")
     task, tok = save_tiny_head_generator(tmp / "task.safetensors", sample_steps=2)
-    mlps = [_mlp_state(s) for s in range(3)]
+    mlps = [mlp_state(s) for s in range(3)]
     utok = Tokenizer.fit(mlps, 16)
     uncond = RPG(tiny_model_config(condition="none"), utok.layer_index, utok.token_index)
     save_rpg(tmp / "uncond.safetensors", uncond, utok, DiffusionConfig(sample_steps=2), step=0)
@@ -78,19 +65,19 @@ def test_generate_refuses_bad_numbers(gens, capsys, tmp_path, args, message, gen
     task = ["--classes", "ship"] if generator == "task" else []
     rc = main(["generate", "--checkpoint", str(gens / f"{generator}.safetensors"), "--out", str(tmp_path / "o"),
                *task, *args])
-    _one_line_error(capsys, rc, message)
+    one_line_error(capsys, rc, message)
     assert not (tmp_path / "o").exists()
 
 
 def test_generate_empty_classes_says_so(gens, capsys, tmp_path):
     rc = main(["generate", "--checkpoint", str(gens / "task.safetensors"), "--classes", "", "--out", str(tmp_path)])
-    _one_line_error(capsys, rc, "--classes '' names no class")
+    one_line_error(capsys, rc, "--classes '' names no class")
 
 
 def test_generate_refuses_a_generator_with_nan_weights(gens, capsys, tmp_path):
     rc = main(["generate", "--checkpoint", str(gens / "task_nan.safetensors"), "--classes", "ship",
                "--out", str(tmp_path / "o")])
-    _one_line_error(capsys, rc, "non-finite", "task_nan.safetensors")
+    one_line_error(capsys, rc, "non-finite", "task_nan.safetensors")
     assert not (tmp_path / "o").exists()
     with pytest.raises(CheckpointError, match="non-finite"):
         load_rpg(gens / "task_nan.safetensors")
@@ -110,14 +97,14 @@ def test_generate_never_writes_a_non_finite_model(gens, capsys, tmp_path, monkey
     task = ["--classes", "ship"] if generator == "task" else []
     rc = main(["generate", "--checkpoint", str(gens / f"{generator}.safetensors"), "--out", str(tmp_path / "o"),
                "--samples", "2", *task])
-    _one_line_error(capsys, rc, "non-finite", "nothing was written")
+    one_line_error(capsys, rc, "non-finite", "nothing was written")
     assert not list(tmp_path.glob("o/*"))
 
 
 def test_generate_evaluate_checks_features_before_writing(gens, capsys, tmp_path):
     rc = main(["generate", "--checkpoint", str(gens / "task.safetensors"), "--classes", "ship", "--evaluate",
                "--features", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")])
-    _one_line_error(capsys, rc, "--evaluate needs the features file")
+    one_line_error(capsys, rc, "--evaluate needs the features file")
     assert not (tmp_path / "o").exists()
 
 
@@ -129,9 +116,9 @@ def test_generate_clears_only_its_own_earlier_models(gens, capsys, tmp_path):
     assert main(["generate", "--checkpoint", str(gens / "uncond.safetensors"), "--samples", "1", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["model_000.safetensors", "notes.txt"]
     capsys.readouterr()
-    save_safetensors_atomic(_mlp_state(9), out / "model_007.safetensors", {"arch": "mlp"})  # not from rpg generate
+    save_safetensors_atomic(mlp_state(9), out / "model_007.safetensors", {"arch": "mlp"})  # not from rpg generate
     rc = main(["generate", "--checkpoint", str(gens / "uncond.safetensors"), "--samples", "1", "--out", str(out)])
-    _one_line_error(capsys, rc, "model_007.safetensors was not written by rpg generate")
+    one_line_error(capsys, rc, "model_007.safetensors was not written by rpg generate")
     assert (out / "model_000.safetensors").is_file() and (out / "model_007.safetensors").is_file()
 
 
@@ -147,7 +134,7 @@ def test_evaluate_refuses_nan_and_inf_checkpoints(capsys, tmp_path):
         path = tmp_path / f"head_{value}.safetensors"
         save_safetensors_atomic(head, path, {"task_id": 3})
         rc = main(["evaluate", str(path), "--features", str(tmp_path / "unused.safetensors")])
-        _one_line_error(capsys, rc, str(path), "non-finite values (NaN or Inf) in '0.weight'")
+        one_line_error(capsys, rc, str(path), "non-finite values (NaN or Inf) in '0.weight'")
 
 
 def _cnn_checkpoint(path, mutate=None):
@@ -165,7 +152,7 @@ def test_evaluate_truncated_cifar_is_one_line(capsys, tmp_path):
     (tmp_path / "bad" / archive.name).write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     model = _cnn_checkpoint(tmp_path / "cnn.safetensors")
     rc = main(["evaluate", str(model), "--data", str(tmp_path / "bad"), "--device", "cpu"])
-    _one_line_error(capsys, rc, "truncated")
+    one_line_error(capsys, rc, "truncated")
 
 
 def test_evaluate_mismatch_names_the_key(capsys, tmp_path):
@@ -177,7 +164,7 @@ def test_evaluate_mismatch_names_the_key(capsys, tmp_path):
     model = _cnn_checkpoint(tmp_path / "cnn.safetensors", drop_and_rename)
     first_key = next(iter(build_model("rpg_cnn_s").state_dict()))
     rc = main(["evaluate", str(model), "--data", str(tmp_path), "--device", "cpu"])
-    _one_line_error(capsys, rc, f"missing '{first_key}'", "unexpected 'surprise.weight'")
+    one_line_error(capsys, rc, f"missing '{first_key}'", "unexpected 'surprise.weight'")
 
 
 def test_load_rpg_mismatch_names_the_key(gens, tmp_path):
@@ -192,24 +179,16 @@ def test_load_rpg_mismatch_names_the_key(gens, tmp_path):
 
 def test_evaluate_non_timm_model_says_pass_eval(capsys, tmp_path):
     path = tmp_path / "mlp.safetensors"
-    save_safetensors_atomic(_mlp_state(0), path, {"arch": "my_mlp"})
+    save_safetensors_atomic(mlp_state(0), path, {"arch": "my_mlp"})
     rc = main(["evaluate", str(path)])
-    _one_line_error(capsys, rc, "'my_mlp' is not a timm model", "pass --eval")
-
-
-@pytest.fixture
-def collection(tmp_path):
-    folder = tmp_path / "ckpts"
-    for s in range(3):
-        save_safetensors_atomic(_mlp_state(s), folder / f"c{s}.safetensors", {})
-    return folder
+    one_line_error(capsys, rc, "'my_mlp' is not a timm model", "pass --eval")
 
 
 def test_train_out_is_a_file(collection, capsys, tmp_path):
     out = tmp_path / "taken"
     out.write_text("a file")
     rc = main(["train", "--checkpoints", str(collection), "--out", str(out), "--steps", "2", "--device", "cpu"])
-    _one_line_error(capsys, rc, "is a file")
+    one_line_error(capsys, rc, "is a file")
     assert out.read_text() == "a file"
 
 
@@ -217,14 +196,14 @@ def test_generate_out_is_a_file(gens, capsys, tmp_path):
     out = tmp_path / "taken"
     out.write_text("a file")
     rc = main(["generate", "--checkpoint", str(gens / "uncond.safetensors"), "--out", str(out)])
-    _one_line_error(capsys, rc, "is a file")
+    one_line_error(capsys, rc, "is a file")
 
 
 def test_file_exists_error_is_one_line(gens, capsys, tmp_path, monkeypatch):
     """Any FileExistsError (e.g. a folder below --out is a file) is reported as one line, not a traceback."""
     monkeypatch.setattr(CLI, "load_rpg", lambda *a, **k: (_ for _ in ()).throw(FileExistsError("x exists")))
     rc = main(["generate", "--checkpoint", str(gens / "uncond.safetensors"), "--out", str(tmp_path)])
-    _one_line_error(capsys, rc, "x exists")
+    one_line_error(capsys, rc, "x exists")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,7 +239,7 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         write_text_atomic(tmp_path / "table.csv", "a,b\n")
-        save_safetensors_atomic(_mlp_state(0), tmp_path / "m.safetensors", {})
+        save_safetensors_atomic(mlp_state(0), tmp_path / "m.safetensors", {})
     finally:
         os.umask(old)
     assert (tmp_path / "table.csv").stat().st_mode & 0o777 == mode
@@ -312,7 +291,7 @@ def test_disk_full_in_the_cli_is_one_line(gens, capsys, tmp_path, monkeypatch):
 
 
 def _setup(steps: int = 40, **train):
-    sds = [_mlp_state(s) for s in range(3)]
+    sds = [mlp_state(s) for s in range(3)]
     tok = Tokenizer.fit(sds, 16)
     tokens = torch.stack([tok.tokenize(sd) for sd in sds])
     tcfg = TrainConfig(steps=steps, batch_size=4, diffusion_batch=8, lr=3e-3, warmup_steps=2, bf16=False,
@@ -429,7 +408,7 @@ def test_cli_train_with_more_steps_is_refused_without_force(collection, capsys, 
     args = ["train", "--checkpoints", str(collection), "--out", str(tmp_path / "run"), "--device", "cpu"]
     assert main([*args, "--steps", "4"]) == 0
     capsys.readouterr()
-    _one_line_error(capsys, main([*args, "--steps", "6"]), "Pass --force")
+    one_line_error(capsys, main([*args, "--steps", "6"]), "Pass --force")
     assert main([*args, "--steps", "6", "--force"]) == 0
 
 

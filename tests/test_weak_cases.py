@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, workflow_config_args
+from conftest import REPO_ROOT, one_line_error, workflow_config_args
 from rpg.cli.main import main
 from rpg.config import ConfigError, load_config
 from rpg.data import write_synthetic_cifar10
@@ -21,16 +21,8 @@ from rpg.experiments.task_zoo.features import load_features
 from rpg.utils import CheckpointError, load_safetensors, save_safetensors_atomic
 from rpg.vision.architectures import build_model, count_parameters
 
+
 CONFIGS = [REPO_ROOT / "config" / "config.yaml", REPO_ROOT / "config" / "test.yaml"]
-
-
-def _one_line_error(capsys, rc: int, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def _truncated(path, n_bytes: int = 100):
@@ -144,7 +136,7 @@ def test_score_function_state_dict_mismatch_names_the_keys(tmp_path, capsys):
     save_safetensors_atomic({"0.weight": torch.zeros(32, 64), "0.bias": torch.zeros(32),
                              "2.weight": torch.zeros(10, 33)}, model, {})
     rc = main(["evaluate", str(model), "--eval", str(REPO_ROOT / "examples" / "mlp_eval.py") + ":test_accuracy"])
-    _one_line_error(capsys, rc, "missing '2.bias'", "'2.weight' has shape (10, 33), expected (10, 32)")
+    one_line_error(capsys, rc, "missing '2.bias'", "'2.weight' has shape (10, 33), expected (10, 32)")
 
 
 def test_torch_load_error_summary_counts_what_it_does_not_show():
@@ -217,5 +209,5 @@ def test_checkpoints_given_a_file_says_a_folder_is_expected(tmp_path, capsys, co
     file = tmp_path / "model.safetensors"
     save_safetensors_atomic({"w": torch.zeros(2)}, file, {})
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in command] + [str(file)]
-    err = _one_line_error(capsys, main(argv), f"{file} is a file; give the folder that holds the checkpoints")
+    err = one_line_error(capsys, main(argv), f"{file} is a file; give the folder that holds the checkpoints")
     assert "not found" not in err
