@@ -116,7 +116,7 @@ def test_holdout_neighbours_removes_one_bit_neighbours_and_complements():
 
 
 def test_shifted_domain_tasks_keeps_k_per_shifted_domain_and_every_plain_task():
-    from rpg.experiments.task_zoo.tasks import domain_task_id, split_task_id
+    from rpg.experiments.task_zoo.tasks import TaskError, domain_task_id, split_task_id
 
     ids = [domain_task_id(c, d) for d in range(4) for c in range(1, 41)]
     unseen = [domain_task_id(c, 1 + c % 3) for c in (3, 5, 7)]
@@ -130,6 +130,14 @@ def test_shifted_domain_tasks_keeps_k_per_shifted_domain_and_every_plain_task():
     assert make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=5) == few  # seeded
     six = make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=6)
     assert set(few.train) != set(six.train)
+    # a label-free domain (k = 0): none of its tasks trains or validates; its unseen pairs stay; nothing else moves
+    free = make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=5, label_free_domains=[2])
+    assert not any(split_task_id(t)[1] == 2 for t in free.train + free.val)
+    assert free.unseen == few.unseen and set(free.val) == {t for t in few.val if split_task_id(t)[1] != 2}
+    assert set(free.train) == {t for t in few.train if split_task_id(t)[1] != 2}
+    assert set(free.train) | set(free.val) | set(free.unseen) | set(free.excluded) == set(ids)
+    with pytest.raises(TaskError):
+        make_split(ids, unseen, 4, seed=0, label_free_domains=[0])  # the plain images cannot be label-free
 
 
 # ----------------------------------------------------------------------------------------------------------------
