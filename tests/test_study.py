@@ -352,6 +352,34 @@ def test_best_baseline_is_one_present_on_every_task(tmp_path):
     assert set(unseen.best_baseline) == {BASELINES[-1]}  # not the complement, though its mean is higher
 
 
+def test_gather_study_reports_the_label_free_domain_apart(tmp_path):
+    """With tasks.label_free_domains the unseen pairs of that domain get their own group; there the per-domain
+    baselines do not exist, so the yardstick is a baseline that does (compose)."""
+    from rpg.config import validate_config
+    from rpg.experiments.task_zoo.tasks import domain_task_id
+
+    plain, free = domain_task_id(314, 2), domain_task_id(482, 1)
+    samples = _samples(0.0)
+    samples.loc[samples.task_id == 314, "task_id"] = plain
+    samples.loc[samples.task_id == 482, "task_id"] = free
+    per_domain = samples.kind.isin([b for b in BASELINES if b != "compose"]) & (samples.task_id == free)
+    samples = samples[~per_domain].copy()
+    samples["embedding"] = [format(t % 1024, "010b") + (f"@{t // 1024}" if t >= 1024 else "") for t in samples.task_id]
+    unseen_table(samples, task_ids=[plain, free]).to_csv(tmp_path / "t16.csv", index=False)
+    seen_summary(samples).to_csv(tmp_path / "seen.csv", index=False)
+    (tmp_path / "s.json").write_text('{"n_train_tasks": 7, "steps": 40}')
+    cfg = validate_config({**load_config(REPO / "config" / "config.yaml").raw,
+                           "domains": {"names": ["identity", "rot90", "invert"]},
+                           "tasks": {"label_free_domains": ["rot90"]}})
+    out = S.gather_study({"a": {"table16": tmp_path / "t16.csv", "seen_summary": tmp_path / "seen.csv",
+                                "rpg_summary": tmp_path / "s.json"}}, {"a": cfg})
+    lf = out[out.group == "unseen_label_free"].set_index("method")
+    assert set(lf.n_tasks) == {1} and "affine" not in lf.index and set(lf.best_baseline) == {"compose"}
+    assert lf.loc["rpg_best", "accuracy"] == pytest.approx(100 * (0.80 + 0.01))  # the second task's RPG best
+    assert set(out.label_free_domains) == {"rot90"}
+    assert int(out[(out.group == "unseen") & (out.method == "rpg_best")].n_tasks.iloc[0]) == 2
+
+
 def _kernel_available() -> bool:
     from jupyter_client.kernelspec import KernelSpecManager
 

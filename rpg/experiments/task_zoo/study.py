@@ -24,6 +24,7 @@ from rpg.config import deep_update, read_config_file, validate_config
 from rpg.evaluation import NOVELTY, best_baseline, best_baseline_column, minus_baseline_column
 from rpg.experiments.rules import NEUTRAL_DEFAULTS
 from rpg.experiments.task_zoo.baselines import BASELINES
+from rpg.experiments.task_zoo.tasks import split_task_id
 from rpg.utils import write_csv_atomic
 
 SHARED_KEYS = ("data", "backbone", "seed")  # what the regimes share with the workflow (its backbone and features)
@@ -193,6 +194,15 @@ def _method_rows(table: pd.DataFrame, group: str) -> list[dict]:
     return rows
 
 
+def label_free_tasks(table16: pd.DataFrame, cfg: Mapping) -> pd.DataFrame | None:
+    """The rows of a regime's table16 whose task is in a domain of `tasks.label_free_domains` (None without)."""
+    free = [cfg["domains"]["names"].index(n) for n in cfg["tasks"]["label_free_domains"]]
+    if not free:
+        return None
+    per_task = table16[table16.embedding.astype(str) != "mean"]
+    return per_task[[split_task_id(int(t))[1] in free for t in per_task.task_id]]
+
+
 def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mapping[str, Mapping] | None = None
                  ) -> pd.DataFrame:
     """One long table of every regime's results.
@@ -201,15 +211,21 @@ def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mappi
         regimes: name -> {"table16": csv, "seen_summary": csv, "rpg_summary": json (train_conditional_rpg's)}.
         configs: name -> the regime's config dict (adds its zoo init, canonicalisation, training tasks and steps).
     Returns:
-        columns regime, group, method, n_tasks, accuracy, balanced_accuracy (percent, means over the group's tasks),
+        columns regime, group (unseen, seen, and unseen_label_free: the unseen pairs in the regime's
+        `tasks.label_free_domains`, where the per-domain head baselines do not exist), method, n_tasks, accuracy,
+        balanced_accuracy (percent, means over the group's tasks),
         minus_original(_bal) (points), the novelty means (RPG rows: its samples; original: the zoo's own spread),
         best_baseline, best_baseline_acc and rpg_best_minus_baseline_acc (per regime and group: RPG best minus the
         best baseline's mean accuracy, `rpg.evaluation.best_baseline`), and the regime's settings.
     """
     frames = []
     for name, paths in regimes.items():
-        rows = (_method_rows(pd.read_csv(paths["table16"], dtype={"embedding": str}), "unseen")
+        unseen = pd.read_csv(paths["table16"], dtype={"embedding": str})
+        rows = (_method_rows(unseen, "unseen")
                 + _method_rows(pd.read_csv(paths["seen_summary"], dtype={"embedding": str}), "seen"))
+        free = label_free_tasks(unseen, configs[name]) if configs and name in configs else None
+        if free is not None:
+            rows += _method_rows(free, "unseen_label_free")
         frame = pd.DataFrame(rows)
         frame.insert(0, "regime", name)
         summary = json.loads(Path(paths["rpg_summary"]).read_text())
@@ -226,6 +242,7 @@ def gather_study(regimes: Mapping[str, Mapping[str, str | Path]], configs: Mappi
             frame["holdout_neighbours"] = cfg["tasks"]["holdout_neighbours"]
             frame["shifted_domain_tasks"] = cfg["tasks"]["shifted_domain_tasks"]
             frame["domains"] = ",".join(cfg["domains"]["names"])  # empty: the plain images only
+            frame["label_free_domains"] = ",".join(cfg["tasks"]["label_free_domains"])
         for group, part in frame.groupby("group"):
             # Only baselines present on every task of the group: a mean over a subset (the complement swap exists
             # where the complement trains, e.g. 5 of 20 domain pairs) is not comparable with RPG's over all.
