@@ -252,6 +252,8 @@ class ModelConfig:
     condition_tokens: str  # all | last_k: which token positions the task condition is added to
     condition_k: int  # last_k: the number of last positions (the reference: 8)
     condition_domain: str  # onehot | stats | onehot_stats: a domain task's domain code (with `domains`)
+    condition_dropout: float  # training: probability of the null task code (classifier-free guidance)
+    guidance_scale: float  # sampling: null + scale * (conditional - null); 1 = the conditional alone
     checkpoint_activations: bool  # recompute the recurrent blocks in the backward pass (memory for time)
     checkpoint_tokens: int | None  # with checkpoint_activations: recompute segments of this many tokens
 

@@ -247,3 +247,13 @@ def test_a_label_free_domain_is_reached_through_its_statistics(run, capsys):
     assert not ((frame.kind == "nearest") & (frame.task_id >= 2 * DOMAIN_STRIDE)).any()  # no per-domain baseline
     assert main(["generate", "--checkpoint", str(tmp / "rpg_free" / "best.safetensors"), "--embedding",
                  "0100111010", "--domain", NAMES[2], "--out", str(tmp / "cli_free")]) == 0
+
+
+def test_guidance_scale_is_scored_on_the_validation_tasks(run):
+    from rpg.experiments.task_zoo.pipeline import guidance_validation
+
+    tmp = run["tmp"]
+    frame = guidance_validation(run["cfg"], tmp / "rpg" / "best.safetensors", run["zoo"], tmp / "split.json",
+                                tmp / "features.safetensors", [1.0, 2.0], 2)
+    assert frame.scale.tolist() == [1.0, 2.0] and set(frame.n_val_tasks) == {len(run["split"].val)}
+    assert frame.score.between(0, 1).all() and (frame.val_original > 0.5).all()

@@ -174,21 +174,26 @@ def evaluate(evaluator, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids
 
 
 def generate_models(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequence[int], n_samples: int,
-                    seed: int, domain_codes: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
-    """`n_samples` generated state dicts per task, task-major (`domain_codes`: as `condition`)."""
+                    seed: int, domain_codes: torch.Tensor | None = None, guidance: float | None = None
+                    ) -> list[dict[str, torch.Tensor]]:
+    """`n_samples` generated state dicts per task, task-major (`domain_codes`: as `condition`; `guidance`: the
+    classifier-free guidance scale, None = the generator's own `rpg.guidance_scale`)."""
     bits = condition(cfg, task_ids, domain_codes).repeat_interleave(n_samples, dim=0)  # (T*S, condition_dim)
     return sample_models(model, tokenizer, cfg.diffusion, len(bits), seed=seed, cond=bits, mode=cfg.generate.mode,
-                         tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16)
+                         tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16, guidance=guidance)
 
 
 def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], evaluator,
-                   original_val_acc: torch.Tensor, domain_codes: torch.Tensor | None = None):
-    """Score = mean accuracy, on held-out training images, of models generated for the validation tasks."""
-    n = cfg.train.val_samples
+                   original_val_acc: torch.Tensor, domain_codes: torch.Tensor | None = None,
+                   guidance: float | None = None, n_samples: int | None = None):
+    """Score = mean accuracy, on held-out training images, of models generated for the validation tasks
+    (`n_samples` each, default train.val_samples; `guidance` as `generate_models`)."""
+    n = n_samples or cfg.train.val_samples
 
     def validate(model: RPG) -> dict[str, float]:
         start = time.time()
-        sds = generate_models(model, tokenizer, cfg, val_ids, n, seed=cfg.seed + 17, domain_codes=domain_codes)
+        sds = generate_models(model, tokenizer, cfg, val_ids, n, seed=cfg.seed + 17, domain_codes=domain_codes,
+                              guidance=guidance)
         acc = evaluate(evaluator, sds, [t for t in val_ids for _ in range(n)])["accuracy"].view(len(val_ids), n)
         norm = flatten(sds, list(sds[0])).norm(dim=1)
         return {"score": float(acc.mean()), "gap_mean": float((original_val_acc - acc.mean(1)).mean()),
@@ -252,6 +257,28 @@ def _domain_metadata(cfg: Config, codes: torch.Tensor | None) -> dict | None:
     if not cfg.domains.names:
         return None
     return {"domains": list(cfg.domains.names), **({} if codes is None else {"domain_codes": codes.tolist()})}
+
+
+def guidance_validation(cfg: Config, rpg_path: str | Path, zoo_dir: str | Path, split_path: str | Path,
+                        features_path: str | Path | None, scales: Sequence[float], n_samples: int) -> pd.DataFrame:
+    """A trained generator's seen-validation score (the validator's, `n_samples` per validation task) at each
+    classifier-free guidance scale: how `rpg.guidance_scale` is chosen without reading an unseen task.
+
+    Returns: one row per scale: scale, score, gap_mean, gap_best (as the validator's, fractions), val_original.
+    """
+    split = read_split(split_path)
+    model, tokenizer, _, meta = load_rpg(rpg_path, resolve_device(cfg.device))
+    evaluator = make_evaluator(cfg, features_path, "val")
+    k = cfg.zoo.n_checkpoints
+    val_sds, _ = load_task_checkpoints(zoo_dir, split.val, k)
+    orig = evaluate(evaluator, val_sds, [t for t in split.val for _ in range(k)])["accuracy"].view(-1, k).mean(1)
+    rows = []
+    for scale in scales:
+        validate = make_validator(cfg, tokenizer, split.val, evaluator, orig, stored_domain_codes(meta), scale,
+                                  n_samples)
+        rows.append({"scale": scale, **validate(model), "val_original": float(orig.mean()),
+                     "generator_step": meta["step"], "n_val_tasks": len(split.val), "samples": n_samples})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
