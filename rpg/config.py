@@ -158,6 +158,7 @@ class TasksConfig:
     n_seen: int | None  # train on a seeded random subset of this many seen tasks (None = all)
     holdout_neighbours: bool  # keep unseen tasks' Hamming-1 neighbours and complements out of training
     shifted_domain_tasks: int | None  # train on at most this many tasks per shifted domain (None = all)
+    label_free_domains: tuple[str, ...]  # shifted domains with no training or validation task (k = 0)
 
 
 @_from_schema("zoo")
@@ -253,6 +254,9 @@ class ModelConfig:
     condition_hidden: int | None  # hidden width of the task MLP; None = d_model (the reference: 1024)
     condition_tokens: str  # all | last_k: which token positions the task condition is added to
     condition_k: int  # last_k: the number of last positions (the reference: 8)
+    condition_domain: str  # onehot | stats | onehot_stats: a domain task's domain code (with `domains`)
+    condition_dropout: float  # training: probability of the null task code (classifier-free guidance)
+    guidance_scale: float  # sampling: null + scale * (conditional - null); 1 = the conditional alone
     checkpoint_activations: bool  # recompute the recurrent blocks in the backward pass (memory for time)
     checkpoint_tokens: int | None  # with checkpoint_activations: recompute segments of this many tokens
 
@@ -484,10 +488,14 @@ class Config:
 
     @property
     def model(self) -> ModelConfig:
-        """The generator's config; with domain tasks its condition is the task bits + a one-hot domain."""
+        """The generator's config; with domain tasks its condition is the task bits + the domain code
+        (`rpg.condition_domain`: one-hot, statistics of the domain's images, or both)."""
         model = resolve_model_config(self.rpg)
         if self.domains.names and model.condition == "task":
-            model = dataclasses.replace(model, condition_dim=TASK_BITS + len(self.domains.names))
+            code = model.condition_domain
+            width = (len(self.domains.names) * ("onehot" in code.split("_"))
+                     + 2 * self.backbone.feature_dim * ("stats" in code.split("_")))
+            model = dataclasses.replace(model, condition_dim=TASK_BITS + width)
         return model
 
 

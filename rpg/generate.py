@@ -33,7 +33,8 @@ def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *,
                     steps: int = DiffusionConfig.sample_steps, eta: float = DiffusionConfig.eta,
                     clip_x0: float | None = DiffusionConfig.clip_x0, mode: str = GenerateConfig.mode,
                     tokens_per_call: int = GenerateConfig.tokens_per_call,
-                    generator: torch.Generator | None = None, bf16: bool = False) -> torch.Tensor:
+                    generator: torch.Generator | None = None, bf16: bool = False,
+                    guidance: float | None = None) -> torch.Tensor:
     """Generate `n_samples` token sequences.
 
     Args:
@@ -42,6 +43,8 @@ def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *,
         generator: all noise is drawn from it, on its device. A CPU generator (what `sample_models` uses) makes the
             samples independent of the device; a CUDA one is faster on a GPU (DDPM-1000 draws the noise of every
             step: on the CPU that alone takes ~10 ms per 256 tokens of 8192 per step).
+        guidance: classifier-free guidance scale s (None: the model's `guidance_scale`): every denoiser output is
+            null + s * (conditional - null), the null one from the null task code; 1 = the conditional alone.
     Returns:
         tokens (n_samples, N, token_size), float32 on CPU.
     """
@@ -56,8 +59,15 @@ def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *,
                              device=_generator_device(generator))
     perm = perm.to(device) if perm is not None else None
     cond = cond.to(device) if cond is not None else None
+    scale = model.cfg.guidance_scale if guidance is None else guidance
+    denoiser = model.denoiser
     with _autocast(device, bf16):
         proto = model.prototypes(n_samples, perm, cond).float().reshape(n_samples * n_tok, -1)  # (S*N, D)
+        if scale != 1.0 and cond is not None:
+            null = torch.ones(n_samples, dtype=torch.bool, device=device)
+            proto_null = model.prototypes(n_samples, perm, cond, null).float().reshape(n_samples * n_tok, -1)
+            proto = torch.cat([proto, proto_null], dim=1)  # (S*N, 2D): both halves travel with their rows
+            denoiser = GuidedDenoiser(model.denoiser, scale)
     noise = torch.randn((n_samples * n_tok, length), generator=generator,
                         device=_generator_device(generator))  # (S*N, L)
     chunk = {"sequential": 1, "partial": tokens_per_call, "full": n_samples * n_tok}[mode]
@@ -65,11 +75,26 @@ def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *,
     for start in range(0, n_samples * n_tok, chunk):
         rows = slice(start, start + chunk)
         with _autocast(device, bf16):
-            x0 = diffusion.sample(model.denoiser, proto[rows], length, sampler=sampler, steps=steps, eta=eta,
+            x0 = diffusion.sample(denoiser, proto[rows], length, sampler=sampler, steps=steps, eta=eta,
                                   clip_x0=clip_x0, noise=noise[rows], generator=generator)
         out[rows] = x0.float().cpu()
     model.train(was_training)
     return out.view(n_samples, n_tok, length)
+
+
+class GuidedDenoiser:
+    """Classifier-free guidance around a denoiser: called with (x_t, t, [proto_cond | proto_null]) it returns
+    out_null + scale * (out_cond - out_null) (one batched call). Linear in the output, so it serves every
+    parameterisation (eps, x0, v) alike."""
+
+    def __init__(self, denoiser, scale: float):
+        self.denoiser, self.scale = denoiser, scale
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
+        d = proto.shape[1] // 2
+        out = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([proto[:, :d], proto[:, d:]]))
+        cond, null = out.chunk(2)
+        return null + self.scale * (cond - null)
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
@@ -86,15 +111,16 @@ def generate_state_dicts(model: RPG, tokenizer: Tokenizer, diffusion: GaussianDi
 def sample_models(model: RPG, tokenizer: Tokenizer, diffusion_cfg: DiffusionConfig, n_samples: int, *, seed: int,
                   perm: torch.Tensor | None = None, cond: torch.Tensor | None = None,
                   mode: str = GenerateConfig.mode, tokens_per_call: int = GenerateConfig.tokens_per_call,
-                  bf16: bool = False) -> list[dict[str, torch.Tensor]]:
+                  bf16: bool = False, guidance: float | None = None) -> list[dict[str, torch.Tensor]]:
     """`n_samples` state dicts with the sampler of `diffusion_cfg`, all noise from a CPU generator seeded `seed`.
 
     Args:
         perm: (n_samples,) permutation-state rows (random rows when the model has them and perm is None).
         cond: (n_samples, condition_dim) task bits, for task-conditioned models.
+        guidance: classifier-free guidance scale (None: the model's `guidance_scale`; see `generate_tokens`).
     """
     return generate_state_dicts(
         model, tokenizer, create_diffusion(diffusion_cfg), n_samples, perm=perm, cond=cond,
         sampler=diffusion_cfg.sampler, steps=diffusion_cfg.sample_steps, eta=diffusion_cfg.eta,
         clip_x0=diffusion_cfg.clip_x0, mode=mode, tokens_per_call=tokens_per_call,
-        generator=torch.Generator().manual_seed(seed), bf16=bf16)
+        generator=torch.Generator().manual_seed(seed), bf16=bf16, guidance=guidance)

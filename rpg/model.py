@@ -70,10 +70,11 @@ class RPG(nn.Module):
     def n_permutation_states(self) -> int:
         return 0 if self.permutation is None else self.permutation.num_embeddings
 
-    def _codes(self, perm: torch.Tensor | None, cond: torch.Tensor | None
+    def _codes(self, perm: torch.Tensor | None, cond: torch.Tensor | None, drop: torch.Tensor | None = None
                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The per-sample vectors added to every token's position: permutation state and task code, (B, D) each
-        (None where the model has none)."""
+        (None where the model has none). `drop` (B,) bool: those samples get the null task code (zero: no task),
+        what classifier-free guidance trains (`condition_dropout`) and samples against (`guidance_scale`)."""
         perm_code = cond_code = None
         if self.permutation is not None:
             if perm is None:
@@ -83,6 +84,8 @@ class RPG(nn.Module):
             if cond is None:
                 raise ValueError("this RPG is task-conditioned: pass cond (B, condition_dim)")
             cond_code = self.task_encoder(cond)  # (B, D)
+            if drop is not None:
+                cond_code = cond_code * (~drop.to(cond_code.device)).to(cond_code.dtype)[:, None]
         return perm_code, cond_code
 
     def recurrent_input(self, start: int, end: int, batch_size: int, perm_code: torch.Tensor | None,
@@ -97,18 +100,19 @@ class RPG(nn.Module):
         return x
 
     def prototypes(self, batch_size: int, perm: torch.Tensor | None = None,
-                   cond: torch.Tensor | None = None) -> torch.Tensor:
+                   cond: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """One prototype per token for each element of the batch.
 
         Args:
             perm: (B,) permutation-state rows (required iff the model has permutation states).
             cond: (B, condition_dim) task bits (required iff condition == "task").
+            drop: (B,) bool, samples whose task code is the null code (see `_codes`).
         """
-        codes = self._codes(perm, cond)
+        codes = self._codes(perm, cond, drop)
         return self.recurrent(self.recurrent_input(0, self.n_tokens, batch_size, *codes))  # (B, N, D)
 
     def prototypes_at(self, picked: torch.Tensor, batch_size: int, perm: torch.Tensor | None = None,
-                      cond: torch.Tensor | None = None) -> torch.Tensor:
+                      cond: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """The prototypes of the tokens `picked` (M,), flat indices into the B * N tokens of the batch: the values
         of `prototypes(...).reshape(B * N, -1)[picked]`, shape (M, D).
 
@@ -117,8 +121,8 @@ class RPG(nn.Module):
         (B, N, D) tensor (nor its gradient) exists: what a training step holds then barely grows with N.
         """
         if len(picked) and getattr(self.recurrent, "picked_segments", lambda: False)():
-            codes = self._codes(perm, cond)
+            codes = self._codes(perm, cond, drop)
             return self.recurrent.forward_picked(
                 lambda start, end, *c: self.recurrent_input(start, end, batch_size, *c), codes, self.n_tokens,
                 picked)
-        return self.prototypes(batch_size, perm, cond).reshape(batch_size * self.n_tokens, -1)[picked]
+        return self.prototypes(batch_size, perm, cond, drop).reshape(batch_size * self.n_tokens, -1)[picked]

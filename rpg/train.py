@@ -81,15 +81,16 @@ class DiffusionObjective(nn.Module):
     def forward(self, tokens: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, picked: torch.Tensor,
                 perm: torch.Tensor | None, cond: torch.Tensor | None, generator: torch.Generator | None = None, *,
                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                denominator: torch.Tensor | None = None) -> torch.Tensor:
+                denominator: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of the step's checkpoints `tokens[idx]` at the picked tokens.
 
         Shapes: tokens (K, N, L) the whole token set, idx (B,) the step's rows of it; mask (N, L); picked (M,) flat
         indices into the B*N tokens of the step; t (M,), noise (M, L) (drawn from `generator` when not given); see
         `GaussianDiffusion.training_loss` for `denominator`. Only the picked tokens are gathered (no (B, N, L) copy).
+        drop (B,) bool: checkpoints trained with the null task code (rpg.condition_dropout).
         """
         n = tokens.shape[1]
-        proto = self.model.prototypes_at(picked, len(idx), perm, cond)  # (M, D)
+        proto = self.model.prototypes_at(picked, len(idx), perm, cond, drop)  # (M, D)
         x0_sel = tokens[idx[picked // n], picked % n]  # (M, L)
         mask_sel = mask[picked % n]  # (M, L): no (B*N, L) copy of the mask
         return self.diffusion.training_loss(self.model.denoiser, x0_sel, proto, mask_sel, generator=generator,
@@ -455,7 +456,8 @@ class _Data:
 class _Batch(NamedTuple):
     """This process's share of a global step: its checkpoints' rows idx (b,), the picked tokens (m,) (flat indices
     into its b*N tokens) with their timesteps (m,) and noise (m, L), the checkpoints' permutation states and task
-    bits (or None), and the loss's denominator (the global one under DDP, else None)."""
+    bits (or None), and the loss's denominator (the global one under DDP, else None); drop (b,) bool: the
+    checkpoints whose task code is dropped this step (None without rpg.condition_dropout)."""
 
     idx: torch.Tensor
     picked: torch.Tensor
@@ -464,6 +466,7 @@ class _Batch(NamedTuple):
     perm: torch.Tensor | None
     cond: torch.Tensor | None
     denominator: torch.Tensor | None
+    drop: torch.Tensor | None = None
 
 
 @_holding_run_lock
@@ -593,6 +596,9 @@ def _draw_batch(run: _RunState, data: _Data, diffusion: GaussianDiffusion, cfg: 
     k, n, length = data.tokens.shape
     idx = torch.randint(0, k, (cfg.batch_size,), generator=run.data_gen)
     picked = torch.randperm(cfg.batch_size * n, generator=run.data_gen)[: cfg.diffusion_batch].to(procs.device)
+    p_drop = run.model.cfg.condition_dropout if data.cond is not None else 0.0
+    # drawn only when used, so that runs without condition dropout keep their random streams
+    drop = torch.rand(cfg.batch_size, generator=run.data_gen) < p_drop if p_drop > 0 else None
     t, noise = diffusion.draw(len(picked), length, procs.device, data.tokens.dtype, run.noise_gen)
     denominator = None
     if procs.world > 1:
@@ -600,9 +606,11 @@ def _draw_batch(run: _RunState, data: _Data, diffusion: GaussianDiffusion, cfg: 
         k0, k1 = procs.share(cfg.batch_size)
         picked, t, noise = shard_step(k0, k1, picked, n, t, noise)
         idx = idx[k0:k1]
+        drop = drop[k0:k1] if drop is not None else None
     idx = idx.to(procs.device)
     return _Batch(idx, picked, t, noise, perm=idx if run.model.permutation is not None else None,
-                  cond=data.cond[idx] if data.cond is not None else None, denominator=denominator)
+                  cond=data.cond[idx] if data.cond is not None else None, denominator=denominator,
+                  drop=drop.to(procs.device) if drop is not None else None)
 
 
 def _train_step(run: _RunState, objective: nn.Module, data: _Data, batch: _Batch, cfg: TrainConfig,
@@ -614,7 +622,7 @@ def _train_step(run: _RunState, objective: nn.Module, data: _Data, batch: _Batch
     objective.train()  # a validator (rank 0 only) may leave eval mode on; all processes' BatchNorms must train
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and procs.device.type == "cuda"):
         loss = objective(data.tokens, batch.idx, data.mask, batch.picked, batch.perm, batch.cond, t=batch.t,
-                         noise=batch.noise, denominator=batch.denominator)
+                         noise=batch.noise, denominator=batch.denominator, drop=batch.drop)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     loss = procs.mean(loss)

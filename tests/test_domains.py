@@ -183,3 +183,77 @@ def test_cli_generates_for_a_domain_task_from_the_regimes_generator(run, capsys)
     assert main(["generate", "--checkpoint", str(tmp / "rpg" / "best.safetensors"), "--embedding", "0100111010",
                  "--out", str(tmp / "cli")]) == 2
     assert ", ".join(NAMES) in capsys.readouterr().err
+
+
+def test_domain_statistics_code_each_domain_by_its_unlabelled_features():
+    """The stats code (rpg.condition_domain) is computed from features alone: zero for the plain images, the mean
+    shift in units of their std and the log std ratio for a shifted domain."""
+    from rpg.experiments.task_zoo.domains import domain_statistics, make_domain_codes
+
+    x0 = torch.randn(500, D, generator=torch.Generator().manual_seed(0)) + torch.arange(D)
+    feats = torch.stack([x0, x0 + 2 * x0.std(0), 3 * x0])  # (3, N, D): shifted by 2 stds, scaled by 3
+    stats = domain_statistics(feats)
+    assert stats.shape == (3, 2 * D) and torch.equal(stats[0], torch.zeros(2 * D))
+    assert torch.allclose(stats[1, :D], torch.full((D,), 2.0), atol=1e-4)
+    assert torch.allclose(stats[1, D:], torch.zeros(D), atol=1e-4)
+    assert torch.allclose(stats[2, :D], 2 * x0.mean(0) / x0.std(0), atol=1e-4)
+    assert torch.allclose(stats[2, D:], torch.full((D,), float(np.log(3))), atol=1e-4)
+    assert torch.equal(make_domain_codes("onehot", feats), torch.eye(3))
+    assert torch.equal(make_domain_codes("onehot_stats", feats), torch.cat([torch.eye(3), stats], 1))
+    with pytest.raises(ValueError):
+        make_domain_codes("labels", feats)
+    # a task's condition carries its domain's row of the codes
+    t = [domain_task_id(279, 2), 279]
+    cond = task_condition(t, 3, stats)
+    assert torch.equal(cond[:, :10], embedding_bits(t)) and torch.equal(cond[:, 10:], stats[[2, 0]])
+    with pytest.raises(TaskError):
+        task_condition(t, 3, stats[:2])
+
+
+def test_condition_width_follows_the_domain_code(repo_root):
+    paths = [repo_root / "config" / "config.yaml", repo_root / "config" / "test.yaml"]
+    widths = {code: load_config(paths, overrides={"domains": {"names": NAMES},
+                                                  "rpg": {"condition_domain": code}}).model.condition_dim
+              for code in ("onehot", "stats", "onehot_stats")}
+    d = load_config(paths).backbone.feature_dim
+    assert widths == {"onehot": 10 + len(NAMES), "stats": 10 + 2 * d, "onehot_stats": 10 + len(NAMES) + 2 * d}
+
+
+def test_a_label_free_domain_is_reached_through_its_statistics(run, capsys):
+    """tasks.label_free_domains: no training or validation task of that domain; a generator with the stats code
+    keeps its codes in its file and generates for the label-free domain's unseen pairs (and through the CLI)."""
+    from rpg.checkpoint import load_rpg
+    from rpg.cli.main import main
+    from rpg.experiments.task_zoo.domains import domain_statistics, stored_domain_codes
+
+    tmp = run["tmp"]
+    cfg = load_config([], overrides={**run["cfg"].raw, "tasks": {**run["cfg"].raw["tasks"],
+                                                                 "label_free_domains": [NAMES[2]]},
+                                     "rpg": {**run["cfg"].raw["rpg"], "condition_domain": "stats"},
+                                     "backbone": {**run["cfg"].raw["backbone"], "feature_dim": D}})
+    split_path = tmp / "split_free.json"
+    split = write_split(cfg, split_path)
+    assert not any(split_task_id(t)[1] == 2 for t in split.train + split.val)
+    assert any(split_task_id(t)[1] == 2 for t in split.unseen) and split.unseen == run["split"].unseen
+    assert set(split.val) == {t for t in run["split"].val if split_task_id(t)[1] != 2}
+    train_conditional_rpg(cfg, run["zoo"], split_path, tmp / "features.safetensors", tmp / "rpg_free")
+    _, _, _, meta = load_rpg(tmp / "rpg_free" / "best.safetensors")
+    assert torch.allclose(stored_domain_codes(meta), domain_statistics(run["feats"]["train_x"]))
+    out = tmp / "generated_free"
+    frame = generate_and_evaluate(cfg, tmp / "rpg_free" / "best.safetensors", split_path, tmp / "features.safetensors",
+                                  run["zoo"], out)
+    free = frame[(frame.kind == "rpg") & (frame.task_id >= 2 * DOMAIN_STRIDE)]
+    assert len(free) and np.isfinite(free.accuracy).all()
+    assert not ((frame.kind == "nearest") & (frame.task_id >= 2 * DOMAIN_STRIDE)).any()  # no per-domain baseline
+    assert main(["generate", "--checkpoint", str(tmp / "rpg_free" / "best.safetensors"), "--embedding",
+                 "0100111010", "--domain", NAMES[2], "--out", str(tmp / "cli_free")]) == 0
+
+
+def test_guidance_scale_is_scored_on_the_validation_tasks(run):
+    from rpg.experiments.task_zoo.pipeline import guidance_validation
+
+    tmp = run["tmp"]
+    frame = guidance_validation(run["cfg"], tmp / "rpg" / "best.safetensors", run["zoo"], tmp / "split.json",
+                                tmp / "features.safetensors", [1.0, 2.0], 2)
+    assert frame.scale.tolist() == [1.0, 2.0] and set(frame.n_val_tasks) == {len(run["split"].val)}
+    assert frame.score.between(0, 1).all() and (frame.val_original > 0.5).all()

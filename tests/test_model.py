@@ -294,3 +294,30 @@ def test_activation_checkpointing_gives_the_same_rpg_loss_and_gradients(setting)
     assert g1.keys() == g2.keys()
     for k in g1:
         assert torch.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_classifier_free_guidance_null_code_and_guided_sampling():
+    """The null task code (drop) makes the prototypes independent of the task; guidance 1 is the conditional
+    sampler, guidance 0 the unconditional one, and any scale combines the two denoiser outputs linearly."""
+    from rpg.generate import GuidedDenoiser
+
+    tok = _fitted_tokenizer()
+    model = _randomise(RPG(tiny_model_config(condition="task"), tok.layer_index, tok.token_index))
+    a, b = torch.zeros(1, 10), torch.ones(1, 10)
+    null = torch.ones(1, dtype=torch.bool)
+    assert not torch.allclose(model.prototypes(1, cond=a), model.prototypes(1, cond=b))
+    torch.testing.assert_close(model.prototypes(1, cond=a, drop=null), model.prototypes(1, cond=b, drop=null))
+    torch.testing.assert_close(model.prototypes(1, cond=a, drop=~null), model.prototypes(1, cond=a))
+
+    x, t, p = torch.randn(3, tok.token_size), torch.tensor([5, 50, 500]), torch.randn(3, 2 * model.cfg.d_model)
+    d = model.cfg.d_model
+    cond, uncond = model.denoiser(x, t, p[:, :d]), model.denoiser(x, t, p[:, d:])
+    torch.testing.assert_close(GuidedDenoiser(model.denoiser, 2.5)(x, t, p), uncond + 2.5 * (cond - uncond))
+
+    diffusion = create_diffusion(DiffusionConfig())
+    def sample(cond: torch.Tensor, guidance: float | None) -> torch.Tensor:
+        return generate_tokens(model, diffusion, 1, cond=cond, steps=4, guidance=guidance,
+                               generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sample(a, 1.0), sample(a, None))  # the model's default scale is 1
+    torch.testing.assert_close(sample(a, 0.0), sample(b, 0.0))  # scale 0: the unconditional model alone
+    assert not torch.allclose(sample(a, 3.0), sample(a, 1.0))

@@ -117,7 +117,7 @@ def test_holdout_neighbours_removes_one_bit_neighbours_and_complements():
 
 
 def test_shifted_domain_tasks_keeps_k_per_shifted_domain_and_every_plain_task():
-    from rpg.experiments.task_zoo.tasks import domain_task_id, split_task_id
+    from rpg.experiments.task_zoo.tasks import TaskError, domain_task_id, split_task_id
 
     ids = [domain_task_id(c, d) for d in range(4) for c in range(1, 41)]
     unseen = [domain_task_id(c, 1 + c % 3) for c in (3, 5, 7)]
@@ -131,6 +131,14 @@ def test_shifted_domain_tasks_keeps_k_per_shifted_domain_and_every_plain_task():
     assert make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=5) == few  # seeded
     six = make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=6)
     assert set(few.train) != set(six.train)
+    # a label-free domain (k = 0): none of its tasks trains or validates; its unseen pairs stay; nothing else moves
+    free = make_split(ids, unseen, 4, seed=0, shifted_domain_tasks=5, label_free_domains=[2])
+    assert not any(split_task_id(t)[1] == 2 for t in free.train + free.val)
+    assert free.unseen == few.unseen and set(free.val) == {t for t in few.val if split_task_id(t)[1] != 2}
+    assert set(free.train) == {t for t in few.train if split_task_id(t)[1] != 2}
+    assert set(free.train) | set(free.val) | set(free.unseen) | set(free.excluded) == set(ids)
+    with pytest.raises(TaskError):
+        make_split(ids, unseen, 4, seed=0, label_free_domains=[0])  # the plain images cannot be label-free
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,8 +373,32 @@ def test_committed_reference_has_the_gathered_layout(tmp_path):
     """docs/reference/unseen_study/unseen_study.csv has the columns gather_study writes, in its order."""
     out, _ = _gathered(tmp_path)
     reference = pd.read_csv(REPO / "docs" / "reference" / "unseen_study" / "unseen_study.csv")
-    settings = ["zoo_init", "canonicalise", "holdout_neighbours", "shifted_domain_tasks", "domains"]
+    settings = ["zoo_init", "canonicalise", "holdout_neighbours", "shifted_domain_tasks", "domains",
+                "label_free_domains"]
     assert [c for c in reference.columns if c not in settings] == list(out.columns)
+
+
+def test_gather_study_reports_the_label_free_domain_apart(tmp_path):
+    """With tasks.label_free_domains the unseen pairs of that domain get their own group; there the per-domain
+    baselines do not exist, so the yardstick is a baseline that does (compose)."""
+    from rpg.config import validate_config
+    from rpg.experiments.task_zoo.tasks import domain_task_id
+
+    plain, free = domain_task_id(314, 2), domain_task_id(482, 1)
+    samples = _samples(0.0)
+    samples.loc[samples.task_id == 314, "task_id"] = plain
+    samples.loc[samples.task_id == 482, "task_id"] = free
+    per_domain = samples.kind.isin([b for b in BASELINES if b != "compose"]) & (samples.task_id == free)
+    samples = samples[~per_domain].copy()
+    cfg = validate_config({**load_config(REPO / "config" / "config.yaml").raw,
+                           "domains": {"names": ["identity", "rot90", "invert"]},
+                           "tasks": {"label_free_domains": ["rot90"]}})
+    out = S.gather_study({"a": _regime_files(tmp_path / "a", samples)}, {"a": cfg})
+    lf = out[out.group == "unseen_label_free"].set_index("method")
+    assert set(lf.n_tasks) == {1} and "affine" not in lf.index and set(lf.best_baseline) == {"compose"}
+    assert lf.loc["rpg", "accuracy_best"] == pytest.approx(100 * (0.80 + 0.01))  # the second task's RPG best
+    assert set(out.label_free_domains) == {"rot90"}
+    assert int(out[(out.group == "unseen") & (out.method == "rpg")].n_tasks.iloc[0]) == 2
 
 
 def _kernel_available() -> bool:

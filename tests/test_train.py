@@ -436,3 +436,20 @@ def test_position_lr_scale_gives_the_position_table_its_own_rate(mlp_checkpoints
     moved = {n: (dict(after.named_parameters())[n].detach() - before[n]).abs().max().item() for n in before}
     # Both had a zero gradient at step 1, so Adam scales their second update alike (0.74 x the rate): the ratio is 30.
     assert moved["position.table"] / moved["denoiser.cond_proj.weight"] == pytest.approx(30.0, rel=0.05)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 1.0])
+def test_condition_dropout_trains_the_null_code(mlp_checkpoints, tmp_path, dropout):
+    """rpg.condition_dropout: with probability 1 every task code is the null code, so two runs on other task bits
+    train the same weights; with 0 the task bits shape the weights."""
+    mcfg = tiny_model_config(condition="task", token_size=16, condition_dropout=dropout)
+    tok = Tokenizer.fit(mlp_checkpoints, mcfg.token_size)
+    tokens = torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints])
+    tcfg = TrainConfig(steps=6, batch_size=4, diffusion_batch=16, lr=1e-2, warmup_steps=1, weight_decay=0.0,
+                       save_every=6, eval_every=6)
+    weights = []
+    for i, bits in enumerate((torch.eye(10)[: len(tokens)], 1 - torch.eye(10)[: len(tokens)])):
+        train_rpg(mcfg, DiffusionConfig(), tcfg, tok, tokens, tmp_path / str(i), cond=bits, seed=0, progress=False)
+        weights.append(load_safetensors(tmp_path / str(i) / "last.safetensors")[0])
+    same = all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert same == (dropout == 1.0)

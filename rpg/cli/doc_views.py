@@ -345,13 +345,27 @@ def _rpg_samples(df: pd.DataFrame) -> str:
 def v_unseen_study(ref: Reference, *regimes: str) -> str:
     """One row per regime (unseen tasks): seen-validation score, originals, RPG, each baseline, each method of
     study.methods (best of its heads / mean where it gives several), novelty."""
-    df = _study_unseen(ref)
+    return _study_table(ref, "unseen_study", "unseen", regimes)
+
+
+@view("study_variants")
+def v_study_variants(ref: Reference, group: str = "unseen", *regimes: str) -> str:
+    """`unseen_study` of the variant runs (unseen_study/variants/variants.csv) for one task group: `unseen`, or
+    `unseen_label_free` (the unseen pairs of a label-free domain)."""
+    return _study_table(ref, "unseen_study/variants/variants", group, regimes)
+
+
+def _study_table(ref: Reference, table: str, group: str, regimes: tuple[str, ...]) -> str:
+    df = ref.csv(table)
+    df = df[df["group"] == group]
+    if df.empty:
+        raise DocsError(f"{table} has no group {group!r}")
     others = [m for m in dict.fromkeys(df["method"]) if m not in STUDY_OWN]
     rows = []
     for regime in regimes or df["regime"].unique():
         part = df[df["regime"] == regime].set_index("method")
         if part.empty:
-            raise DocsError(f"unseen_study.csv has no regime {regime!r}")
+            raise DocsError(f"{table} has no regime {regime!r} in group {group!r}")
         o, rpg = part.loc["original"], part.loc["rpg"]
         rows.append([f"`{regime}`", num(o["n_train_tasks"], ",d"), num(o["rpg_steps"], ",d"),
                      f"{num(o['val_score'], '.1f')} / {num(o['val_original'], '.1f')}",

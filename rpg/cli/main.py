@@ -76,15 +76,19 @@ def _task_condition(args: argparse.Namespace, embedding: str, condition_dim: int
     """(task id, domain index or None, condition (1, condition_dim)) of the requested task.
 
     A generator of the study's domain regimes is conditioned on (class set, image domain): its condition has one
-    entry per domain after the 10 class bits, and its file names the domains (metadata "extra.domains").
+    entry per domain after the 10 class bits (or the domain codes its file keeps, metadata "extra.domain_codes"),
+    and its file names the domains (metadata "extra.domains").
     """
+    from rpg.experiments.task_zoo.domains import stored_domain_codes
+
     class_set = embedding_to_id(embedding)
-    n_domains = condition_dim - 10
+    names = list(meta.get("extra", {}).get("domains") or [])
+    codes = stored_domain_codes(meta)
+    n_domains = len(names) if codes is not None else condition_dim - 10
     if n_domains <= 0:
         if args.domain is not None:
             raise TaskError(f"--domain {args.domain!r}: this generator is conditioned on the class set only")
         return class_set, None, embedding_bits([class_set])
-    names = list(meta.get("extra", {}).get("domains") or [])
     known = ", ".join(names) if names else f"0..{n_domains - 1}"
     if args.domain is None:
         raise TaskError(f"this generator is conditioned on (class set, image domain): pass --domain, one of {known}")
@@ -95,7 +99,7 @@ def _task_condition(args: argparse.Namespace, embedding: str, condition_dim: int
     else:
         raise TaskError(f"--domain {args.domain!r} is not a domain of this generator (one of {known})")
     task_id = domain_task_id(class_set, domain)
-    return task_id, domain, task_condition([task_id], n_domains)
+    return task_id, domain, task_condition([task_id], n_domains, codes)
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:

@@ -161,6 +161,7 @@ rule split:
             "tasks.n_val",
             "tasks.n_seen",
             "tasks.holdout_neighbours",
+            "tasks.label_free_domains",
             "domains",
         ),
     script:

@@ -147,6 +147,44 @@ def cache_domain_features(cfg: Config, backbone_path: str | Path, features_path:
     return info
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The domain's part of RPG's task code
+# ----------------------------------------------------------------------------------------------------------------
+
+STD_FLOOR = 1e-6  # a feature dimension the plain images leave constant: its ratios stay finite
+
+
+def domain_statistics(features: torch.Tensor) -> torch.Tensor:
+    """A code for each domain from its images' features alone (no label): per feature dimension, the shift of the
+    mean in units of the plain images' std, and the log ratio of the stds, both against domain 0 (the plain images,
+    whose code is zero).
+
+    Why: a one-hot domain code names a domain only through its labelled tasks; these statistics describe what the
+    transform does to the features, so a domain with no labelled task (`tasks.label_free_domains`) has a code too,
+    and domains that move the features alike get close codes.
+    Shapes: features (D, N, d) -> (D, 2d).
+    """
+    mean, std = features.float().mean(1), features.float().std(1).clamp_min(STD_FLOOR)  # (D, d) each
+    return torch.cat([(mean - mean[0]) / std[0], torch.log(std / std[0])], dim=1)
+
+
+def make_domain_codes(kind: str, features: torch.Tensor) -> torch.Tensor:
+    """The domain code of each domain (`rpg.condition_domain`): onehot, stats (`domain_statistics`) or
+    onehot_stats. Shapes: features (D, N, d) -> (D, c)."""
+    parts = kind.split("_")
+    if not parts or set(parts) - {"onehot", "stats"}:
+        raise ValueError(f"unknown domain code {kind!r} (onehot, stats or onehot_stats)")
+    codes = {"onehot": lambda: torch.eye(len(features)), "stats": lambda: domain_statistics(features)}
+    return torch.cat([codes[p]() for p in parts], dim=1)
+
+
+def stored_domain_codes(meta: dict) -> torch.Tensor | None:
+    """The domain codes a generator file was trained with (metadata "extra.domain_codes"; None: one-hot, or no
+    domains). Shapes: -> (D, c)."""
+    codes = meta.get("extra", {}).get("domain_codes")
+    return None if codes is None else torch.tensor(codes, dtype=torch.float32)
+
+
 class DomainHeadEvaluator:
     """Scores head state dicts, each on the cached features of its own task's domain (one split)."""
 

@@ -117,9 +117,11 @@ class RPGMethod(TaskGenerator):
 
     def state_dicts(self, query: TaskQuery) -> list[dict[str, torch.Tensor]]:
         """`query.n` sampled state dicts per task, task-major."""
+        from rpg.experiments.task_zoo.domains import stored_domain_codes
         from rpg.experiments.task_zoo.pipeline import generate_models
 
-        return generate_models(self.model, self.tokenizer, self.cfg, query.task_ids, query.n, seed=query.seed)
+        return generate_models(self.model, self.tokenizer, self.cfg, query.task_ids, query.n, seed=query.seed,
+                               domain_codes=stored_domain_codes(self.meta))
 
     def generate(self, query: TaskQuery) -> torch.Tensor:
         return flatten_heads(self.state_dicts(query)).view(len(query.task_ids), query.n, -1)

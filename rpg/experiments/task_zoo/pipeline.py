@@ -14,9 +14,11 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from rpg.config import Config
+from rpg.checkpoint import load_rpg
+from rpg.config import TASK_BITS, Config
 from rpg.evaluation import (BALANCED_ACCURACY, KIND_ORIGINAL, KIND_RPG, Models, SampleRows, create_baseline,
                             register_spec, samples_table)
+from rpg.experiments.task_zoo.domains import make_domain_codes, stored_domain_codes
 from rpg.experiments.task_zoo.features import load_features
 from rpg.generate import sample_models
 from rpg.model import RPG
@@ -55,9 +57,33 @@ def unseen_task_ids(cfg: Config) -> list[int]:
     return list(cfg.tasks.unseen)
 
 
-def condition(cfg: Config, task_ids: Sequence[int]) -> torch.Tensor:
-    """RPG's condition for these tasks: the class-set bits (+ the one-hot domain). Shapes: -> (T, condition_dim)."""
-    return task_condition(task_ids, len(cfg.domains.names))
+def label_free_domain_indices(cfg: Config) -> list[int]:
+    """The indices in domains.names of tasks.label_free_domains."""
+    unknown = [n for n in cfg.tasks.label_free_domains if n not in cfg.domains.names[1:]]
+    if unknown:
+        raise ValueError(f"tasks.label_free_domains {unknown} are not shifted domains of domains.names "
+                         f"({', '.join(cfg.domains.names[1:]) or 'none'})")
+    return [cfg.domains.names.index(n) for n in cfg.tasks.label_free_domains]
+
+
+def domain_code_table(cfg: Config, features_path: str | Path | None) -> torch.Tensor | None:
+    """Each domain's code in RPG's condition (`rpg.condition_domain`), from the domain features' training images
+    (their labels unread); None for the one-hot code (no domains, or `onehot`). Shapes: -> (D, c)."""
+    if not cfg.domains.names or cfg.model.condition_domain == "onehot":
+        return None
+    if features_path is None:
+        raise ValueError(f"rpg.condition_domain: {cfg.model.condition_domain} needs the domain features")
+    codes = make_domain_codes(cfg.model.condition_domain, load_features(features_path)["train_x"])
+    if TASK_BITS + codes.shape[1] != cfg.model.condition_dim:
+        raise ValueError(f"domain codes of width {codes.shape[1]} from {features_path}, but the condition expects "
+                         f"{cfg.model.condition_dim - TASK_BITS} (is backbone.feature_dim the features' width?)")
+    return codes
+
+
+def condition(cfg: Config, task_ids: Sequence[int], domain_codes: torch.Tensor | None = None) -> torch.Tensor:
+    """RPG's condition for these tasks: the class-set bits (+ the domain code: row d of `domain_codes`, one-hot when
+    None). Shapes: -> (T, condition_dim)."""
+    return task_condition(task_ids, len(cfg.domains.names), domain_codes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,7 +138,8 @@ def write_split(cfg: Config, out_path: str | Path) -> TaskSplit:
     task_ids = configured_task_ids(cfg)
     split = make_split(task_ids, unseen_task_ids(cfg), cfg.tasks.n_val, cfg.seed, n_seen=cfg.tasks.n_seen,
                        holdout_neighbours=cfg.tasks.holdout_neighbours,
-                       shifted_domain_tasks=cfg.tasks.shifted_domain_tasks)
+                       shifted_domain_tasks=cfg.tasks.shifted_domain_tasks,
+                       label_free_domains=label_free_domain_indices(cfg))
     for emb in cfg.tasks.table11:
         if embedding_to_id(emb) not in split.unseen:
             raise ValueError(f"Table 11 embedding {emb} (task {embedding_to_id(emb)}) is not an unseen task")
@@ -149,21 +176,26 @@ def evaluate(evaluator, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids
 
 
 def generate_models(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequence[int], n_samples: int,
-                    seed: int) -> list[dict[str, torch.Tensor]]:
-    """`n_samples` generated state dicts per task, task-major."""
-    bits = condition(cfg, task_ids).repeat_interleave(n_samples, dim=0)  # (T*S, condition_dim)
+                    seed: int, domain_codes: torch.Tensor | None = None, guidance: float | None = None
+                    ) -> list[dict[str, torch.Tensor]]:
+    """`n_samples` generated state dicts per task, task-major (`domain_codes`: as `condition`; `guidance`: the
+    classifier-free guidance scale, None = the generator's own `rpg.guidance_scale`)."""
+    bits = condition(cfg, task_ids, domain_codes).repeat_interleave(n_samples, dim=0)  # (T*S, condition_dim)
     return sample_models(model, tokenizer, cfg.diffusion, len(bits), seed=seed, cond=bits, mode=cfg.generate.mode,
-                         tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16)
+                         tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16, guidance=guidance)
 
 
 def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], evaluator,
-                   original_val_acc: torch.Tensor):
-    """Score = mean accuracy, on held-out training images, of models generated for the validation tasks."""
-    n = cfg.train.val_samples
+                   original_val_acc: torch.Tensor, domain_codes: torch.Tensor | None = None,
+                   guidance: float | None = None, n_samples: int | None = None):
+    """Score = mean accuracy, on held-out training images, of models generated for the validation tasks
+    (`n_samples` each, default train.val_samples; `guidance` as `generate_models`)."""
+    n = n_samples or cfg.train.val_samples
 
     def validate(model: RPG) -> dict[str, float]:
         start = time.time()
-        sds = generate_models(model, tokenizer, cfg, val_ids, n, seed=cfg.seed + 17)
+        sds = generate_models(model, tokenizer, cfg, val_ids, n, seed=cfg.seed + 17, domain_codes=domain_codes,
+                              guidance=guidance)
         acc = evaluate(evaluator, sds, [t for t in val_ids for _ in range(n)])["accuracy"].view(len(val_ids), n)
         norm = flatten(sds, list(sds[0])).norm(dim=1)
         return {"score": float(acc.mean()), "gap_mean": float((original_val_acc - acc.mean(1)).mean()),
@@ -192,7 +224,8 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
         state_dicts = Gauge.fit(cfg.train.canonicalise, state_dicts, k)(state_dicts, k)
     tokenizer = Tokenizer.fit(state_dicts, model_cfg.token_size)
     tokens = torch.stack([tokenizer.tokenize(sd) for sd in state_dicts])  # (K, N, L)
-    cond = condition(cfg, [m["task_id"] for m in metas])  # (K, condition_dim)
+    codes = domain_code_table(cfg, features_path)
+    cond = condition(cfg, [m["task_id"] for m in metas], codes)  # (K, condition_dim)
     del state_dicts
 
     validate, orig = None, torch.empty(0)
@@ -202,7 +235,7 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
         val_sds, _ = load_task_checkpoints(zoo_dir, split.val, k)  # seen tasks held out of training
         val_ids_rep = [t for t in split.val for _ in range(k)]
         orig = evaluate(evaluator, val_sds, val_ids_rep)["accuracy"].view(-1, k).mean(1)
-        validate = make_validator(cfg, tokenizer, split.val, evaluator, orig)
+        validate = make_validator(cfg, tokenizer, split.val, evaluator, orig, codes)
 
     tracker = start_tracking(cfg.logging, name=f"{cfg.experiment}-rpg", group=cfg.experiment, job_type="train_rpg",
                              config=cfg.raw, directory=Path(cfg.results_dir) / "wandb") if main_process else Tracker()
@@ -212,13 +245,42 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
     summary = train_rpg(model_cfg, cfg.diffusion, cfg.train, tokenizer, tokens, out_dir, cond=cond, seed=cfg.seed,
                         device=device, validate=validate, tracker=tracker, progress=cfg.logging.progress,
                         force=True,  # the workflow's config is the source of truth: a new step count retrains
-                        metadata={"domains": list(cfg.domains.names)} if cfg.domains.names else None)
+                        metadata=_domain_metadata(cfg, codes))
     tracker.finish()
     summary = {**summary, "n_train_tasks": len(split.train), "n_val_tasks": len(split.val),
                "val_original_accuracy": float(orig.mean()) if len(orig) else None}
     if main_process:
         write_json_atomic(out_dir / "summary.json", summary)
     return summary
+
+
+def _domain_metadata(cfg: Config, codes: torch.Tensor | None) -> dict | None:
+    """What a generator file keeps about its domain condition: the domain names (+ the codes, unless one-hot)."""
+    if not cfg.domains.names:
+        return None
+    return {"domains": list(cfg.domains.names), **({} if codes is None else {"domain_codes": codes.tolist()})}
+
+
+def guidance_validation(cfg: Config, rpg_path: str | Path, zoo_dir: str | Path, split_path: str | Path,
+                        features_path: str | Path | None, scales: Sequence[float], n_samples: int) -> pd.DataFrame:
+    """A trained generator's seen-validation score (the validator's, `n_samples` per validation task) at each
+    classifier-free guidance scale: how `rpg.guidance_scale` is chosen without reading an unseen task.
+
+    Returns: one row per scale: scale, score, gap_mean, gap_best (as the validator's, fractions), val_original.
+    """
+    split = read_split(split_path)
+    model, tokenizer, _, meta = load_rpg(rpg_path, resolve_device(cfg.device))
+    evaluator = make_evaluator(cfg, features_path, "val")
+    k = cfg.zoo.n_checkpoints
+    val_sds, _ = load_task_checkpoints(zoo_dir, split.val, k)
+    orig = evaluate(evaluator, val_sds, [t for t in split.val for _ in range(k)])["accuracy"].view(-1, k).mean(1)
+    rows = []
+    for scale in scales:
+        validate = make_validator(cfg, tokenizer, split.val, evaluator, orig, stored_domain_codes(meta), scale,
+                                  n_samples)
+        rows.append({"scale": scale, **validate(model), "val_original": float(orig.mean()),
+                     "generator_step": meta["step"], "n_val_tasks": len(split.val), "samples": n_samples})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------

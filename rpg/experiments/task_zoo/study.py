@@ -27,6 +27,7 @@ from rpg.evaluation import (ACCURACY, BALANCED_ACCURACY, KIND, KIND_ORIGINAL, KI
                             best_baseline_column, minus_baseline_column)
 from rpg.experiments.rules import NEUTRAL_DEFAULTS
 from rpg.experiments.task_zoo.baselines import BASELINES
+from rpg.experiments.task_zoo.tasks import split_task_id
 from rpg.utils import write_csv_atomic
 
 SHARED_KEYS = ("data", "backbone", "seed")  # what the regimes share with the workflow (its backbone and features)
@@ -204,6 +205,16 @@ def _method_rows(samples: pd.DataFrame, group: str) -> list[dict]:
     return rows
 
 
+def label_free_samples(samples: pd.DataFrame, cfg: Mapping) -> pd.DataFrame | None:
+    """The unseen rows of a regime's samples whose task is in a domain of `tasks.label_free_domains`, as group
+    `unseen_label_free` (None without such domains)."""
+    free = [cfg["domains"]["names"].index(n) for n in cfg["tasks"]["label_free_domains"]]
+    if not free:
+        return None
+    unseen = samples[samples.group == "unseen"]
+    return unseen[[split_task_id(int(t))[1] in free for t in unseen.task_id]].assign(group="unseen_label_free")
+
+
 def _best_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     """Per group: the best baseline among those present on every task of the group (`rpg.evaluation.best_baseline`
     on their mean accuracy), RPG's best-of-n minus it, and every method's best-of-n minus it (`best_minus_baseline`)."""
@@ -223,7 +234,8 @@ def _best_baseline(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def gather_study(regimes: Mapping[str, Mapping], configs: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
-    """The study table: one row per regime x task group (unseen / seen) x method.
+    """The study table: one row per regime x task group x method. Groups: unseen, seen, and unseen_label_free (the
+    unseen pairs in the regime's `tasks.label_free_domains`, where the per-domain head baselines do not exist).
 
     Args:
         regimes: name -> {"samples": [samples.csv of rule generate (originals, RPG, the baselines), then one per
@@ -241,7 +253,11 @@ def gather_study(regimes: Mapping[str, Mapping], configs: Mapping[str, Mapping] 
     frames = []
     for name, paths in regimes.items():
         samples = pd.concat([pd.read_csv(p, dtype={"embedding": str}) for p in paths["samples"]], ignore_index=True)
-        frame = pd.DataFrame(_method_rows(samples, "unseen") + _method_rows(samples, "seen"))
+        rows = _method_rows(samples, "unseen") + _method_rows(samples, "seen")
+        free = label_free_samples(samples, configs[name]) if configs and name in configs else None
+        if free is not None:
+            rows += _method_rows(free, "unseen_label_free")
+        frame = pd.DataFrame(rows)
         frame.insert(0, "regime", name)
         summary = json.loads(Path(paths["rpg_summary"]).read_text())
         frame["n_train_tasks"] = summary.get("n_train_tasks")
@@ -257,6 +273,7 @@ def gather_study(regimes: Mapping[str, Mapping], configs: Mapping[str, Mapping] 
             frame["holdout_neighbours"] = cfg["tasks"]["holdout_neighbours"]
             frame["shifted_domain_tasks"] = cfg["tasks"]["shifted_domain_tasks"]
             frame["domains"] = ",".join(cfg["domains"]["names"])  # empty: the plain images only
+            frame["label_free_domains"] = ",".join(cfg["tasks"]["label_free_domains"])
         frames.append(_best_baseline(frame))
     return pd.concat(frames, ignore_index=True).round(3)
 

@@ -102,10 +102,12 @@ def embedding_bits(task_ids: Sequence[int]) -> torch.Tensor:
     return torch.tensor([[float(b) for b in id_to_embedding(t)[:N_BITS]] for t in task_ids])
 
 
-def task_condition(task_ids: Sequence[int], n_domains: int = 0) -> torch.Tensor:
-    """RPG's condition vector: the class-set bits, then (n_domains > 0) the one-hot domain code.
+def task_condition(task_ids: Sequence[int], n_domains: int = 0,
+                   domain_codes: torch.Tensor | None = None) -> torch.Tensor:
+    """RPG's condition vector: the class-set bits, then (n_domains > 0) the task's domain code: row d of
+    `domain_codes` (n_domains, c) for a task of domain d, the one-hot code (c = n_domains) when None.
 
-    Shapes: (T,) ids -> (T, 10 + n_domains) float 0/1.
+    Shapes: (T,) ids -> (T, 10 + c) float.
     """
     bits = embedding_bits(task_ids)
     if not n_domains:
@@ -113,7 +115,10 @@ def task_condition(task_ids: Sequence[int], n_domains: int = 0) -> torch.Tensor:
     domains = task_domains(task_ids)
     if len(domains) and int(domains.max()) >= n_domains:
         raise TaskError(f"task domain {int(domains.max())} is out of range for {n_domains} domains")
-    return torch.cat([bits, torch.nn.functional.one_hot(domains, n_domains).float()], dim=1)
+    codes = torch.eye(n_domains) if domain_codes is None else domain_codes.float()
+    if len(codes) != n_domains:
+        raise TaskError(f"{len(codes)} domain codes for {n_domains} domains")
+    return torch.cat([bits, codes[domains]], dim=1)
 
 
 def binary_labels(class_labels: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
@@ -153,7 +158,8 @@ def neighbours(task_ids: Iterable[int]) -> set[int]:
 
 
 def make_split(task_ids: Sequence[int], unseen: Sequence[int], n_val: int, seed: int, n_seen: int | None = None,
-               holdout_neighbours: bool = False, shifted_domain_tasks: int | None = None) -> TaskSplit:
+               holdout_neighbours: bool = False, shifted_domain_tasks: int | None = None,
+               label_free_domains: Sequence[int] = ()) -> TaskSplit:
     """Unseen ids are held out; `n_val` seen ids (seeded choice) validate RPG; the rest train it.
 
     Args:
@@ -162,6 +168,9 @@ def make_split(task_ids: Sequence[int], unseen: Sequence[int], n_val: int, seed:
             validated on (they go to `excluded`).
         shifted_domain_tasks: train on a seeded random subset of at most this many tasks of each shifted domain
             (domain >= 1; domain 0, the plain images, keeps all its tasks): a domain seen with few labelled tasks.
+        label_free_domains: shifted domains with no labelled task at all (k = 0): their training and validation
+            tasks go to `excluded` (the other validation tasks are those of the split without it); their unseen
+            pairs stay unseen.
     """
     task_ids = sorted(set(int(t) for t in task_ids))
     for t in task_ids:
@@ -188,5 +197,13 @@ def make_split(task_ids: Sequence[int], unseen: Sequence[int], n_val: int, seed:
                 ids = random.Random(seed + 2 + domain).sample(ids, shifted_domain_tasks)
             kept += ids
         train = sorted(kept)
+    if label_free_domains:
+        if 0 in set(label_free_domains):
+            raise TaskError("label_free_domains names domain 0 (the plain images): only a shifted domain can be label-free")
+        free = set(int(d) for d in label_free_domains)
+        train = [t for t in train if split_task_id(t)[1] not in free]
+        val = [t for t in val if split_task_id(t)[1] not in free]
+        if not val:
+            raise TaskError("label_free_domains leaves no validation task")
     excluded = sorted(set(task_ids) - set(train) - set(val) - set(unseen))
     return TaskSplit(tuple(train), tuple(val), tuple(sorted(set(unseen))), tuple(excluded))
