@@ -143,7 +143,8 @@ def stages(cfg, args: argparse.Namespace, device: torch.device, work: Path) -> l
     from rpg.experiments.arch_study.study import arch_spec
     from rpg.experiments.task_zoo.backbone import extract_features, train_backbone
     from rpg.experiments.task_zoo.heads import HEAD_KEYS, initial_heads, train_heads
-    from rpg.experiments.task_zoo.pipeline import condition, configured_task_ids
+    from rpg.experiments.task_zoo.methods import condition
+    from rpg.experiments.task_zoo.pipeline import configured_task_ids
     from rpg.generate import sample_models
     from rpg.model import RPG
     from rpg.tokenize import Tokenizer

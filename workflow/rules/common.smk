@@ -240,3 +240,29 @@ def ablation_labels(wildcards):
 def setting(*keys):
     """params: the resolved config values a rule depends on (a change reruns it and everything downstream)."""
     return config_setting(config, *keys)
+
+
+def study_samples(wildcards):
+    """Per regime of study.regimes: its samples.csv (rule generate), then one per study method, in that order."""
+    return [
+        path
+        for regime in CFG.study.regimes
+        for path in [
+            at("generated", regime, "samples.csv"),
+            *(f"{RES}/methods/{regime}/{key}/samples.csv" for key in STUDY_METHODS),
+        ]
+    ]
+
+
+# The regime of RPG-initialised fine-tuning with few labels (rule study_finetune_few).
+FINETUNE_FEW_REGIME = CFG.study.finetune_few.regime
+
+
+def finetune_few_dir(wildcards=None):
+    """The results folder of study.finetune_few.regime, which must be a regime of study.regimes."""
+    if FINETUNE_FEW_REGIME not in CFG.study.regimes:
+        raise WorkflowError(
+            f"study.finetune_few.regime '{FINETUNE_FEW_REGIME}' is not in study.regimes "
+            f'(e.g. --config "study={{regimes: [{FINETUNE_FEW_REGIME}]}}")'
+        )
+    return REGIMES.results_dir(FINETUNE_FEW_REGIME)

@@ -8,7 +8,9 @@
 # study.methods: a user's own task-conditioned weight generators (`module:callable`), by folder name (ST.method_key)
 STUDY_METHODS = {ST.method_key(spec): spec for spec in CFG.study.methods}
 if len(STUDY_METHODS) != len(CFG.study.methods):
-    raise WorkflowError(f"study.methods has entries with one folder name: {list(CFG.study.methods)}")
+    raise WorkflowError(
+        f"study.methods has entries with one folder name: {list(CFG.study.methods)}"
+    )
 
 
 rule study_method:
@@ -47,18 +49,6 @@ rule study_method:
         ),
     script:
         "../scripts/study_method.py"
-
-
-def study_samples(wildcards):
-    """Per regime of study.regimes: its samples.csv (rule generate), then one per study method, in that order."""
-    return [
-        path
-        for regime in CFG.study.regimes
-        for path in [
-            at("generated", regime, "samples.csv"),
-            *(f"{RES}/methods/{regime}/{key}/samples.csv" for key in STUDY_METHODS),
-        ]
-    ]
 
 
 rule study_gather:
@@ -118,19 +108,6 @@ rule unseen_study:
 # RPG-initialised fine-tuning with few labels (issue 31; target `finetune_few`, not part of `all` nor of
 # unseen_study): in regime study.finetune_few.regime, every unseen task's head fine-tuned on k labelled images from
 # RPG's sample and each baseline's head (rpg.experiments.task_zoo.finetune_few).
-FINETUNE_FEW_REGIME = CFG.study.finetune_few.regime
-
-
-def finetune_few_dir(wildcards=None):
-    """The results folder of study.finetune_few.regime, which must be a regime of study.regimes."""
-    if FINETUNE_FEW_REGIME not in CFG.study.regimes:
-        raise WorkflowError(
-            f"study.finetune_few.regime '{FINETUNE_FEW_REGIME}' is not in study.regimes "
-            f"(e.g. --config \"study={{regimes: [{FINETUNE_FEW_REGIME}]}}\")"
-        )
-    return REGIMES.results_dir(FINETUNE_FEW_REGIME)
-
-
 rule study_finetune_few:
     input:
         features=regime_features,

@@ -31,8 +31,12 @@ import torch
 
 from rpg.config import Config
 from rpg.evaluation import create_baseline, list_baselines, register_baseline
+from rpg.generate import sample_models
+from rpg.model import RPG
+from rpg.tokenize import Tokenizer
 from rpg.experiments.task_zoo.baselines import (BASELINES, HEAD_BASELINES, TrainingZoo, baseline_heads,
                                                 compose_predictions, flatten_heads, load_backbone_classifier)
+from rpg.experiments.task_zoo.tasks import task_condition
 
 FAMILY = "task_method"  # the study's methods in the `rpg.evaluation` registry
 
@@ -102,6 +106,22 @@ def fitted_methods(names: Sequence[str], ctx: MethodContext, zoo: TrainingZoo, c
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def condition(cfg: Config, task_ids: Sequence[int], domain_codes: torch.Tensor | None = None) -> torch.Tensor:
+    """RPG's condition for these tasks: the class-set bits (+ the domain code: row d of `domain_codes`, one-hot when
+    None). Shapes: -> (T, condition_dim)."""
+    return task_condition(task_ids, len(cfg.domains.names), domain_codes)
+
+
+def generate_models(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequence[int], n_samples: int,
+                    seed: int, domain_codes: torch.Tensor | None = None, guidance: float | None = None
+                    ) -> list[dict[str, torch.Tensor]]:
+    """`n_samples` generated state dicts per task, task-major (`domain_codes`: as `condition`; `guidance`: the
+    classifier-free guidance scale, None = the generator's own `rpg.guidance_scale`)."""
+    bits = condition(cfg, task_ids, domain_codes).repeat_interleave(n_samples, dim=0)  # (T*S, condition_dim)
+    return sample_models(model, tokenizer, cfg.diffusion, len(bits), seed=seed, cond=bits, mode=cfg.generate.mode,
+                         tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16, guidance=guidance)
+
+
 class RPGMethod(TaskGenerator):
     """The regime's trained generator (rule train_rpg fitted it on the same training split): n samples per task."""
 
@@ -118,7 +138,6 @@ class RPGMethod(TaskGenerator):
     def state_dicts(self, query: TaskQuery) -> list[dict[str, torch.Tensor]]:
         """`query.n` sampled state dicts per task, task-major."""
         from rpg.experiments.task_zoo.domains import stored_domain_codes
-        from rpg.experiments.task_zoo.pipeline import generate_models
 
         return generate_models(self.model, self.tokenizer, self.cfg, query.task_ids, query.n, seed=query.seed,
                                domain_codes=stored_domain_codes(self.meta))

@@ -20,10 +20,9 @@ from rpg.evaluation import (BALANCED_ACCURACY, KIND_ORIGINAL, KIND_RPG, Models, 
                             register_spec, samples_table)
 from rpg.experiments.task_zoo.domains import make_domain_codes, stored_domain_codes
 from rpg.experiments.task_zoo.features import load_features
-from rpg.generate import sample_models
 from rpg.model import RPG
 from rpg.experiments.task_zoo.tasks import (ALL_TASK_IDS, TaskSplit, binary_labels, embedding_to_id, id_to_embedding,
-                                            make_split, rows_by_domain, task_condition)
+                                            make_split, rows_by_domain)
 from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker, start_tracking
 from rpg.train import process_rank, train_rpg
@@ -34,7 +33,8 @@ from rpg.experiments.task_zoo.canonical import Gauge
 from rpg.experiments.task_zoo.baselines import (NOISE_SEED_OFFSET, TrainingZoo, flatten_heads, load_training_zoo,
                                                 unflatten_heads)
 from rpg.experiments.task_zoo.methods import FAMILY as METHOD_FAMILY
-from rpg.experiments.task_zoo.methods import BUILTIN, MethodContext, TaskGenerator, TaskQuery, fitted_methods
+from rpg.experiments.task_zoo.methods import (BUILTIN, MethodContext, TaskGenerator, TaskQuery, condition,
+                                              fitted_methods, generate_models)
 from rpg.experiments.task_zoo.heads import (HeadEvaluator, checkpoint_path, evaluate_heads, load_task_checkpoints,
                                             save_steps, save_zoo, task_metrics, train_heads)
 
@@ -79,11 +79,6 @@ def domain_code_table(cfg: Config, features_path: str | Path | None) -> torch.Te
                          f"{cfg.model.condition_dim - TASK_BITS} (is backbone.feature_dim the features' width?)")
     return codes
 
-
-def condition(cfg: Config, task_ids: Sequence[int], domain_codes: torch.Tensor | None = None) -> torch.Tensor:
-    """RPG's condition for these tasks: the class-set bits (+ the domain code: row d of `domain_codes`, one-hot when
-    None). Shapes: -> (T, condition_dim)."""
-    return task_condition(task_ids, len(cfg.domains.names), domain_codes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,15 +169,6 @@ def evaluate(evaluator, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids
     """{"accuracy": (T,), "balanced_accuracy": (T,), "per_class": (T, 10)} of model i on task task_ids[i]."""
     return task_metrics(evaluator.predict(state_dicts, task_ids), evaluator.classes, task_ids)
 
-
-def generate_models(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Sequence[int], n_samples: int,
-                    seed: int, domain_codes: torch.Tensor | None = None, guidance: float | None = None
-                    ) -> list[dict[str, torch.Tensor]]:
-    """`n_samples` generated state dicts per task, task-major (`domain_codes`: as `condition`; `guidance`: the
-    classifier-free guidance scale, None = the generator's own `rpg.guidance_scale`)."""
-    bits = condition(cfg, task_ids, domain_codes).repeat_interleave(n_samples, dim=0)  # (T*S, condition_dim)
-    return sample_models(model, tokenizer, cfg.diffusion, len(bits), seed=seed, cond=bits, mode=cfg.generate.mode,
-                         tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16, guidance=guidance)
 
 
 def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], evaluator,
