@@ -264,16 +264,15 @@ def load_safetensors_keys(path: str | Path, select: Callable[[list[str]], list[s
     """Only the tensors `select(all keys)` names (the others are not read), with load_safetensors' errors."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+        f = safe_open(str(path), framework="pt")
     except _READ_ERRORS as err:
         raise _unreadable(path, err) from err
-    chosen = select(keys)  # outside the try: its own errors are not the file's
-    try:
-        with safe_open(str(path), framework="pt") as f:
+    with f:
+        chosen = select(list(f.keys()))  # outside the try: its own errors are not the file's
+        try:
             return {k: f.get_tensor(k) for k in chosen}
-    except _READ_ERRORS as err:
-        raise _unreadable(path, err) from err
+        except _READ_ERRORS as err:
+            raise _unreadable(path, err) from err
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

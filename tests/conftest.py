@@ -238,7 +238,6 @@ def slurm_dag() -> SlurmRun:
     return run
 
 
-
 def mlp_state(seed: int) -> dict[str, torch.Tensor]:
     """The state dict of a tiny seeded MLP (3 -> 4 -> 2): a collection's checkpoint in CLI tests."""
     torch.manual_seed(seed)

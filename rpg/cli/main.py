@@ -397,7 +397,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "architecture": collection.architecture(), "eval": args.eval,
                 }})
     except KeyboardInterrupt:
-        print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.safetensors'}",
+        print(f"rpg train: interrupted; run the same command again to resume from {out / 'last.opt.pt'}",
               file=sys.stderr)
         return 130
     if not summary["finished"]:

@@ -80,7 +80,6 @@ def domain_code_table(cfg: Config, features_path: str | Path | None) -> torch.Te
     return codes
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Zoo and split
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,7 +169,6 @@ def evaluate(evaluator, state_dicts: Sequence[dict[str, torch.Tensor]], task_ids
     return task_metrics(evaluator.predict(state_dicts, task_ids), evaluator.classes, task_ids)
 
 
-
 def make_validator(cfg: Config, tokenizer: Tokenizer, val_ids: Sequence[int], evaluator,
                    original_val_acc: torch.Tensor, domain_codes: torch.Tensor | None = None,
                    guidance: float | None = None, n_samples: int | None = None):
@@ -226,12 +224,10 @@ def train_conditional_rpg(cfg: Config, zoo_dir: str | Path, split_path: str | Pa
     tracker = start_tracking(cfg.logging, name=f"{cfg.experiment}-rpg", group=cfg.experiment, job_type="train_rpg",
                              config=cfg.raw, directory=Path(cfg.results_dir) / "wandb") if main_process else Tracker()
     out_dir = Path(out_dir)
-    if main_process:
-        write_json_atomic(out_dir / "layout.json", tokenizer.layout())
     summary = train_rpg(model_cfg, cfg.diffusion, cfg.train, tokenizer, tokens, out_dir, cond=cond, seed=cfg.seed,
                         device=device, validate=validate, tracker=tracker, progress=cfg.logging.progress,
                         force=True,  # the workflow's config is the source of truth: a new step count retrains
-                        metadata=_domain_metadata(cfg, codes))
+                        metadata=_domain_metadata(cfg, codes), files={"layout.json": tokenizer.layout()})
     tracker.finish()
     summary = {**summary, "n_train_tasks": len(split.train), "n_val_tasks": len(split.val),
                "val_original_accuracy": float(orig.mean()) if len(orig) else None}
@@ -312,7 +308,7 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
     for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
         if not task_ids:
             continue
-        n = cfg.generate.seen_samples if group == "seen" else cfg.generate.samples
+        n = samples_per_task(cfg, group)
         start = time.time()
         sds = rpg.state_dicts(_query(cfg, task_ids, n, seed=cfg.seed + 1000 * (g + 1)))
         timing[group] = (time.time() - start) / len(sds)
@@ -332,10 +328,7 @@ def generate_and_evaluate(cfg: Config, rpg_path: str | Path, split_path: str | P
             scored += [s for s in found if s is not None]
         # The task's originals are read only now; the baselines come from `train_zoo`, read before any of them.
         originals = _originals(evaluator, zoo_dir, task_ids, k, train_zoo)
-        builder = SampleRows(originals, train_zoo.collection if train_zoo is not None else None, pairwise_iou=True)
-        for models in [originals, *scored]:
-            frames.append(builder.rows(models))
-            frames[-1].insert(0, "group", group)
+        frames += _group_rows(group, originals, [originals, *scored], train_zoo)
     frame = samples_table(frames, float_dtype="float64")  # the task zoo's samples.csv has always had float64
     write_csv_atomic(out_dir / "samples.csv", frame)
     write_json_atomic(out_dir / "timing.json", {"seconds_per_generated_model": timing,
@@ -373,19 +366,32 @@ def evaluate_method(cfg: Config, spec: str, split_path: str | Path, features_pat
     for g, (group, task_ids) in enumerate(generation_plan(cfg, split).items()):
         if group not in STUDY_GROUPS or not task_ids:
             continue
-        n = cfg.generate.seen_samples if group == "seen" else cfg.generate.samples
+        n = samples_per_task(cfg, group)
         ref = rpg_rows.l2_novelty[(rpg_rows.group == group) & (rpg_rows.kind == KIND_RPG)].mean()
         models = method_models(evaluator, name, method,
                                _query(cfg, task_ids, n, seed=cfg.seed + NOISE_SEED_OFFSET + g, reference_l2=ref),
                                train_zoo)
         if models is None:
             continue
-        originals = _originals(evaluator, zoo_dir, task_ids, k, train_zoo)
-        frames.append(SampleRows(originals, train_zoo.collection, pairwise_iou=True).rows(models))
-        frames[-1].insert(0, "group", group)
+        frames += _group_rows(group, _originals(evaluator, zoo_dir, task_ids, k, train_zoo), [models], train_zoo)
     frame = samples_table(frames, float_dtype="float64")
     write_csv_atomic(out_csv, frame)
     return frame
+
+
+def samples_per_task(cfg: Config, group: str) -> int:
+    """How many heads RPG samples (and a method may give) per task of a `generation_plan` group."""
+    return cfg.generate.seen_samples if group == "seen" else cfg.generate.samples
+
+
+def _group_rows(group: str, originals: Models, scored: Sequence[Models], train_zoo: TrainingZoo | None
+                ) -> list[pd.DataFrame]:
+    """samples.csv rows of scored models of one group, against the group's originals (`rpg.evaluation.SampleRows`)."""
+    builder = SampleRows(originals, train_zoo.collection if train_zoo is not None else None, pairwise_iou=True)
+    frames = [builder.rows(models) for models in scored]
+    for frame in frames:
+        frame.insert(0, "group", group)
+    return frames
 
 
 def _query(cfg: Config, task_ids: Sequence[int], n: int, seed: int, reference_l2: float = float("nan")
