@@ -160,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
               + "".join(f"  {k} {v}" for k, v in extra.items()), flush=True)
 
     add("RPG training step", "train", step_s, step_cpu, tc.steps, step_flops)
-    add("  denoiser forward + backward", "train", *median(denoiser_step, args.repeats), tc.steps, denoiser_flops)
-    add("  recurrent model forward + backward", "train", *median(recurrent_step, args.repeats), tc.steps)
+    add("step: denoiser forward + backward", "train", *median(denoiser_step, args.repeats), tc.steps, denoiser_flops)
+    add("step: recurrent model forward + backward", "train", *median(recurrent_step, args.repeats), tc.steps)
     add("validation (sample + score val_samples)", "train", *median(lambda: validate(model), args.repeats),
         -(-tc.steps // tc.eval_every))
     model.eval()
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             same_predictions=bool((fn() == reference).all()))
     add("job start (imports)", "both", startup_seconds(), float("nan"), 1)
     for job in ("train", "generate"):
-        total = sum(r["job_seconds"] for r in rows if r["job"] in (job, "both") and not r["part"].startswith("  ")
+        total = sum(r["job_seconds"] for r in rows if r["job"] in (job, "both") and not r["part"].startswith("step: ")
                     and "prepared" not in r["part"])
         print(f"{job}: estimated {total:.0f} s per job at {args.threads} thread(s)")
     write_results(args.out, rows, {**vars(args), "config": [str(p) for p in args.config]}, torch.device("cpu"))
