@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -140,6 +142,25 @@ def test_ablation_seeds_replicate_every_setting_under_its_label():
         assert [v for _, v in three[family] if v.seed == 0] == [v for _, v in rows]
     ids = [v.id for rows in three.values() for _, v in rows]
     assert len(set(ids)) == len({v.id for rows in one.values() for _, v in rows}) * 3
+
+
+def test_ablation_reuses_the_table1_generator_only_when_it_is_the_same_one():
+    """The seeded profile trains its ablations at Table 1's budget: replicate 0 of the Table 1 setting is then the
+    Table 1 generator (same seed, same settings) and comes from study "main"; at the default's shorter ablation
+    budget, on another replicate, another setting or an architecture outside Table 1 it is the ablation's own."""
+    n = 11202
+    same = {"architectures": {"table1": ["cnn_m"], "ablations": {"arch": "cnn_m",
+                                                                 "train": {"steps": 800, "diffusion_batch": 256}}}}
+    cfg = config_from_dict(same)
+    base = ax.main_variant(cfg, "cnn_m", n)
+    assert ax.arch_spec(cfg, "cnn_m", "ablation") == ax.arch_spec(cfg, "cnn_m", "main")
+    assert ax.ablation_study(cfg, "cnn_m", base, n) == "main"
+    for other in (dataclasses.replace(base, seed=1), dataclasses.replace(base, recurrent="lstm")):
+        assert ax.ablation_study(cfg, "cnn_m", other, n) == "ablation"
+    default = config_from_dict({"architectures": {"ablations": {"arch": "cnn_m"}}})  # 400 steps: not the same
+    assert ax.ablation_study(default, "cnn_m", ax.main_variant(default, "cnn_m", n), n) == "ablation"
+    outside = config_from_dict({**same, "architectures": {**same["architectures"], "table1": ["cnn_s"]}})
+    assert ax.ablation_study(outside, "cnn_m", base, n) == "ablation"
 
 
 def test_model_entry_overrides_the_family_keys_and_diffusion():

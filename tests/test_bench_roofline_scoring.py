@@ -1,6 +1,6 @@
-"""benchmarks/bench_roofline.py and bench_scoring.py run end to end at tiny sizes (the test profile), the roofline's
-bound column follows from its measured columns, and batched scoring gives the one-at-a-time path's logits and
-predictions. ~20 s on the 2-core machines."""
+"""benchmarks/bench_roofline.py, bench_scoring.py and bench_ablation_job.py run end to end at tiny sizes (the test
+profile), the roofline's bound column follows from its measured columns, and batched scoring gives the
+one-at-a-time path's logits and predictions. ~30 s on the 2-core machines."""
 
 from __future__ import annotations
 
@@ -72,3 +72,17 @@ def test_batched_scoring_equals_one_at_a_time(arch, kwargs):
     assert batched.shape == one.shape == (3, 50, 10)
     torch.testing.assert_close(batched, one, rtol=1e-5, atol=1e-5)
     assert torch.equal(batched.argmax(-1), one.argmax(-1))
+
+
+def test_ablation_job_smoke(tmp_path):
+    """bench_ablation_job.py times every part of an ablation job and its scoring candidates keep the predictions."""
+    out = tmp_path / "ablation_job.csv"
+    _load("bench_ablation_job").main([*TEST_PROFILE, "--variant", "mamba-2d-perm-runs1-tok64", "--steps", "2",
+                                      "--repeats", "1", "--images", "120", "--out", str(out)])
+    df = pd.read_csv(out)
+    assert {"train", "generate", "both"} == set(df.job)
+    assert (df.seconds > 0).all() and (df.job_seconds == df.seconds * df.per_job).all()
+    step = df[df.part == "RPG training step"].iloc[0]
+    assert step.per_job == 6 and step.flops > 0  # the test profile's architectures.ablations.train.steps
+    candidates = df[df.part.str.contains("prepared")]
+    assert len(candidates) == 2 and candidates.same_predictions.all()

@@ -230,7 +230,8 @@ def arch_threads(wildcards):
 
 def ablation_inputs(wildcards):
     name, families = ablation_variants()
-    return [arch_samples("ablation", name, v.id) for _, v in families[wildcards.family]]
+    n = n_params(name)
+    return [arch_samples(AX.ablation_study(CFG, name, v, n), name, v.id) for _, v in families[wildcards.family]]
 
 
 def ablation_labels(wildcards):

@@ -181,6 +181,18 @@ def ablation_variants(cfg: Config, n_params: int) -> dict[str, list[tuple[str, V
             for family, rows in settings.items()}
 
 
+def ablation_study(cfg: Config, name: str, variant: Variant, n_params: int) -> str:
+    """The study whose generator an ablation variant of architecture `name` is: "main" when it is the Table 1
+    generator itself (the row is in `architectures.table1`, the variant is its setting with replicate 0, and
+    `architectures.ablations.train` leaves the row's training unchanged, e.g. `config/experiments/
+    ablations_cnn_m.yaml`), so that the one generator is trained and scored once; "ablation" otherwise. Same seed,
+    same settings, same files: the numbers are those the ablation would have trained."""
+    if (name in cfg.architectures.table1 and variant == main_variant(cfg, name, n_params)
+            and arch_spec(cfg, name, "ablation") == arch_spec(cfg, name, "main")):
+        return "main"
+    return "ablation"
+
+
 def parameter_count(spec: ArchSpec) -> int:
     """Parameters of the architecture, built once on the meta device (shapes without weights: the paper's 86M ViT
     in ~0.1 s instead of ~3 s), without pretrained weights."""
