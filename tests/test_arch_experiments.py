@@ -201,3 +201,26 @@ def test_arch_spec_merges_overrides_and_names_bad_keys():
     assert spec_sorted.train.canonicalise == "none" and spec_sorted.train.lr == 0.002
     with pytest.raises(ValueError, match="architectures.models.v.collect"):  # at load time, naming the path
         config_from_dict({"architectures": {"models": {"v": {"arch": "rpg_cnn_s", "collect": {"lrr": 0.5}}}}})
+
+
+def test_cnn_10m_row_has_ten_million_parameters_that_all_see_the_image(repo_root):
+    """config/experiments/table1_cnn_10m.yaml: its one row has >= 10M parameters (counted on the meta device), its
+    generator can hold that many numbers, and its widest conv runs at 3x3, so every tap of its kernels multiplies
+    image features, not only zero padding."""
+    from rpg.config import load_config
+
+    cfg = load_config([repo_root / "config" / "config.yaml", repo_root / "config" / "experiments" / "table1_cnn_10m.yaml"])
+    assert list(cfg.architectures.table1) == ["cnn_10m"]
+    spec = ax.arch_spec(cfg, "cnn_10m")
+    n_params = ax.parameter_count(spec)
+    assert n_params >= 10_000_000
+    # a token is decoded from its d_model-wide prototype: tokens x d_model must reach the parameter count (the row's
+    # first run, token 4096 with d_model 256, sampled chance-level networks; docs/table1.md)
+    generator = ax.base_model_config(spec, n_params)
+    assert generator.d_model >= generator.token_size
+    model = build_model(spec.arch, spec.model_kwargs)
+    widest = max((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.weight.numel())
+    seen = {}
+    widest.register_forward_hook(lambda module, args, out: seen.update(size=args[0].shape[-2:]))
+    model.eval()(torch.zeros(1, 3, spec.img_size, spec.img_size))
+    assert min(seen["size"]) >= widest.kernel_size[0]
