@@ -279,7 +279,8 @@ def v_table1(ref: Reference, folder: str = "table1") -> str:
                      f"{num(col(r, 'original_best_acc'))} / {num(col(r, 'original_mean_acc'))}",
                      f"{num(col(r, 'rpg_best_acc'))} / {num(col(r, 'rpg_mean_acc'))} / {num(col(r, 'rpg_min_acc'))}",
                      f"{num(col(r, 'gap_best'))} / {num(col(r, 'gap_mean'))}",
-                     f"{num(r['sample_steps'], 'd')} ({r['sample_steps_val']})",
+                     num(r["sample_steps"], "d") + ("" if pd.isna(r["sample_steps_val"])  # one candidate: none
+                                                    else f" ({r['sample_steps_val']})"),
                      " / ".join(num(col(r, f"{b}_mean_acc")) for b in ARCH_BASELINES),
                      num(col(r, "rpg_mean_minus_baseline_acc"), "+.2f"),
                      f"{num(col(r, 'rpg_l2_novelty'))} / {num(col(r, 'original_l2_novelty'), '.3f')}",
