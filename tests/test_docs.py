@@ -114,3 +114,17 @@ def test_relative_links_point_to_existing_files():
             if not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO_ROOT)} -> {target}")
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_rule_groups_view_sums_each_group(tmp_path):
+    from rpg.cli.doc_views import VIEWS, Reference
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rule_times.csv").write_text(
+        "group,job,wall_s,cpu_s,max_rss_mb,mean_load\n"
+        "a,split,10,8,500,80\na,train_rpg,100,190,1200,190\nb,zoo,50,90,2000,180\n")
+    table = VIEWS["rule_groups"](Reference(tmp_path), "run")
+    rows = [line for line in table.splitlines() if line.startswith("| `") or line.startswith("| **")]
+    assert rows == ["| `a` | 2 | 110 | 198 | 1,200 |", "| `b` | 1 | 50 | 90 | 2,000 |",
+                    "| **all** | 3 | 160 | 288 | 2,000 |"]

@@ -16,6 +16,7 @@ import pandas as pd
 
 from rpg.evaluation import best_baseline
 from rpg.experiments.arch_study import baselines as arch_baselines
+from rpg.experiments.rule_times import group_totals
 from rpg.experiments.task_zoo import baselines as zoo_baselines
 
 MINUS = "\u2212"
@@ -254,6 +255,18 @@ def v_rule_times(ref: Reference, folder: str, group: str = "", prefix: str = "")
     rows.append(["**all jobs**", num(df["wall_s"].sum(), ",.0f"), num(df["cpu_s"].sum(), ",.0f"),
                  num(df["max_rss_mb"].max(), ",.0f")])
     return md_table(["job", "wall s", "CPU s", "peak RSS MB"], rows)
+
+
+@view("rule_groups")
+def v_rule_groups(ref: Reference, folder: str) -> str:
+    """Per group of a run's `rule_times.csv` (a regime, a shared backbone or zoo): jobs, wall / CPU seconds and
+    peak memory, with the total: where a study's time went."""
+    totals = group_totals(ref.csv(f"{folder}/rule_times"))
+    rows = [[f"`{r['group']}`", str(r["jobs"]), num(r["wall_s"], ",.0f"), num(r["cpu_s"], ",.0f"),
+             num(r["max_rss_mb"], ",.0f")] for _, r in totals.iterrows()]
+    rows.append(["**all**", str(totals["jobs"].sum()), num(totals["wall_s"].sum(), ",.0f"),
+                 num(totals["cpu_s"].sum(), ",.0f"), num(totals["max_rss_mb"].max(), ",.0f")])
+    return md_table(["group", "jobs", "wall s", "CPU s", "peak RSS MB"], rows)
 
 
 @view("rule_total")
