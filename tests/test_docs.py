@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import REPO_ROOT
 
@@ -95,6 +96,26 @@ def test_update_copies_a_run_and_renders(tmp_path):
     assert (dest / "config.yaml").read_text() == "seed: 1\n"
     assert "table13" in (dest / "rule_times.csv").read_text()
     assert main(["docs", "--root", str(root), "check"]) == 0
+
+
+def test_update_keeps_only_the_named_rule_time_groups(tmp_path, capsys):
+    root = _copy_checkout(tmp_path)
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy2(root / "docs/reference/table13/table13.csv", results / "table13.csv")
+    tsv = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+           "12.5\t0:00:12\t100\t0\t0\t0\t0\t0\t50\t6.0\n")
+    for group, job in (("cifar10_binary", "table13"), ("study/domains_few", "train_rpg")):
+        (results / "benchmarks/rules" / group).mkdir(parents=True)
+        (results / "benchmarks/rules" / group / f"{job}.tsv").write_text(tsv)
+    before = (root / "docs/reference/table13/rule_times.csv").read_text()
+    # A group the run lacks is refused before anything is copied, naming the groups it has.
+    assert main(["docs", "--root", str(root), "update", "table13", str(results), "--groups", "nope"]) == 2
+    assert "cifar10_binary" in capsys.readouterr().err
+    assert (root / "docs/reference/table13/rule_times.csv").read_text() == before
+    main(["docs", "--root", str(root), "update", "table13", str(results), "--groups", "cifar10_binary"])
+    kept = pd.read_csv(root / "docs/reference/table13/rule_times.csv")
+    assert list(kept["group"]) == ["cifar10_binary"] and list(kept["job"]) == ["table13"]
 
 
 def test_unknown_view_is_a_user_error(tmp_path, capsys):

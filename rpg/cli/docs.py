@@ -13,6 +13,7 @@ resolved config `config.yaml`, `lscpu.txt`, `rule_times.csv`):
     rpg docs render                      # rewrite every page in place
     rpg docs check                       # exit 1 and print a diff when a page disagrees with its CSVs
     rpg docs update table16 results/     # copy a new run's table16.csv, config, lscpu and rule times, then render
+    rpg docs update table13 results/ --groups cifar10_binary   # only those rule-time groups of a shared folder
 
 The views (what each marker renders) are `rpg.cli.doc_views`.
 """
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -89,10 +91,15 @@ def render(root: Path = ROOT) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------- updating
-def update(table: str, results: Path, root: Path = ROOT) -> Path:
+def update(table: str, results: Path, root: Path = ROOT, groups: Sequence[str] | None = None) -> Path:
     """Copy a run's `<table>.csv` (or the folder `<table>/` of CSVs, e.g. ablations) with its resolved config,
-    this machine's lscpu and the run's rule times into docs/reference/<table>/, then render every page."""
+    this machine's lscpu and the run's rule times into docs/reference/<table>/, then render every page.
+
+    `groups` keeps only those rule-time groups (experiment folders, e.g. `cifar10_binary`): a results folder shared
+    by several targets (the study and Table 13) holds every target's jobs, and a table's reference should time its
+    own. Raises ValueError (before anything is copied) when a named group has no job in the run."""
     results = Path(results)
+    times = _rule_times(results / "benchmarks" / "rules", groups)
     dest = root / REFERENCE / table
     dest.mkdir(parents=True, exist_ok=True)
     csv, folder = results / f"{table}.csv", results / table
@@ -118,12 +125,27 @@ def update(table: str, results: Path, root: Path = ROOT) -> Path:
         (dest / "lscpu.txt").write_text(subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout)
     except (OSError, subprocess.CalledProcessError):
         (dest / "machine.txt").write_text("machine not recorded: lscpu was not available where the run was copied\n")
-    rules = results / "benchmarks" / "rules"
-    if rules.is_dir():
-        from rpg.experiments.rule_times import rule_times
-        rule_times(rules).to_csv(dest / "rule_times.csv", index=False)
+    if times is not None:
+        times.to_csv(dest / "rule_times.csv", index=False)
     render(root)
     return dest
+
+
+def _rule_times(rules: Path, groups: Sequence[str] | None) -> pd.DataFrame | None:
+    """The run's rule times (None when it kept none), restricted to `groups` when given."""
+    if not rules.is_dir():
+        if groups:
+            raise ValueError(f"--groups {' '.join(groups)}: the run has no rule times ({rules} is missing)")
+        return None
+    from rpg.experiments.rule_times import rule_times
+    times = rule_times(rules)
+    if groups:
+        missing = sorted(set(groups) - set(times["group"]))
+        if missing:
+            raise ValueError(f"no rule times of group(s) {', '.join(missing)} under {rules}; "
+                             f"its groups: {', '.join(sorted(times['group'].unique()))}")
+        times = times[times["group"].isin(groups)]
+    return times
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
@@ -137,6 +159,8 @@ def add_parser(sub: argparse._SubParsersAction, formatter) -> None:
     u = actions.add_parser("update", help="copy a new run's table into docs/reference/<table>/, then render")
     u.add_argument("table", help="table11, table16, table12, seen_summary, table13, table1, ablations, ...")
     u.add_argument("results", type=Path, help="the run's results folder (holds <table>.csv)")
+    u.add_argument("--groups", nargs="+", metavar="GROUP",
+                   help="keep only these rule-time groups (folders under results/benchmarks/rules)")
     d.add_argument("--root", type=Path, default=ROOT, help="the checkout whose pages to render")
     d.set_defaults(func=cmd_docs)
 
@@ -153,6 +177,10 @@ def cmd_docs(args: argparse.Namespace) -> int:
         if diffs:
             print(f"{len(diffs)} page(s) disagree with docs/reference: run `rpg docs render`", file=sys.stderr)
         return 1 if diffs else 0
-    dest = update(args.table, args.results, args.root)
+    try:
+        dest = update(args.table, args.results, args.root, args.groups)
+    except ValueError as err:
+        print(f"rpg docs update: {err}", file=sys.stderr)
+        return 2
     print(f"updated {dest.relative_to(args.root)} and rendered the pages")
     return 0
