@@ -149,3 +149,18 @@ def test_rule_groups_view_sums_each_group(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| `") or line.startswith("| **")]
     assert rows == ["| `a` | 2 | 110 | 198 | 1,200 |", "| `b` | 1 | 50 | 90 | 2,000 |",
                     "| **all** | 3 | 160 | 288 | 2,000 |"]
+
+
+def test_finetune_views_read_the_named_run(tmp_path):
+    from rpg.cli.doc_views import VIEWS, DocsError, Reference
+
+    other = tmp_path / "finetune_few" / "other"
+    other.mkdir(parents=True)
+    shutil.copy2(REPO_ROOT / "docs/reference/finetune_few/finetune_few.csv", other / "finetune_few.csv")
+    ref = Reference(tmp_path)
+    table = VIEWS["finetune_few"](ref, "1", "finetune_few/other/finetune_few")
+    prose = VIEWS["finetune_few_needs"](ref, "1", "finetune_few/other/finetune_few")
+    assert table.startswith("| start | tasks | k = ") and "`rpg`" in table
+    assert "RPG's sample (chosen on the k images)" in prose
+    with pytest.raises(DocsError, match="no reference file"):  # the default run's file is not in this reference: not read
+        VIEWS["finetune_few"](ref)

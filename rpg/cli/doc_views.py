@@ -398,17 +398,17 @@ FINETUNE_ARMS = {"rpg": "RPG's sample (chosen on the k images)", "zoo_init": "th
                  "fresh": "a fresh random head"}
 
 
-def _finetune_summary(ref: Reference, within: str) -> pd.DataFrame:
+def _finetune_summary(ref: Reference, within: str, table: str) -> pd.DataFrame:
     from rpg.experiments.task_zoo.finetune_few import images_needed
 
-    return images_needed(ref.csv("finetune_few"), float(within))
+    return images_needed(ref.csv(table), float(within))
 
 
 @view("finetune_few")
-def v_finetune_few(ref: Reference, within: str = "1") -> str:
-    """Fine-tuning unseen heads on k images (`finetune_few.csv`): per arm the mean test accuracy at the last step
-    for each k, the originals', and the smallest k within `within` points of them."""
-    df = _finetune_summary(ref, within)
+def v_finetune_few(ref: Reference, within: str = "1", table: str = "finetune_few") -> str:
+    """Fine-tuning unseen heads on k images (`finetune_few.csv`, or another run's `table`): per arm the mean test
+    accuracy at the last step for each k, the originals', and the smallest k within `within` points of them."""
+    df = _finetune_summary(ref, within, table)
     shots = [c for c in df.columns if c.startswith("k=")]
     rows = [[f"`{r['arm']}`", num(r["n_tasks"], "d")] + [num(r[c]) for c in shots]
             + [num(r["original"]), str(r["needs"])] for _, r in df.iterrows()]
@@ -417,9 +417,9 @@ def v_finetune_few(ref: Reference, within: str = "1") -> str:
 
 
 @view("finetune_few_needs")
-def v_finetune_few_needs(ref: Reference, within: str = "1") -> str:
+def v_finetune_few_needs(ref: Reference, within: str = "1", table: str = "finetune_few") -> str:
     """The same as prose: how many labelled images each start needs to come within `within` points."""
-    df = _finetune_summary(ref, within)
+    df = _finetune_summary(ref, within, table)
     parts = [f"{FINETUNE_ARMS.get(r['arm'], '`' + r['arm'] + '`')}: "
              + ("not within reach even with all its training images" if r["needs"] == "none" else
                 "all its training images" if r["needs"] == "all" else f"{r['needs']} images")
