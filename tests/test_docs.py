@@ -162,5 +162,6 @@ def test_finetune_views_read_the_named_run(tmp_path):
     prose = VIEWS["finetune_few_needs"](ref, "1", "finetune_few/other/finetune_few")
     assert table.startswith("| start | tasks | k = ") and "`rpg`" in table
     assert "RPG's sample (chosen on the k images)" in prose
-    with pytest.raises(DocsError, match="no reference file"):  # the default run's file is not in this reference: not read
+    # The default run's file is not in this reference: the views read the named run's, not it.
+    with pytest.raises(DocsError, match="no reference file"):
         VIEWS["finetune_few"](ref)
