@@ -165,3 +165,46 @@ def test_finetune_views_read_the_named_run(tmp_path):
     # The default run's file is not in this reference: the views read the named run's, not it.
     with pytest.raises(DocsError, match="no reference file"):
         VIEWS["finetune_few"](ref)
+
+
+def test_update_merge_replaces_only_the_named_groups(tmp_path, capsys):
+    root = _copy_checkout(tmp_path)
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy2(root / "docs/reference/table13/table13.csv", results / "table13.csv")
+    tsv = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+           "12.5\t0:00:12\t100\t0\t0\t0\t0\t0\t50\t6.0\n")
+    (results / "benchmarks/rules/study/new").mkdir(parents=True)
+    (results / "benchmarks/rules/study/new/train_rpg.tsv").write_text(tsv)
+    reference = root / "docs/reference/table13/rule_times.csv"
+    before = pd.read_csv(reference)
+    # --merge without --groups would drop the reference's rows: refused, nothing copied.
+    assert main(["docs", "--root", str(root), "update", "table13", str(results), "--merge"]) == 2
+    assert "--groups" in capsys.readouterr().err
+    main(["docs", "--root", str(root), "update", "table13", str(results), "--groups", "study/new", "--merge"])
+    after = pd.read_csv(reference)
+    assert len(after) == len(before) + 1
+    pd.testing.assert_frame_equal(after.iloc[:-1], before, check_dtype=False)
+    assert after.iloc[-1][["group", "job", "wall_s"]].tolist() == ["study/new", "train_rpg", 12.5]
+    # Run again: the group's rows are replaced, not appended twice.
+    main(["docs", "--root", str(root), "update", "table13", str(results), "--groups", "study/new", "--merge"])
+    assert len(pd.read_csv(reference)) == len(before) + 1
+
+
+def test_target_times_view_adds_up_and_refuses_a_failed_run(tmp_path):
+    from rpg.cli.doc_views import VIEWS, DocsError, Reference
+
+    (tmp_path / "run").mkdir()
+    header = "target,command,commit,started,finished,wall_s,rc\n"
+    (tmp_path / "run/run.csv").write_text(header + "a,snakemake a,abc,t0,t1,600,0\nb,snakemake b,abc,t1,t2,90,0\n")
+    ref = Reference(tmp_path)
+    table = VIEWS["target_times"](ref, "run/run")
+    assert "| `a` | 10.0 | 10.0 |" in table and "| `b` | 1.5 | 11.5 |" in table
+    assert "| **the whole run** | 11.5 |" in table
+    assert VIEWS["run_minutes"](ref, "run/run") == "12" and VIEWS["run_minutes"](ref, "run/run", "target=b") == "2"
+    with pytest.raises(DocsError, match="no row"):
+        VIEWS["run_minutes"](ref, "run/run", "target=c")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad/run.csv").write_text(header + "a,snakemake a,abc,t0,t1,600,0\nb,snakemake b,abc,t1,t2,9,1\n")
+    with pytest.raises(DocsError, match="failed"):
+        VIEWS["target_times"](Reference(tmp_path), "bad/run")

@@ -282,6 +282,36 @@ def v_rule_total(ref: Reference, folder: str, column: str, group: str = "", pref
     return num(df[column].sum(), ",.0f")
 
 
+@view("target_times")
+def v_target_times(ref: Reference, table: str) -> str:
+    """A run timed target by target (`rpg.experiments.target_times`): each target's marginal wall minutes (what it
+    added to the targets above it), the running total, and the whole run."""
+    df = ref.csv(table)
+    failed = df[df["rc"] != 0]
+    if len(failed):
+        raise DocsError(f"{table}: target {failed['target'].iloc[0]!r} failed (exit {failed['rc'].iloc[0]}); "
+                        "a failed run is not a reference")
+    minutes = df["wall_s"] / 60
+    rows = [[f"`{r['target']}`", num(m, ".1f"), num(total, ".1f")]
+            for (_, r), m, total in zip(df.iterrows(), minutes, minutes.cumsum())]
+    rows.append(["**the whole run**", num(minutes.sum(), ".1f"), ""])
+    return md_table(["target (in order)", "wall min it added", "wall min so far"], rows)
+
+
+@view("run_minutes")
+def v_run_minutes(ref: Reference, table: str, selector: str = "") -> str:
+    """Wall minutes of a timed run (`target_times` rows), for prose: all rows, or those matching `key=value`."""
+    df = ref.csv(table)
+    for part in filter(None, selector.split(",")):
+        key, _, value = part.partition("=")
+        if key not in df.columns:
+            raise DocsError(f"no column {key!r} to select on (columns: {', '.join(df.columns)})")
+        df = df[df[key].astype(str) == value]
+    if df.empty:
+        raise DocsError(f"{table}: no row matches {selector!r}")
+    return num(df["wall_s"].sum() / 60, ".0f")
+
+
 @view("table1")
 def v_table1(ref: Reference, folder: str = "table1") -> str:
     """One row per architecture of `<folder>/table1.csv`: originals, RPG, baselines, novelty, steps."""

@@ -14,6 +14,7 @@ resolved config `config.yaml`, `lscpu.txt`, `rule_times.csv`):
     rpg docs check                       # exit 1 and print a diff when a page disagrees with its CSVs
     rpg docs update table16 results/     # copy a new run's table16.csv, config, lscpu and rule times, then render
     rpg docs update table13 results/ --groups cifar10_binary   # only those rule-time groups of a shared folder
+    rpg docs update unseen_study results/ --groups study/new_regime --merge   # add / replace those groups only
 
 The views (what each marker renders) are `rpg.cli.doc_views`.
 """
@@ -91,16 +92,24 @@ def render(root: Path = ROOT) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------- updating
-def update(table: str, results: Path, root: Path = ROOT, groups: Sequence[str] | None = None) -> Path:
+def update(table: str, results: Path, root: Path = ROOT, groups: Sequence[str] | None = None,
+           merge: bool = False) -> Path:
     """Copy a run's `<table>.csv` (or the folder `<table>/` of CSVs, e.g. ablations) with its resolved config,
     this machine's lscpu and the run's rule times into docs/reference/<table>/, then render every page.
 
     `groups` keeps only those rule-time groups (experiment folders, e.g. `cifar10_binary`): a results folder shared
     by several targets (the study and Table 13) holds every target's jobs, and a table's reference should time its
-    own. Raises ValueError (before anything is copied) when a named group has no job in the run."""
+    own. With `merge`, the reference's rule times of every other group are kept and the named groups' rows
+    replaced or added: a study grown by a few regimes run later in the same folder. Raises ValueError (before
+    anything is copied) when a named group has no job in the run, or `merge` comes without `groups`."""
     results = Path(results)
+    if merge and not groups:
+        raise ValueError("--merge needs --groups: the rule-time groups to replace or add")
     times = _rule_times(results / "benchmarks" / "rules", groups)
     dest = root / REFERENCE / table
+    if merge and (dest / "rule_times.csv").exists():
+        kept = pd.read_csv(dest / "rule_times.csv")
+        times = pd.concat([kept[~kept["group"].isin(groups)], times], ignore_index=True)
     dest.mkdir(parents=True, exist_ok=True)
     csv, folder = results / f"{table}.csv", results / table
     if csv.exists():
@@ -161,6 +170,8 @@ def add_parser(sub: argparse._SubParsersAction, formatter) -> None:
     u.add_argument("results", type=Path, help="the run's results folder (holds <table>.csv)")
     u.add_argument("--groups", nargs="+", metavar="GROUP",
                    help="keep only these rule-time groups (folders under results/benchmarks/rules)")
+    u.add_argument("--merge", action="store_true",
+                   help="with --groups: keep the reference's other groups, replace or add only these")
     d.add_argument("--root", type=Path, default=ROOT, help="the checkout whose pages to render")
     d.set_defaults(func=cmd_docs)
 
@@ -178,7 +189,7 @@ def cmd_docs(args: argparse.Namespace) -> int:
             print(f"{len(diffs)} page(s) disagree with docs/reference: run `rpg docs render`", file=sys.stderr)
         return 1 if diffs else 0
     try:
-        dest = update(args.table, args.results, args.root, args.groups)
+        dest = update(args.table, args.results, args.root, args.groups, args.merge)
     except ValueError as err:
         print(f"rpg docs update: {err}", file=sys.stderr)
         return 2
