@@ -359,6 +359,7 @@ class FinetuneFewConfig:
     steps: int | None  # None: the regime's zoo.steps
     eval_steps: tuple[int, ...]
     within: float
+    holdout: float  # fraction of the k images that chooses the early-stopped recipe's step; 0 = none
     seed_offset: int
 
 

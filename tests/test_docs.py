@@ -167,6 +167,24 @@ def test_finetune_views_read_the_named_run(tmp_path):
         VIEWS["finetune_few"](ref)
 
 
+def test_finetune_views_split_the_fixed_and_early_stopped_recipes(tmp_path):
+    from rpg.cli.doc_views import VIEWS, DocsError, Reference
+
+    run = pd.read_csv(REPO_ROOT / "docs/reference/finetune_few/finetune_few.csv", dtype={"k": str})
+    early = run[run.arm.isin(["rpg", "fresh"])].assign(arm=lambda d: d.arm + "_early")
+    (tmp_path / "ff").mkdir()
+    pd.concat([run, early]).to_csv(tmp_path / "ff/ff.csv", index=False)
+    ref = Reference(tmp_path)
+    both, fixed, only_early = (VIEWS["finetune_few"](ref, "1", "ff", recipe) for recipe in ("all", "fixed", "early"))
+    assert "`rpg_early`" in both and "`rpg`" in both
+    assert "`rpg_early`" not in fixed and "`rpg` |" in fixed
+    assert [line.split(" |")[0] for line in only_early.splitlines()[2:]] == ["| `rpg_early`", "| `fresh_early`"]
+    prose = VIEWS["finetune_few_needs"](ref, "1", "ff", "early")
+    assert prose.startswith("RPG's sample (chosen on the k images), early-stopped:") and "fresh random head" in prose
+    with pytest.raises(DocsError, match="recipe"):
+        VIEWS["finetune_few"](ref, "1", "ff", "best")
+
+
 def test_update_merge_replaces_only_the_named_groups(tmp_path, capsys):
     root = _copy_checkout(tmp_path)
     results = tmp_path / "results"

@@ -76,6 +76,10 @@ def test_every_arm_k_and_step_with_the_originals_beside(run):
     per_task = frame[frame.task_id.astype(str) != "mean"]
     assert set(per_task.task_id.astype(int)) == set(UNSEEN)
     assert {"rpg", "affine", "nearest", "mean", "noise", "zoo_init", "fresh"} <= set(per_task.arm)
+    assert {arm + "_early" for arm in ("rpg", "affine", "fresh")} <= set(per_task.arm)  # holdout 0.25 by default
+    early = per_task[per_task.arm.str.endswith("_early")]
+    assert set(early.step) == {12} and set(early.stop_step) <= {0, 3, 12} and early.stop_step.notna().all()
+    assert per_task[~per_task.arm.str.endswith("_early")].stop_step.isna().all()
     # a baseline that does not exist for a task is no arm of it: 314's complement (709) trains, 279's (744) not
     complement = per_task[per_task.arm == "complement"]
     assert set(complement.task_id.astype(int)) == {domain_task_id(314, 1)}
@@ -117,6 +121,7 @@ def test_rpg_sample_is_chosen_on_the_k_training_images_only(run, tmp_path):
     other = FF.finetune_few(cfg, tmp_path / "features.safetensors", run["tmp"] / "zoo", run["tmp"] / "split.json",
                             run["tmp"] / "models")
     pd.testing.assert_series_equal(other["sample"], frame["sample"])
+    pd.testing.assert_series_equal(other["stop_step"], frame["stop_step"])  # so is the early-stopped step
     assert not other.accuracy.equals(frame.accuracy)  # the test images did change: only the scores moved
 
 
@@ -134,6 +139,34 @@ def test_arms_share_one_data_order():
     assert a.accuracy.tolist() == c.accuracy.tolist() and sorted(a.step) == [0, 5, 10]
     alone = pd.DataFrame(FF.finetune_arms({"a": same}, x, classes, 279, test_x, test_classes, rec, seed=3))
     assert alone.accuracy.tolist() == pytest.approx(a.accuracy.tolist())
+
+
+def test_holdout_size():
+    assert [FF.holdout_size(k, 0.25) for k in (1, 2, 4, 8, 32, 101)] == [0, 1, 1, 2, 8, 25]
+    assert FF.holdout_size(8, 0.0) == 0 and FF.holdout_size(3, 0.5) == 2  # 1.5 rounds to 2; one image is kept
+
+
+def test_early_stopped_arm_keeps_the_step_best_on_the_held_out_images():
+    """The kept step is the best saved step on the last h of the k images (scored here by `finetune_arms` on them
+    as its test set, the same training), and its test accuracy is that step's; every arm gets an `_early` row."""
+    gen = torch.Generator().manual_seed(4)
+    x, classes = torch.randn(16, D, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    test_x, test_classes = torch.randn(80, D, generator=gen), torch.arange(80) % 10
+    rec = FF.Recipe(steps=20, batch_size=4, lr=5e-2, weight_decay=0.0, eval_steps=(0, 2, 5, 10), task_chunk=2,
+                    holdout=0.25)
+    starts = {"a": initial_head(D, 5), "b": initial_head(D, 6), "c": initial_head(D, 7)}
+    early = pd.DataFrame(FF.early_stopped_arms(starts, x, classes, 279, test_x, test_classes, rec, seed=3))
+    assert early.arm.tolist() == ["a_early", "b_early", "c_early"] and set(early.step) == {20}
+    fit, held = slice(0, 12), slice(12, 16)
+    on_held = pd.DataFrame(FF.finetune_arms(starts, x[fit], classes[fit], 279, x[held], classes[held], rec, seed=3))
+    on_test = pd.DataFrame(FF.finetune_arms(starts, x[fit], classes[fit], 279, test_x, test_classes, rec, seed=3))
+    for row in early.itertuples():
+        arm = row.arm.removesuffix("_early")
+        held_acc = on_held[on_held.arm == arm].set_index("step").accuracy
+        assert held_acc[row.stop_step] == held_acc.max()
+        test_acc = on_test[(on_test.arm == arm) & (on_test.step == row.stop_step)].accuracy.item()
+        assert row.accuracy == pytest.approx(test_acc, abs=1e-4)
+    assert FF.early_stopped_arms(starts, x[:1], classes[:1], 279, test_x, test_classes, rec, seed=3) == []
 
 
 def test_train_heads_from_given_heads_returns_the_start_and_leaves_it_alone():

@@ -428,17 +428,29 @@ FINETUNE_ARMS = {"rpg": "RPG's sample (chosen on the k images)", "zoo_init": "th
                  "fresh": "a fresh random head"}
 
 
-def _finetune_summary(ref: Reference, within: str, table: str) -> pd.DataFrame:
-    from rpg.experiments.task_zoo.finetune_few import images_needed
+def _finetune_summary(ref: Reference, within: str, table: str, recipe: str) -> pd.DataFrame:
+    """`images_needed` of a fine-tuning run; recipe `fixed` / `early` keeps that recipe's arms, `all` both."""
+    from rpg.experiments.task_zoo.finetune_few import EARLY, images_needed
 
-    return images_needed(ref.csv(table), float(within))
+    if recipe not in ("all", "fixed", "early"):
+        raise DocsError(f"recipe {recipe!r}: all, fixed or early")
+    df = images_needed(ref.csv(table), float(within))
+    early = df["arm"].str.endswith(EARLY)
+    return df if recipe == "all" else df[early] if recipe == "early" else df[~early]
+
+
+def _arm_label(arm: str) -> str:
+    base = arm.removesuffix("_early")
+    label = FINETUNE_ARMS.get(base, f"`{base}`")
+    return label + (", early-stopped" if arm != base else "")
 
 
 @view("finetune_few")
-def v_finetune_few(ref: Reference, within: str = "1", table: str = "finetune_few") -> str:
+def v_finetune_few(ref: Reference, within: str = "1", table: str = "finetune_few", recipe: str = "all") -> str:
     """Fine-tuning unseen heads on k images (`finetune_few.csv`, or another run's `table`): per arm the mean test
-    accuracy at the last step for each k, the originals', and the smallest k within `within` points of them."""
-    df = _finetune_summary(ref, within, table)
+    accuracy at the last step for each k, the originals', and the smallest k within `within` points of them; only
+    the `fixed` or `early`-stopped recipe's arms when `recipe` says so."""
+    df = _finetune_summary(ref, within, table, recipe)
     shots = [c for c in df.columns if c.startswith("k=")]
     rows = [[f"`{r['arm']}`", num(r["n_tasks"], "d")] + [num(r[c]) for c in shots]
             + [num(r["original"]), str(r["needs"])] for _, r in df.iterrows()]
@@ -447,10 +459,11 @@ def v_finetune_few(ref: Reference, within: str = "1", table: str = "finetune_few
 
 
 @view("finetune_few_needs")
-def v_finetune_few_needs(ref: Reference, within: str = "1", table: str = "finetune_few") -> str:
+def v_finetune_few_needs(ref: Reference, within: str = "1", table: str = "finetune_few", recipe: str = "all"
+                         ) -> str:
     """The same as prose: how many labelled images each start needs to come within `within` points."""
-    df = _finetune_summary(ref, within, table)
-    parts = [f"{FINETUNE_ARMS.get(r['arm'], '`' + r['arm'] + '`')}: "
+    df = _finetune_summary(ref, within, table, recipe)
+    parts = [f"{_arm_label(r['arm'])}: "
              + ("not within reach even with all its training images" if r["needs"] == "none" else
                 "all its training images" if r["needs"] == "all" else f"{r['needs']} images")
              for _, r in df.iterrows()]

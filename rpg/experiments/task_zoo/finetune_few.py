@@ -19,6 +19,13 @@ the zoo's, fixed before any run). All arms of a task train as one stack, hence o
 only in where they start. The k images are the first k of one seeded order of the domain's training rows per task,
 so a larger k holds the smaller ones. Test accuracy is recorded at `eval_steps` and at the last step; the originals
 (the zoo's own checkpoints of the task, trained on all its images) stand beside.
+
+A fixed step count over-trains a good start on 8 images. So every arm is also run *early-stopped* (`<arm>_early`),
+as a practitioner with k labels would: the last `holdout` fraction of the k images (at least one) is held out, the
+arm is fine-tuned on the rest by the same recipe, and of the steps 0, `eval_steps` and the last, the one with the
+best accuracy on the held-out images (ties: lower cross-entropy on them, then the earlier step) is kept. Its row
+sits at the last step (so it lines up with the fixed recipe's) with the kept step in `stop_step`; step 0 means the
+start was not improved by training. RPG's sample is chosen on all k images, before the hold-out.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from rpg.experiments.task_zoo.tasks import binary_labels, id_to_embedding, split
 from rpg.utils import load_safetensors, write_csv_atomic, write_text_atomic
 
 ARMS = ("rpg", *HEAD_BASELINES, "zoo_init", "fresh")
+EARLY = "_early"  # suffix of an arm's early-stopped recipe
 ALL = "all"
 
 
@@ -57,6 +65,7 @@ class Recipe:
     weight_decay: float
     eval_steps: tuple[int, ...]
     task_chunk: int
+    holdout: float = 0.0
 
     @property
     def save_at(self) -> list[int]:
@@ -65,7 +74,8 @@ class Recipe:
 
 def recipe(cfg: Config) -> Recipe:
     ff, z = cfg.study.finetune_few, cfg.zoo
-    return Recipe(ff.steps or z.steps, z.batch_size, z.lr, z.weight_decay, tuple(ff.eval_steps), z.task_chunk)
+    return Recipe(ff.steps or z.steps, z.batch_size, z.lr, z.weight_decay, tuple(ff.eval_steps), z.task_chunk,
+                  ff.holdout)
 
 
 def training_order(n: int, seed: int) -> torch.Tensor:
@@ -95,6 +105,16 @@ def select_sample(heads: Sequence[dict[str, torch.Tensor]], x: torch.Tensor, y: 
     return best, float(acc[best])
 
 
+def _train_arms(starts: dict[str, dict[str, torch.Tensor]], x: torch.Tensor, class_labels: torch.Tensor,
+                task_id: int, rec: Recipe, seed: int) -> dict[str, torch.Tensor]:
+    """Every arm's head fine-tuned on (x, class_labels) as one stack (the same minibatches for all): stacked heads
+    {key: (arms, len(rec.save_at), ...)}."""
+    return train_heads(x, class_labels, [task_id] * len(starts), steps=rec.steps,
+                       batch_size=min(rec.batch_size, len(x)), lr=rec.lr, weight_decay=rec.weight_decay, seed=seed,
+                       task_chunk=rec.task_chunk, progress=False,
+                       start=stack_state_dicts(list(starts.values())), save_at=rec.save_at)
+
+
 def finetune_arms(starts: dict[str, dict[str, torch.Tensor]], x: torch.Tensor, class_labels: torch.Tensor,
                   task_id: int, test_x: torch.Tensor, test_classes: torch.Tensor, rec: Recipe, seed: int
                   ) -> list[dict]:
@@ -103,14 +123,48 @@ def finetune_arms(starts: dict[str, dict[str, torch.Tensor]], x: torch.Tensor, c
     Returns rows: arm, step, accuracy, balanced_accuracy (percent)."""
     names = list(starts)
     ids = [task_id] * len(names)
-    out = train_heads(x, class_labels, ids, steps=rec.steps, batch_size=min(rec.batch_size, len(x)), lr=rec.lr,
-                      weight_decay=rec.weight_decay, seed=seed, task_chunk=rec.task_chunk, progress=False,
-                      start=stack_state_dicts([starts[n] for n in names]), save_at=rec.save_at)
+    out = _train_arms(starts, x, class_labels, task_id, rec, seed)
     rows = []
     for j, step in enumerate(rec.save_at):
         m = evaluate_heads({key: v[:, j] for key, v in out.items()}, ids, test_x, test_classes)
         rows += [{"arm": name, "step": step, "accuracy": 100 * float(m["accuracy"][i]),
                   "balanced_accuracy": 100 * float(m["balanced_accuracy"][i])} for i, name in enumerate(names)]
+    return rows
+
+
+def holdout_size(k: int, fraction: float) -> int:
+    """Images held out of k to choose the stopping step: round(fraction * k), at least 1 and at most k - 1 (0 when
+    fraction is 0 or k < 2: no early stopping)."""
+    if fraction <= 0 or k < 2:
+        return 0
+    return min(k - 1, max(1, round(fraction * k)))
+
+
+def early_stopped_arms(starts: dict[str, dict[str, torch.Tensor]], x: torch.Tensor, class_labels: torch.Tensor,
+                       task_id: int, test_x: torch.Tensor, test_classes: torch.Tensor, rec: Recipe, seed: int
+                       ) -> list[dict]:
+    """Every arm fine-tuned on the first k - h of the k images and stopped at the saved step that does best on the
+    last h (`holdout_size`; see the module docstring). Test images are scored only at the kept step.
+    Returns rows: arm (`<arm>_early`), step (the recipe's last), stop_step, accuracy, balanced_accuracy; none when
+    nothing can be held out."""
+    h = holdout_size(len(x), rec.holdout)
+    if h == 0:
+        return []
+    fit, held = slice(0, len(x) - h), slice(len(x) - h, len(x))
+    out = _train_arms(starts, x[fit], class_labels[fit], task_id, rec, seed)
+    y_held = binary_labels(class_labels[held], [task_id])[0]
+    rows = []
+    for i, name in enumerate(starts):
+        scores = []
+        for j, step in enumerate(rec.save_at):
+            logits = head_logits({key: v[i, j][None] for key, v in out.items()}, x[held].float())[0]  # (h, 2)
+            acc = float((logits.argmax(-1) == y_held).float().mean())
+            scores.append((-acc, float(F.cross_entropy(logits, y_held)), step, j))
+        _, _, step, j = min(scores)
+        m = evaluate_heads({key: v[i, j][None] for key, v in out.items()}, [task_id], test_x, test_classes)
+        rows.append({"arm": name + EARLY, "step": rec.steps, "stop_step": step,
+                     "accuracy": 100 * float(m["accuracy"][0]),
+                     "balanced_accuracy": 100 * float(m["balanced_accuracy"][0])})
     return rows
 
 
@@ -131,7 +185,8 @@ def finetune_few(cfg: Config, features_path: str | Path, zoo_dir: str | Path, sp
     """Rows per unseen task, arm, k and step (see the module docstring), then `mean` rows over tasks.
 
     `cfg` is the regime's config. Columns: task_id, embedding, domain, arm, k, n_images, step, accuracy,
-    balanced_accuracy, sample and select_accuracy (RPG's chosen sample, its accuracy on the k images),
+    balanced_accuracy, stop_step (early-stopped arms: the step kept), sample and select_accuracy (RPG's chosen
+    sample, its accuracy on the k images),
     original_accuracy, original_balanced_accuracy (the task's originals, mean over its checkpoints), minus_original
     (points); mean rows add n_tasks. Test images are read for scoring only, after every head is chosen.
     """
@@ -165,10 +220,13 @@ def finetune_few(cfg: Config, features_path: str | Path, zoo_dir: str | Path, sp
                 if not bool(heads[i].isnan().any()):  # a baseline that does not exist for the task is no arm
                     starts[name] = unflatten_heads(heads[i][None], zoo.shapes)[0]
             starts.update(zoo_init=zoo_init, fresh=fresh)
-            curve = finetune_arms(starts, x, classes, t, test_x, feats["test_y"], rec, cfg.seed + ff.seed_offset + t)
+            seed = cfg.seed + ff.seed_offset + t
+            curve = finetune_arms(starts, x, classes, t, test_x, feats["test_y"], rec, seed)
+            curve += early_stopped_arms(starts, x, classes, t, test_x, feats["test_y"], rec, seed)
             rows += [{"task_id": t, "k": str(k), "n_images": len(rows_k), **r,
-                      "sample": pick if r["arm"] == "rpg" else None,
-                      "select_accuracy": 100 * pick_acc if r["arm"] == "rpg" else None} for r in curve]
+                      "sample": pick if r["arm"] in ("rpg", "rpg" + EARLY) else None,
+                      "select_accuracy": 100 * pick_acc if r["arm"] in ("rpg", "rpg" + EARLY) else None}
+                     for r in curve]
             if progress:
                 last = {r["arm"]: r["accuracy"] for r in curve if r["step"] == rec.steps}
                 print(f"task {t} k={k}: " + ", ".join(f"{a} {v:.1f}" for a, v in last.items()), flush=True)
@@ -198,8 +256,10 @@ def _originals(zoo_dir: str | Path, tasks: Sequence[int], n_ckpt: int, feats: di
 def _with_means(frame: pd.DataFrame) -> pd.DataFrame:
     """Append `mean` rows over tasks per arm, k and step (over the tasks where the arm exists: n_tasks)."""
     keys = ["arm", "k", "step"]
-    values = ["n_images", "accuracy", "balanced_accuracy", "select_accuracy", "original_accuracy",
+    values = ["n_images", "accuracy", "balanced_accuracy", "stop_step", "select_accuracy", "original_accuracy",
               "original_balanced_accuracy", "minus_original"]
+    if "stop_step" not in frame.columns:  # no early-stopped arm (holdout 0)
+        frame = frame.assign(stop_step=float("nan"))
     mean = frame.groupby(keys, sort=False, as_index=False)[values].mean()
     mean["n_tasks"] = frame.groupby(keys, sort=False).size().to_numpy()
     mean["task_id"] = "mean"
@@ -216,7 +276,7 @@ def images_needed(frame: pd.DataFrame, within: float) -> pd.DataFrame:
     last = mean[mean.step == mean.step.max()]
     shots = list(dict.fromkeys(last.sort_values("n_images", kind="stable").k))
     rows = []
-    for arm in [a for a in ARMS if a in set(last.arm)]:
+    for arm in [a for a in (*ARMS, *(a + EARLY for a in ARMS)) if a in set(last.arm)]:
         part = last[last.arm == arm].set_index("k")
         reached = [k for k in shots if k in part.index and part.loc[k, "minus_original"] >= -within]
         rows.append({"arm": arm, "n_tasks": int(part.n_tasks.min()),
