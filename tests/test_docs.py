@@ -82,15 +82,24 @@ def test_check_fails_when_a_number_is_typed_into_a_page(tmp_path):
     assert main(["docs", "--root", str(root), "check"]) == 1
 
 
+def _table13_run(tmp_path: Path, root: Path, jobs: list[tuple[str, str]]) -> Path:
+    """A results folder holding the reference table13.csv and one Snakemake benchmark file (12.5 s) per
+    (group, job)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy2(root / "docs/reference/table13/table13.csv", results / "table13.csv")
+    for group, job in jobs:
+        (results / "benchmarks/rules" / group).mkdir(parents=True, exist_ok=True)
+        (results / "benchmarks/rules" / group / f"{job}.tsv").write_text(
+            "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+            "12.5\t0:00:12\t100\t0\t0\t0\t0\t0\t50\t6.0\n")
+    return results
+
+
 def test_update_copies_a_run_and_renders(tmp_path):
     root = _copy_checkout(tmp_path)
-    results = tmp_path / "results"
-    (results / "benchmarks" / "rules" / "cifar10_binary").mkdir(parents=True)
-    shutil.copy2(root / "docs/reference/table13/table13.csv", results / "table13.csv")
+    results = _table13_run(tmp_path, root, [("cifar10_binary", "table13")])
     (results / "table13.config.yaml").write_text("seed: 1\n")
-    (results / "benchmarks/rules/cifar10_binary/table13.tsv").write_text(
-        "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-        "12.5\t0:00:12\t100\t0\t0\t0\t0\t0\t50\t6.0\n")
     main(["docs", "--root", str(root), "update", "table13", str(results)])
     dest = root / "docs/reference/table13"
     assert (dest / "config.yaml").read_text() == "seed: 1\n"
@@ -100,14 +109,7 @@ def test_update_copies_a_run_and_renders(tmp_path):
 
 def test_update_keeps_only_the_named_rule_time_groups(tmp_path, capsys):
     root = _copy_checkout(tmp_path)
-    results = tmp_path / "results"
-    results.mkdir()
-    shutil.copy2(root / "docs/reference/table13/table13.csv", results / "table13.csv")
-    tsv = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-           "12.5\t0:00:12\t100\t0\t0\t0\t0\t0\t50\t6.0\n")
-    for group, job in (("cifar10_binary", "table13"), ("study/domains_few", "train_rpg")):
-        (results / "benchmarks/rules" / group).mkdir(parents=True)
-        (results / "benchmarks/rules" / group / f"{job}.tsv").write_text(tsv)
+    results = _table13_run(tmp_path, root, [("cifar10_binary", "table13"), ("study/domains_few", "train_rpg")])
     before = (root / "docs/reference/table13/rule_times.csv").read_text()
     # A group the run lacks is refused before anything is copied, naming the groups it has.
     assert main(["docs", "--root", str(root), "update", "table13", str(results), "--groups", "nope"]) == 2
@@ -188,13 +190,7 @@ def test_finetune_views_split_the_fixed_and_early_stopped_recipes(tmp_path):
 
 def test_update_merge_replaces_only_the_named_groups(tmp_path, capsys):
     root = _copy_checkout(tmp_path)
-    results = tmp_path / "results"
-    results.mkdir()
-    shutil.copy2(root / "docs/reference/table13/table13.csv", results / "table13.csv")
-    tsv = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-           "12.5\t0:00:12\t100\t0\t0\t0\t0\t0\t50\t6.0\n")
-    (results / "benchmarks/rules/study/new").mkdir(parents=True)
-    (results / "benchmarks/rules/study/new/train_rpg.tsv").write_text(tsv)
+    results = _table13_run(tmp_path, root, [("study/new", "train_rpg")])
     reference = root / "docs/reference/table13/rule_times.csv"
     before = pd.read_csv(reference)
     # --merge without --groups would drop the reference's rows: refused, nothing copied.
