@@ -97,17 +97,23 @@ def view(name: str):
     return register
 
 
-def _select(df: pd.DataFrame, selector: str) -> pd.Series:
-    """`key=value[,key=value]` (string comparison) or `row=N` -> the one matching row."""
+def _matching(df: pd.DataFrame, selector: str) -> pd.DataFrame:
+    """The rows matching every `key=value` of `key=value[,key=value]` (string comparison); all rows for ""."""
     mask = pd.Series(True, index=df.index)
-    for part in selector.split(","):
+    for part in filter(None, selector.split(",")):
         key, _, value = part.partition("=")
-        if key == "row":
-            return df.iloc[int(value)]
         if key not in df.columns:
             raise DocsError(f"no column {key!r} to select on (columns: {', '.join(df.columns)})")
         mask &= df[key].astype(str) == value
-    hits = df[mask]
+    return df[mask]
+
+
+def _select(df: pd.DataFrame, selector: str) -> pd.Series:
+    """`key=value[,key=value]` (string comparison) or `row=N` -> the one matching row."""
+    key, _, value = selector.partition("=")
+    if key == "row":
+        return df.iloc[int(value)]
+    hits = _matching(df, selector)
     if len(hits) != 1:
         raise DocsError(f"selector {selector!r} matches {len(hits)} rows, not 1")
     return hits.iloc[0]
@@ -301,12 +307,7 @@ def v_target_times(ref: Reference, table: str) -> str:
 @view("run_minutes")
 def v_run_minutes(ref: Reference, table: str, selector: str = "") -> str:
     """Wall minutes of a timed run (`target_times` rows), for prose: all rows, or those matching `key=value`."""
-    df = ref.csv(table)
-    for part in filter(None, selector.split(",")):
-        key, _, value = part.partition("=")
-        if key not in df.columns:
-            raise DocsError(f"no column {key!r} to select on (columns: {', '.join(df.columns)})")
-        df = df[df[key].astype(str) == value]
+    df = _matching(ref.csv(table), selector)
     if df.empty:
         raise DocsError(f"{table}: no row matches {selector!r}")
     return num(df["wall_s"].sum() / 60, ".0f")
@@ -440,7 +441,9 @@ def _finetune_summary(ref: Reference, within: str, table: str, recipe: str) -> p
 
 
 def _arm_label(arm: str) -> str:
-    base = arm.removesuffix("_early")
+    from rpg.experiments.task_zoo.finetune_few import EARLY
+
+    base = arm.removesuffix(EARLY)
     label = FINETUNE_ARMS.get(base, f"`{base}`")
     return label + (", early-stopped" if arm != base else "")
 

@@ -153,19 +153,15 @@ def early_stopped_arms(starts: dict[str, dict[str, torch.Tensor]], x: torch.Tens
     fit, held = slice(0, len(x) - h), slice(len(x) - h, len(x))
     out = _train_arms(starts, x[fit], class_labels[fit], task_id, rec, seed)
     y_held = binary_labels(class_labels[held], [task_id])[0]
-    rows = []
-    for i, name in enumerate(starts):
-        scores = []
-        for j, step in enumerate(rec.save_at):
-            logits = head_logits({key: v[i, j][None] for key, v in out.items()}, x[held].float())[0]  # (h, 2)
-            acc = float((logits.argmax(-1) == y_held).float().mean())
-            scores.append((-acc, float(F.cross_entropy(logits, y_held)), step, j))
-        _, _, step, j = min(scores)
-        m = evaluate_heads({key: v[i, j][None] for key, v in out.items()}, [task_id], test_x, test_classes)
-        rows.append({"arm": name + EARLY, "step": rec.steps, "stop_step": step,
-                     "accuracy": 100 * float(m["accuracy"][0]),
-                     "balanced_accuracy": 100 * float(m["balanced_accuracy"][0])})
-    return rows
+    # Of each arm's saved heads (in step order) the one select_sample picks on the held-out images: the same rule
+    # that picks RPG's sample (accuracy, then cross-entropy, then the earlier step).
+    kept = torch.tensor([select_sample([{key: v[i, j] for key, v in out.items()} for j in range(len(rec.save_at))],
+                                       x[held], y_held)[0] for i in range(len(starts))])
+    m = evaluate_heads({key: v[torch.arange(len(starts)), kept] for key, v in out.items()}, [task_id] * len(starts),
+                       test_x, test_classes)
+    return [{"arm": name + EARLY, "step": rec.steps, "stop_step": rec.save_at[int(kept[i])],
+             "accuracy": 100 * float(m["accuracy"][i]), "balanced_accuracy": 100 * float(m["balanced_accuracy"][i])}
+            for i, name in enumerate(starts)]
 
 
 def rpg_samples(generated_dir: str | Path, task_ids: Sequence[int]) -> dict[int, list[dict[str, torch.Tensor]]]:
@@ -224,8 +220,8 @@ def finetune_few(cfg: Config, features_path: str | Path, zoo_dir: str | Path, sp
             curve = finetune_arms(starts, x, classes, t, test_x, feats["test_y"], rec, seed)
             curve += early_stopped_arms(starts, x, classes, t, test_x, feats["test_y"], rec, seed)
             rows += [{"task_id": t, "k": str(k), "n_images": len(rows_k), **r,
-                      "sample": pick if r["arm"] in ("rpg", "rpg" + EARLY) else None,
-                      "select_accuracy": 100 * pick_acc if r["arm"] in ("rpg", "rpg" + EARLY) else None}
+                      "sample": pick if r["arm"].removesuffix(EARLY) == "rpg" else None,
+                      "select_accuracy": 100 * pick_acc if r["arm"].removesuffix(EARLY) == "rpg" else None}
                      for r in curve]
             if progress:
                 last = {r["arm"]: r["accuracy"] for r in curve if r["step"] == rec.steps}
