@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens-per-call", type=int, default=256, help="partial mode: tokens per denoiser call")
     p.add_argument("--clip-x0", type=float, default=4.0)
     p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only, as in the project)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the sampling passes (train.amp: bf16)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -99,7 +99,7 @@ def run_config(job: dict[str, Any]) -> dict[str, Any]:
     task_ids = [t for t in job["task_ids"] for _ in range(job["samples"])]
     cond = embedding_bits(task_ids) if model.task_encoder is not None else None
     kwargs = dict(sampler=job["sampler"], steps=job["steps"], eta=job["eta"], clip_x0=job["clip_x0"],
-                  mode=job["mode"], tokens_per_call=job["tokens_per_call"], bf16=job["bf16"])
+                  mode=job["mode"], tokens_per_call=job["tokens_per_call"], amp="bf16" if job["bf16"] else "none")
 
     def generate(n: int, **over) -> list[dict[str, torch.Tensor]]:
         tokens = generate_tokens(model, diffusion, n, cond=None if cond is None else cond[:n],

@@ -193,7 +193,7 @@ def stages(cfg, args: argparse.Namespace, device: torch.device, work: Path) -> l
     cond = condition(cfg, task_ids)
     train_cfg = dataclasses.replace(cfg.train, steps=args.rpg_steps, warmup_steps=1, eval_every=args.rpg_steps,
                                     save_every=args.rpg_steps)
-    rpg_bf16 = cfg.train.bf16 and device.type == "cuda"  # rpg.train's autocast: CUDA only
+    rpg_bf16 = resolve_amp(cfg.train.amp, device)  # rpg.train's and rpg.generate's autocast
 
     runs = iter(range(10**6))
 
@@ -207,7 +207,7 @@ def stages(cfg, args: argparse.Namespace, device: torch.device, work: Path) -> l
 
     def generation():
         return sample_models(generator, tokenizer, cfg.diffusion, len(bits), seed=cfg.seed, cond=bits,
-                             mode=cfg.generate.mode, tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16)
+                             mode=cfg.generate.mode, tokens_per_call=cfg.generate.tokens_per_call, amp=cfg.train.amp)
 
     out.append(("generation", "bf16" if rpg_bf16 else "fp32", generation))
 

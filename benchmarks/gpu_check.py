@@ -52,6 +52,7 @@ from rpg.model import RPG
 from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker
 from rpg.train import train_rpg
+from rpg.vision.preprocess import resolve_amp
 
 PAPER_TABLE18_S = 66.0  # paper Table 18: 1.1 min per ViT-Tiny on an H100, DDPM-1000, partially parallel
 SMOKE_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2}
@@ -215,7 +216,7 @@ def train_step(args: argparse.Namespace) -> list[dict[str, Any]]:
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return [{"n_params_generated": tokenizer.n_params, "n_tokens": tokens.shape[1], "token_size": tokens.shape[2],
              "generator_params": summary["generator_params"], "batch_size": train_cfg.batch_size,
-             "diffusion_batch": train_cfg.diffusion_batch, "bf16": train_cfg.bf16 and args.device.type == "cuda",
+             "diffusion_batch": train_cfg.diffusion_batch, "bf16": resolve_amp(train_cfg.amp, args.device),
              "condition_tokens": model_cfg.condition_tokens, "steps_timed": len(steps),
              "step_s_median": statistics.median(steps) if steps else None,
              "call_s_including_setup": total, "peak_cuda_mem_mb": summary["peak_cuda_mem_mb"],
@@ -226,7 +227,8 @@ def generation(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One whole ViT-Tiny per configuration: seconds and peak memory (bf16 autocast on CUDA)."""
     model_cfg, diffusion_cfg, _ = paper_setup(args)
     tokenizer, _, _ = tokens_and_cond(args, model_cfg.token_size)
-    device, bf16 = args.device, args.device.type == "cuda"
+    device, amp = args.device, "cuda"
+    bf16 = resolve_amp(amp, device)
     torch.manual_seed(0)
     model = RPG(model_cfg, tokenizer.layer_index, tokenizer.token_index).to(device).eval()  # untrained: timing only
     diffusion = create_diffusion(diffusion_cfg)
@@ -245,11 +247,11 @@ def generation(args: argparse.Namespace) -> list[dict[str, Any]]:
             gen = torch.Generator(device=rng).manual_seed(0)
             if mode == "sequential":
                 seconds, extrapolated = _sequential(model, diffusion, cond, sampler, steps, args.seq_tokens, gen,
-                                                    bf16, diffusion_cfg.clip_x0)
+                                                    amp, diffusion_cfg.clip_x0)
             else:
                 call = functools.partial(generate_tokens, model, diffusion, 1, cond=cond, sampler=sampler,
                                          steps=steps, clip_x0=diffusion_cfg.clip_x0, mode=mode, tokens_per_call=256,
-                                         generator=gen, bf16=bf16)
+                                         generator=gen, amp=amp)
                 seconds, extrapolated = timed(call, device)[0], False
             peak = peak_mb(device)
             rows.append({"sampler": name, "mode": mode, "noise_generator": rng,
@@ -267,7 +269,7 @@ def generation(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _sequential(model: RPG, diffusion: Any, cond: torch.Tensor, sampler: str, steps: int, n_timed: int,
-                gen: torch.Generator, bf16: bool, clip_x0: float | None) -> tuple[float, bool]:
+                gen: torch.Generator, amp: str, clip_x0: float | None) -> tuple[float, bool]:
     """Seconds for the whole model in sequential mode: the prototypes once, then the first `n_timed` tokens one per
     denoiser call (as generate_tokens does), scaled to all tokens."""
     from rpg.generate import _autocast
@@ -277,7 +279,7 @@ def _sequential(model: RPG, diffusion: Any, cond: torch.Tensor, sampler: str, st
     n_timed = min(n_timed, n_tok)
 
     def run() -> None:
-        with torch.no_grad(), _autocast(device, bf16):
+        with torch.no_grad(), _autocast(device, amp):
             proto = model.prototypes(1, None, cond.to(device)).float()[0]  # (N, D)
             noise = torch.randn((n_timed, length), generator=gen)
             for i in range(n_timed):

@@ -289,7 +289,7 @@ class TrainConfig:
     weight_decay: float
     grad_clip: float | None
     ema: float | None
-    bf16: bool
+    amp: str  # none | cuda | auto | bf16: bfloat16 autocast of the generator's training and sampling
     eval_every: int
     save_every: int
     val_samples: int

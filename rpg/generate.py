@@ -17,14 +17,14 @@ from rpg.config import DiffusionConfig, GenerateConfig
 from rpg.diffusion import GaussianDiffusion, create_diffusion
 from rpg.model import RPG
 from rpg.tokenize import Tokenizer
+from rpg.vision.preprocess import resolve_amp
 
 GENERATION_MODES = ("sequential", "partial", "full")
 
 
-def _autocast(device: torch.device, bf16: bool):
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _autocast(device: torch.device, amp: str):
+    """bfloat16 autocast where `amp` (rpg.vision.preprocess.AMP_MODES, as train.amp) asks for it on `device`."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if resolve_amp(amp, device) else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -33,13 +33,14 @@ def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *,
                     steps: int = DiffusionConfig.sample_steps, eta: float = DiffusionConfig.eta,
                     clip_x0: float | None = DiffusionConfig.clip_x0, mode: str = GenerateConfig.mode,
                     tokens_per_call: int = GenerateConfig.tokens_per_call,
-                    generator: torch.Generator | None = None, bf16: bool = False,
+                    generator: torch.Generator | None = None, amp: str = "none",
                     guidance: float | None = None) -> torch.Tensor:
     """Generate `n_samples` token sequences.
 
     Args:
         perm: (n_samples,) permutation-state rows, for models with permutation states (random rows if None).
         cond: (n_samples, condition_dim) task bits, for task-conditioned models.
+        amp: bfloat16 autocast of the passes (`train.amp`'s modes: none, cuda, auto, bf16).
         generator: all noise is drawn from it, on its device. A CPU generator (what `sample_models` uses) makes the
             samples independent of the device; a CUDA one is faster on a GPU (DDPM-1000 draws the noise of every
             step: on the CPU that alone takes ~10 ms per 256 tokens of 8192 per step).
@@ -61,7 +62,7 @@ def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *,
     cond = cond.to(device) if cond is not None else None
     scale = model.cfg.guidance_scale if guidance is None else guidance
     denoiser = model.denoiser
-    with _autocast(device, bf16):
+    with _autocast(device, amp):
         proto = model.prototypes(n_samples, perm, cond).float().reshape(n_samples * n_tok, -1)  # (S*N, D)
         if scale != 1.0 and cond is not None:
             null = torch.ones(n_samples, dtype=torch.bool, device=device)
@@ -74,7 +75,7 @@ def generate_tokens(model: RPG, diffusion: GaussianDiffusion, n_samples: int, *,
     out = torch.empty(n_samples * n_tok, length)
     for start in range(0, n_samples * n_tok, chunk):
         rows = slice(start, start + chunk)
-        with _autocast(device, bf16):
+        with _autocast(device, amp):
             x0 = diffusion.sample(denoiser, proto[rows], length, sampler=sampler, steps=steps, eta=eta,
                                   clip_x0=clip_x0, noise=noise[rows], generator=generator)
         out[rows] = x0.float().cpu()
@@ -111,7 +112,7 @@ def generate_state_dicts(model: RPG, tokenizer: Tokenizer, diffusion: GaussianDi
 def sample_models(model: RPG, tokenizer: Tokenizer, diffusion_cfg: DiffusionConfig, n_samples: int, *, seed: int,
                   perm: torch.Tensor | None = None, cond: torch.Tensor | None = None,
                   mode: str = GenerateConfig.mode, tokens_per_call: int = GenerateConfig.tokens_per_call,
-                  bf16: bool = False, guidance: float | None = None) -> list[dict[str, torch.Tensor]]:
+                  amp: str = "none", guidance: float | None = None) -> list[dict[str, torch.Tensor]]:
     """`n_samples` state dicts with the sampler of `diffusion_cfg`, all noise from a CPU generator seeded `seed`.
 
     Args:
@@ -123,4 +124,4 @@ def sample_models(model: RPG, tokenizer: Tokenizer, diffusion_cfg: DiffusionConf
         model, tokenizer, create_diffusion(diffusion_cfg), n_samples, perm=perm, cond=cond,
         sampler=diffusion_cfg.sampler, steps=diffusion_cfg.sample_steps, eta=diffusion_cfg.eta,
         clip_x0=diffusion_cfg.clip_x0, mode=mode, tokens_per_call=tokens_per_call,
-        generator=torch.Generator().manual_seed(seed), bf16=bf16, guidance=guidance)
+        generator=torch.Generator().manual_seed(seed), amp=amp, guidance=guidance)

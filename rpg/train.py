@@ -55,6 +55,7 @@ from rpg.tokenize import Tokenizer
 from rpg.tracking import Tracker
 from rpg.utils import (CheckpointError, atomic_path, first_non_finite, read_safetensors_metadata, seed_everything,
                        write_csv_rows, write_json_atomic)
+from rpg.vision.preprocess import resolve_amp
 
 Validator = Callable[[RPG], dict[str, float]]
 LOCK_FILE = ".rpg.lock"
@@ -620,7 +621,7 @@ def _train_step(run: _RunState, objective: nn.Module, data: _Data, batch: _Batch
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     objective.train()  # a validator (rank 0 only) may leave eval mode on; all processes' BatchNorms must train
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and procs.device.type == "cuda"):
+    with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, procs.device)):
         loss = objective(data.tokens, batch.idx, data.mask, batch.picked, batch.perm, batch.cond, t=batch.t,
                          noise=batch.noise, denominator=batch.denominator, drop=batch.drop)
     run.optimizer.zero_grad(set_to_none=True)

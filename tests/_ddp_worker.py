@@ -47,7 +47,7 @@ def problem(sparse: bool = False) -> dict:
                             headdim=16, denoiser_channels=(1, 8, 16, 8, 1), kernel_size=7, position="2d",
                             permutation_state=True, condition="task", condition_dim=10)
     train_cfg = TrainConfig(steps=STEPS, batch_size=2 if sparse else 4, diffusion_batch=1 if sparse else 24, lr=3e-3,
-                            warmup_steps=2, bf16=False, save_every=4, eval_every=4, grad_clip=1.0)
+                            warmup_steps=2, amp="none", save_every=4, eval_every=4, grad_clip=1.0)
     return {"tokens": tokens, "cond": cond, "tokenizer": tokenizer, "model_cfg": model_cfg, "train_cfg": train_cfg,
             "diffusion_cfg": DiffusionConfig(sample_steps=2)}
 

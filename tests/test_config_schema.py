@@ -191,9 +191,10 @@ def test_strings_from_the_command_line_are_coerced_in_keys_of_several_forms():
 
 def test_strings_from_the_command_line_are_coerced():
     """Snakemake's --config train='{steps: 1000}' gives nested strings; PyYAML reads 1e-3 as a string."""
-    cfg = C.config_from_dict({"train": {"steps": "1000", "lr": "1e-3", "grad_clip": "null", "bf16": "false"},
+    cfg = C.config_from_dict({"train": {"steps": "1000", "lr": "1e-3", "grad_clip": "null"},
+                              "logging": {"progress": "false"},
                               "architectures": {"train": {"steps": "5"}, "rpg": {"token_size": "64"}}})
-    assert (cfg.train.steps, cfg.train.lr, cfg.train.grad_clip, cfg.train.bf16) == (1000, 0.001, None, False)
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.grad_clip, cfg.logging.progress) == (1000, 0.001, None, False)
     assert cfg.architectures.train["steps"] == 5 and cfg.architectures.rpg["token_size"] == 64
     with pytest.raises(C.ConfigError, match="train.steps: 'many' is not of type 'integer'"):
         C.config_from_dict({"train": {"steps": "many"}})

@@ -294,7 +294,7 @@ def _setup(steps: int = 40, **train):
     sds = [mlp_state(s) for s in range(3)]
     tok = Tokenizer.fit(sds, 16)
     tokens = torch.stack([tok.tokenize(sd) for sd in sds])
-    tcfg = TrainConfig(steps=steps, batch_size=4, diffusion_batch=8, lr=3e-3, warmup_steps=2, bf16=False,
+    tcfg = TrainConfig(steps=steps, batch_size=4, diffusion_batch=8, lr=3e-3, warmup_steps=2, amp="none",
                        save_every=10, eval_every=10, **train)
     return tiny_model_config(permutation_state=True), DiffusionConfig(), tcfg, tok, tokens
 

@@ -33,7 +33,7 @@ def test_paper_profile_matches_the_reference(paper):
     assert (d.timesteps, d.beta_start, d.beta_end, d.sampler) == (1000, 1e-4, 0.02, "ddpm")
     t = paper.train
     assert (t.lr, t.weight_decay, t.steps, t.batch_size, t.diffusion_batch) == (3e-5, 0.0, 120_000, 64, 512)
-    assert (t.warmup_steps, t.min_lr_ratio, t.bf16) == (0, 0.0, True)  # cosine from 3e-5 to 0 over 120k steps
+    assert (t.warmup_steps, t.min_lr_ratio, t.amp) == (0, 0.0, "cuda")  # cosine from 3e-5 to 0 over 120k steps
     z = paper.zoo
     assert (z.mode, z.batch_size, z.loss, z.focal_gamma, z.augment, z.weight_decay) == (
         "finetune", 500, "focal", 2.0, "flip_autoaugment", 0.1)

@@ -89,7 +89,7 @@ def trained_rpg(mlp_checkpoints, tmp_path_factory, request):
     tok = Tokenizer.fit(mlp_checkpoints, mcfg.token_size)
     tokens = torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints])  # (4, 4, 16)
     tcfg = TrainConfig(steps=1000, batch_size=16, diffusion_batch=64, lr=1e-2, warmup_steps=20, weight_decay=0.0,
-                       grad_clip=1.0, bf16=False, save_every=500, eval_every=1000, ema=request.param)
+                       grad_clip=1.0, amp="none", save_every=500, eval_every=1000, ema=request.param)
     dcfg = DiffusionConfig(sampler="ddim", sample_steps=50, eta=0.0, clip_x0=4.0)
     summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, out, seed=0, progress=False)
     return {"out": out, "summary": summary, "tokenizer": tok}
@@ -177,7 +177,7 @@ def _resume_setup(mlp_checkpoints, ema):
     mcfg = tiny_model_config(permutation_state=True, condition="none", token_size=16)
     tok = Tokenizer.fit(mlp_checkpoints, 16)
     tokens = torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints])
-    tcfg = TrainConfig(steps=40, batch_size=8, diffusion_batch=24, lr=3e-3, warmup_steps=5, bf16=False,
+    tcfg = TrainConfig(steps=40, batch_size=8, diffusion_batch=24, lr=3e-3, warmup_steps=5, amp="none",
                        save_every=20, eval_every=20, ema=ema)
     return mcfg, DiffusionConfig(), tcfg, tok, tokens
 
@@ -424,7 +424,7 @@ def test_position_lr_scale_gives_the_position_table_its_own_rate(mlp_checkpoints
     # Two steps: the denoiser's output layer starts at zero, so only the second step has a gradient everywhere (and
     # Adam's first update of a weight is its rate times the sign of its gradient).
     cfg = TrainConfig(steps=2, batch_size=2, diffusion_batch=64, lr=1e-3, min_lr_ratio=1.0, warmup_steps=0,
-                      eval_every=2, save_every=2, bf16=False, grad_clip=None, position_lr_scale=30.0)
+                      eval_every=2, save_every=2, amp="none", grad_clip=None, position_lr_scale=30.0)
     from rpg.utils import seed_everything
 
     seed_everything(0)  # the initial weights train_rpg draws with seed 0
@@ -453,3 +453,49 @@ def test_condition_dropout_trains_the_null_code(mlp_checkpoints, tmp_path, dropo
         weights.append(load_safetensors(tmp_path / str(i) / "last.safetensors")[0])
     same = all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert same == (dropout == 1.0)
+
+
+def _record_conv_dtypes(monkeypatch) -> list[torch.dtype]:
+    """The output dtype of every Conv1d call in the denoisers of the RPGs built from now on (a forward hook each)."""
+    from rpg.model import RPG
+
+    seen: list[torch.dtype] = []
+    init = RPG.__init__
+
+    def hooked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for m in self.denoiser.modules():
+            if isinstance(m, nn.Conv1d):
+                m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+
+    monkeypatch.setattr(RPG, "__init__", hooked_init)
+    return seen
+
+
+@pytest.mark.parametrize("amp, expected", [("none", torch.float32), ("cuda", torch.float32),
+                                           ("bf16", torch.bfloat16)])
+def test_amp_mode_decides_the_training_steps_precision_on_cpu(mlp_checkpoints, tmp_path, monkeypatch, amp, expected):
+    """train.amp: on a CPU the denoiser's convolutions run in bfloat16 under `bf16` (and `auto` on a CPU with
+    AMX / AVX512-BF16), in float32 under `none` and `cuda`; the loss stays finite either way."""
+    seen = _record_conv_dtypes(monkeypatch)
+    tok = Tokenizer.fit(mlp_checkpoints, 16)
+    cfg = TrainConfig(steps=2, batch_size=2, diffusion_batch=16, lr=1e-3, warmup_steps=0, eval_every=2,
+                      save_every=2, amp=amp)
+    summary = train_rpg(tiny_model_config(condition="none"), DiffusionConfig(), cfg, tok,
+                        torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints]), tmp_path, seed=0, progress=False)
+    assert math.isfinite(summary["final_loss_ema"])
+    assert seen and set(seen) == {expected}
+
+
+def test_resolve_amp_modes(monkeypatch):
+    """`auto` follows the CPU's bf16 units; `cuda` is bf16 on CUDA only; unknown modes are refused."""
+    from rpg.vision import preprocess
+
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(preprocess, "_cpu_has_bf16", lambda: has_bf16)
+        assert preprocess.resolve_amp("auto", "cpu") is has_bf16
+        assert not preprocess.resolve_amp("cuda", "cpu") and not preprocess.resolve_amp("none", "cpu")
+        assert preprocess.resolve_amp("bf16", "cpu")
+    assert preprocess.resolve_amp("cuda", "cuda") and preprocess.resolve_amp("auto", "cuda")
+    with pytest.raises(ValueError, match="amp must be one of"):
+        preprocess.resolve_amp("fp16", "cpu")

@@ -16,7 +16,7 @@ from torch import nn
 
 from rpg.data import CIFAR10_MEAN, CIFAR10_STD
 
-__all__ = ["Preprocess", "augment", "autoaugment_cifar10", "normalize", "image_statistics", "resolve_amp"]
+__all__ = ["Preprocess", "augment", "autoaugment_cifar10", "normalize", "image_statistics", "resolve_amp", "AMP_MODES"]
 
 
 def _cpu_has_bf16() -> bool:
@@ -28,14 +28,21 @@ def _cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+AMP_MODES = ("none", "cuda", "auto", "bf16")
+
+
 def resolve_amp(amp: str, device: str | torch.device) -> bool:
-    """Whether to run under bfloat16 autocast. ``amp`` is ``"auto"``, ``"bf16"`` or ``"none"``."""
-    if amp not in ("auto", "bf16", "none"):
-        raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {amp!r}")
-    if amp != "auto":
+    """Whether to run under bfloat16 autocast on `device`.
+
+    ``amp``: ``"none"`` (float32), ``"cuda"`` (bf16 on CUDA only), ``"auto"`` (CUDA, or a CPU with AMX /
+    AVX512-BF16), ``"bf16"`` (always).
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(map(repr, AMP_MODES))}, got {amp!r}")
+    if amp in ("none", "bf16"):
         return amp == "bf16"
     dev = torch.device(device)
-    return dev.type == "cuda" or (dev.type == "cpu" and _cpu_has_bf16())
+    return dev.type == "cuda" or (amp == "auto" and dev.type == "cpu" and _cpu_has_bf16())
 
 
 def image_statistics(model: nn.Module | None, arch: str) -> tuple[Sequence[float], Sequence[float]]:

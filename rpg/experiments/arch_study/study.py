@@ -421,7 +421,7 @@ def sample_variant(cfg: Config, spec: ArchSpec, model: RPG, tokenizer: Tokenizer
     n = spec.samples
     start = time.perf_counter()
     sds = sample_models(model, tokenizer, diffusion_cfg, n, seed=seed + 29, mode=cfg.generate.mode,
-                        tokens_per_call=cfg.generate.tokens_per_call, bf16=spec.train.bf16)
+                        tokens_per_call=cfg.generate.tokens_per_call, amp=spec.train.amp)
     return sds, (time.perf_counter() - start) / n
 
 

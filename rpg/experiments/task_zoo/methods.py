@@ -119,7 +119,7 @@ def generate_models(model: RPG, tokenizer: Tokenizer, cfg: Config, task_ids: Seq
     classifier-free guidance scale, None = the generator's own `rpg.guidance_scale`)."""
     bits = condition(cfg, task_ids, domain_codes).repeat_interleave(n_samples, dim=0)  # (T*S, condition_dim)
     return sample_models(model, tokenizer, cfg.diffusion, len(bits), seed=seed, cond=bits, mode=cfg.generate.mode,
-                         tokens_per_call=cfg.generate.tokens_per_call, bf16=cfg.train.bf16, guidance=guidance)
+                         tokens_per_call=cfg.generate.tokens_per_call, amp=cfg.train.amp, guidance=guidance)
 
 
 class RPGMethod(TaskGenerator):
