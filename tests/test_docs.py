@@ -107,6 +107,18 @@ def test_update_copies_a_run_and_renders(tmp_path):
     assert main(["docs", "--root", str(root), "check"]) == 0
 
 
+def test_update_into_another_reference_folder(tmp_path):
+    """--into: an experiment's run of a default table lands in its own folder; the default's stays as it was."""
+    root = _copy_checkout(tmp_path)
+    results = _table13_run(tmp_path, root, [("cifar10_binary", "table13")])
+    (results / "table13.config.yaml").write_text("seed: 2\n")
+    before = (root / "docs/reference/table13/config.yaml").read_text()
+    main(["docs", "--root", str(root), "update", "table13", str(results), "--into", "table13_variant"])
+    assert (root / "docs/reference/table13_variant/config.yaml").read_text() == "seed: 2\n"
+    assert (root / "docs/reference/table13_variant/table13.csv").is_file()
+    assert (root / "docs/reference/table13/config.yaml").read_text() == before
+
+
 def test_update_keeps_only_the_named_rule_time_groups(tmp_path, capsys):
     root = _copy_checkout(tmp_path)
     results = _table13_run(tmp_path, root, [("cifar10_binary", "table13"), ("study/domains_few", "train_rpg")])

@@ -15,6 +15,7 @@ resolved config `config.yaml`, `lscpu.txt`, `rule_times.csv`):
     rpg docs update table16 results/     # copy a new run's table16.csv, config, lscpu and rule times, then render
     rpg docs update table13 results/ --groups cifar10_binary   # only those rule-time groups of a shared folder
     rpg docs update unseen_study results/ --groups study/new_regime --merge   # add / replace those groups only
+    rpg docs update table1 results/table1_amp --into table1_amp   # an experiment's table beside the default's
 
 The views (what each marker renders) are `rpg.cli.doc_views`.
 """
@@ -93,9 +94,12 @@ def render(root: Path = ROOT) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------- updating
 def update(table: str, results: Path, root: Path = ROOT, groups: Sequence[str] | None = None,
-           merge: bool = False) -> Path:
+           merge: bool = False, into: str | None = None) -> Path:
     """Copy a run's `<table>.csv` (or the folder `<table>/` of CSVs, e.g. ablations) with its resolved config,
-    this machine's lscpu and the run's rule times into docs/reference/<table>/, then render every page.
+    this machine's lscpu and the run's rule times into docs/reference/<into or table>/, then render every page.
+
+    `into` names another reference folder: an experiment's run of a default table (e.g. Table 1 under
+    config/experiments/table1_amp.yaml into `table1_amp`) beside the default's reference.
 
     `groups` keeps only those rule-time groups (experiment folders, e.g. `cifar10_binary`): a results folder shared
     by several targets (the study and Table 13) holds every target's jobs, and a table's reference should time its
@@ -106,7 +110,7 @@ def update(table: str, results: Path, root: Path = ROOT, groups: Sequence[str] |
     if merge and not groups:
         raise ValueError("--merge needs --groups: the rule-time groups to replace or add")
     times = _rule_times(results / "benchmarks" / "rules", groups)
-    dest = root / REFERENCE / table
+    dest = root / REFERENCE / (into or table)
     if merge and (dest / "rule_times.csv").exists():
         kept = pd.read_csv(dest / "rule_times.csv")
         times = pd.concat([kept[~kept["group"].isin(groups)], times], ignore_index=True)
@@ -172,6 +176,7 @@ def add_parser(sub: argparse._SubParsersAction, formatter) -> None:
                    help="keep only these rule-time groups (folders under results/benchmarks/rules)")
     u.add_argument("--merge", action="store_true",
                    help="with --groups: keep the reference's other groups, replace or add only these")
+    u.add_argument("--into", metavar="NAME", help="the reference folder docs/reference/NAME (default: the table's)")
     d.add_argument("--root", type=Path, default=ROOT, help="the checkout whose pages to render")
     d.set_defaults(func=cmd_docs)
 
@@ -189,7 +194,7 @@ def cmd_docs(args: argparse.Namespace) -> int:
             print(f"{len(diffs)} page(s) disagree with docs/reference: run `rpg docs render`", file=sys.stderr)
         return 1 if diffs else 0
     try:
-        dest = update(args.table, args.results, args.root, args.groups, args.merge)
+        dest = update(args.table, args.results, args.root, args.groups, args.merge, args.into)
     except ValueError as err:
         print(f"rpg docs update: {err}", file=sys.stderr)
         return 2
