@@ -141,13 +141,13 @@ rule notebook_finetune_few:
         finetune_csv=lambda wc: f"{finetune_few_dir()}/finetune_few.csv",
         summary_csv=lambda wc: f"{finetune_few_dir()}/finetune_few.summary.csv",
     output:
-        notebook=f"{RES}/notebooks/finetune_few.ipynb",
+        notebook=f"{RES}/notebooks/finetune_few/{FINETUNE_FEW_REGIME}.ipynb",
         figure=report(
-            f"{FIGURES}/finetune_few.png",
+            f"{FIGURES}/finetune_few/{FINETUNE_FEW_REGIME}/finetune_few.png",
             caption="../report/figure.rst",
             category="Figures",
         ),
-        csv=f"{FIGURES}/finetune_few.csv",
+        csv=f"{FIGURES}/finetune_few/{FINETUNE_FEW_REGIME}/finetune_few.csv",
     log:
         f"{RES}/logs/study/notebook_finetune_few.log",
     conda:
