@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import ROOT, set_threads, timed, write_results  # noqa: E402
+from bench_generator_amp import training_step  # noqa: E402
 from bench_roofline import matmul_peak  # noqa: E402
 from bench_scoring import random_state_dicts  # noqa: E402
 
@@ -75,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from rpg.generate import sample_models
     from rpg.model import RPG
     from rpg.tokenize import Tokenizer
-    from rpg.train import DiffusionObjective
     from rpg.unconditional import make_score_validator
     from rpg.vision.architectures import build_model, count_parameters
     from rpg.vision.evaluate import ImageEvaluator, batched_outputs
@@ -93,33 +93,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     model = RPG(model_cfg, tokenizer.layer_index, tokenizer.token_index,
                 n_permutation_states=n_ckpt if model_cfg.permutation_state else 0)
     diffusion = create_diffusion(spec.diffusion)
-    objective = DiffusionObjective(model, diffusion)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tc = spec.train
-    gen = torch.Generator().manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     test_images = torch.randint(0, 256, (args.images, 3, spec.img_size, spec.img_size), dtype=torch.uint8, generator=g)
     val_images = test_images[: spec.val_images]
     labels = torch.randint(0, 10, (args.images,), generator=g)
     test = ImageEvaluator(test_images, labels, img_size=spec.img_size)
     val = ImageEvaluator(val_images, labels[: spec.val_images], img_size=spec.img_size)
-    mask = tokenizer.mask
-    k, n, length = tokens.shape
-
-    def batch():
-        idx = torch.randint(0, k, (tc.batch_size,), generator=gen)
-        picked = torch.randperm(tc.batch_size * n, generator=gen)[: tc.diffusion_batch]
-        t, noise = diffusion.draw(len(picked), length, torch.device("cpu"), tokens.dtype, gen)
-        return idx, picked, t, noise
-
-    def step():
-        idx, picked, t, noise = batch()
-        loss = objective(tokens, idx, mask, picked, idx if model.permutation is not None else None, None, t=t,
-                         noise=noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-        opt.step()
+    length = tokens.shape[2]
+    step = training_step(model, diffusion, tokens, tokenizer.mask, tc.batch_size, tc.diffusion_batch, tc.grad_clip,
+                         args.seed)
 
     model.train()
     for _ in range(3):

@@ -86,3 +86,20 @@ def test_ablation_job_smoke(tmp_path):
     assert step.per_job == 6 and step.flops > 0  # the test profile's architectures.ablations.train.steps
     candidates = df[df.part.str.contains("prepared")]
     assert len(candidates) == 2 and candidates.same_predictions.all()
+
+
+def test_generator_amp_smoke(tmp_path):
+    """bench_generator_amp.py times a row's training step and sampling in both precisions; ratios and the tokens'
+    relative distance follow from its own columns."""
+    out = tmp_path / "generator_amp.csv"
+    _load("bench_generator_amp").main([*TEST_PROFILE, "--rows", "cnn_s", "--steps", "2", "--repeats", "1",
+                                       "--out", str(out)])
+    df = pd.read_csv(out)
+    assert set(zip(df.part, df.precision)) == {(p, q) for p in ("train", "sample") for q in ("fp32", "bf16")}
+    assert (df.seconds > 0).all()
+    for part, rows in df.groupby("part"):
+        fp32 = rows[rows.precision == "fp32"].seconds.iloc[0]
+        assert (rows.ratio - fp32 / rows.seconds).abs().max() < 1e-9
+    sample = df[df.part == "sample"]
+    assert (sample.token_rel_diff > 0).all() and (sample.token_rel_diff < 0.5).all()
+    assert df[df.part == "train"].mean_loss.notna().all()
