@@ -165,6 +165,22 @@ def test_rule_groups_view_sums_each_group(tmp_path):
                     "| **all** | 3 | 160 | 288 | 2,000 |"]
 
 
+def test_rule_times_vs_view_compares_the_shared_jobs(tmp_path):
+    from rpg.cli.doc_views import VIEWS, DocsError, Reference
+
+    header = "group,job,wall_s,cpu_s,max_rss_mb,mean_load\n"
+    for name, body in (("a", "t,train_x,100,90,1,1\nt,train_y,50,45,1,1\nt,collect,9,9,1,1\n"),
+                       ("b", "t,train_x,40,40,1,1\nt,train_y,25,25,1,1\nt,other,3,3,1,1\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rule_times.csv").write_text(header + body)
+    table = VIEWS["rule_times_vs"](Reference(tmp_path), "a", "b", "t", "train_")
+    rows = [line for line in table.splitlines() if line.startswith("| `") or line.startswith("| **")]
+    assert rows == ["| `train_x` | 100 | 40 | 0.40 |", "| `train_y` | 50 | 25 | 0.50 |",
+                    "| **these jobs** | 150 | 65 | 0.43 |"]
+    with pytest.raises(DocsError, match="share no job"):
+        VIEWS["rule_times_vs"](Reference(tmp_path), "a", "b", "t", "collect")
+
+
 def test_finetune_views_read_the_named_run(tmp_path):
     from rpg.cli.doc_views import VIEWS, DocsError, Reference
 

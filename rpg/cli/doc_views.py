@@ -263,6 +263,28 @@ def v_rule_times(ref: Reference, folder: str, group: str = "", prefix: str = "")
     return md_table(["job", "wall s", "CPU s", "peak RSS MB"], rows)
 
 
+@view("rule_times_vs")
+def v_rule_times_vs(ref: Reference, folder: str, other: str, group: str = "", prefix: str = "") -> str:
+    """The jobs two runs share (`rule_times.csv` of `folder` and of `other`): wall seconds of each and their
+    ratio (other / folder), with the total; `group` and `prefix` select jobs as in `rule_times`."""
+    def jobs(name: str) -> pd.DataFrame:
+        df = ref.csv(f"{name}/rule_times")
+        if group:
+            df = df[df["group"] == group]
+        if prefix:
+            df = df[df["job"].str.startswith(tuple(prefix.split(",")))]
+        return df.set_index("job")["wall_s"]
+
+    a, b = jobs(folder), jobs(other)
+    both = a.index.intersection(b.index)
+    if not len(both):
+        raise DocsError(f"{folder} and {other} share no job")
+    rows = [[f"`{job}`", num(a[job], ",.0f"), num(b[job], ",.0f"), num(b[job] / a[job], ".2f")] for job in both]
+    rows.append(["**these jobs**", num(a[both].sum(), ",.0f"), num(b[both].sum(), ",.0f"),
+                 num(b[both].sum() / a[both].sum(), ".2f")])
+    return md_table(["job", f"wall s: {folder}", f"wall s: {other}", "ratio"], rows)
+
+
 @view("rule_groups")
 def v_rule_groups(ref: Reference, folder: str) -> str:
     """Per group of a run's `rule_times.csv` (a regime, a shared backbone or zoo): jobs, wall / CPU seconds and
