@@ -562,6 +562,10 @@ def coerce_strings(schema: Mapping, instance: Any, root: Mapping | None = None) 
     return instance
 
 
+# Keys of earlier versions: the error for one of them says what replaced it.
+RENAMED_KEYS = {"bf16": "is now train.amp: `bf16: true` was `amp: cuda`, `bf16: false` is `amp: none`"}
+
+
 def validate_config(raw: Mapping) -> dict:
     """Validate a config dict against the schema, fill in defaults, and return the completed dict.
 
@@ -578,7 +582,9 @@ def validate_config(raw: Mapping) -> dict:
         lines = []
         for err in errors:
             where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-            lines.append(f"config error at {where}: {err.message}")
+            hints = [f"'{old}' {hint}" for old, hint in RENAMED_KEYS.items()
+                     if err.validator == "additionalProperties" and f"'{old}'" in err.message]
+            lines.append(f"config error at {where}: {err.message}" + "".join(f" ({h})" for h in hints))
         raise ConfigError("\n".join(lines))
     return instance
 

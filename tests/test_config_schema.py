@@ -235,3 +235,8 @@ def test_byo_preset_sits_under_the_user_config(tmp_path):
     user.write_text("train: {steps: 7}\n")
     cfg = C.load_config([BYO_PRESET, user])
     assert cfg.model.condition == "none" and cfg.model.permutation_state and cfg.train.steps == 7
+
+
+def test_a_renamed_key_says_what_replaced_it():
+    with pytest.raises(C.ConfigError, match=r"'bf16' is now train.amp"):
+        C.validate_config({"train": {"bf16": True}})
