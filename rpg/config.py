@@ -360,6 +360,7 @@ class FinetuneFewConfig:
     eval_steps: tuple[int, ...]
     within: float
     holdout: float  # fraction of the k images that chooses the early-stopped recipe's step; 0 = none
+    folds: int  # parts of the k images whose pooled left-out scores choose the cross-validated step; < 2 = none
     seed_offset: int
 
 

@@ -203,8 +203,9 @@ def test_finetune_views_split_the_fixed_and_early_stopped_recipes(tmp_path):
     run = pd.read_csv(REPO_ROOT / "docs/reference/finetune_few/finetune_few.csv", dtype={"k": str})
     run = run[~run.arm.str.endswith("_early")]  # the fixed recipe; two of its arms stand in for early ones
     early = run[run.arm.isin(["rpg", "fresh"])].assign(arm=lambda d: d.arm + "_early")
+    cv = run[run.arm == "rpg"].assign(arm="rpg_cv")
     (tmp_path / "ff").mkdir()
-    pd.concat([run, early]).to_csv(tmp_path / "ff/ff.csv", index=False)
+    pd.concat([run, early, cv]).to_csv(tmp_path / "ff/ff.csv", index=False)
     ref = Reference(tmp_path)
     both, fixed, only_early = (VIEWS["finetune_few"](ref, "1", "ff", recipe) for recipe in ("all", "fixed", "early"))
     assert "`rpg_early`" in both and "`rpg`" in both
@@ -212,6 +213,11 @@ def test_finetune_views_split_the_fixed_and_early_stopped_recipes(tmp_path):
     assert [line.split(" |")[0] for line in only_early.splitlines()[2:]] == ["| `rpg_early`", "| `fresh_early`"]
     prose = VIEWS["finetune_few_needs"](ref, "1", "ff", "early")
     assert prose.startswith("RPG's sample (chosen on the k images), early-stopped:") and "fresh random head" in prose
+    only_cv = VIEWS["finetune_few"](ref, "1", "ff", "cv")
+    assert [line.split(" |")[0] for line in only_cv.splitlines()[2:]] == ["| `rpg_cv`"]
+    assert "`rpg_cv`" in both and "`rpg_cv`" not in fixed and "`rpg_cv`" not in only_early
+    assert VIEWS["finetune_few_needs"](ref, "1", "ff", "cv").startswith(
+        "RPG's sample (chosen on the k images), stopped by cross-validation:")
     with pytest.raises(DocsError, match="recipe"):
         VIEWS["finetune_few"](ref, "1", "ff", "best")
 

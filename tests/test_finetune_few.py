@@ -4,6 +4,7 @@ Everything on tiny synthetic domain features, heads and "generated" samples."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -77,9 +78,10 @@ def test_every_arm_k_and_step_with_the_originals_beside(run):
     assert set(per_task.task_id.astype(int)) == set(UNSEEN)
     assert {"rpg", "affine", "nearest", "mean", "noise", "zoo_init", "fresh"} <= set(per_task.arm)
     assert {arm + "_early" for arm in ("rpg", "affine", "fresh")} <= set(per_task.arm)  # holdout 0.25 by default
-    early = per_task[per_task.arm.str.endswith("_early")]
-    assert set(early.step) == {12} and set(early.stop_step) <= {0, 3, 12} and early.stop_step.notna().all()
-    assert per_task[~per_task.arm.str.endswith("_early")].stop_step.isna().all()
+    assert {arm + "_cv" for arm in ("rpg", "affine", "fresh")} <= set(per_task.arm)  # folds 4 by default
+    chosen = per_task[per_task.arm.str.endswith(("_early", "_cv"))]
+    assert set(chosen.step) == {12} and set(chosen.stop_step) <= {0, 3, 12} and chosen.stop_step.notna().all()
+    assert per_task[~per_task.arm.str.endswith(("_early", "_cv"))].stop_step.isna().all()
     # a baseline that does not exist for a task is no arm of it: 314's complement (709) trains, 279's (744) not
     complement = per_task[per_task.arm == "complement"]
     assert set(complement.task_id.astype(int)) == {domain_task_id(314, 1)}
@@ -167,6 +169,37 @@ def test_early_stopped_arm_keeps_the_step_best_on_the_held_out_images():
         test_acc = on_test[(on_test.arm == arm) & (on_test.step == row.stop_step)].accuracy.item()
         assert row.accuracy == pytest.approx(test_acc, abs=1e-4)
     assert FF.early_stopped_arms(starts, x[:1], classes[:1], 279, test_x, test_classes, rec, seed=3) == []
+
+
+def test_cross_validated_step_is_the_best_over_the_left_out_parts():
+    """Each arm's chosen step has the most left-out images right over the parts (image i in part i mod parts;
+    scored here by `finetune_arms` on each part as its test set, the same training); its `_cv` row is the fixed
+    recipe's row on all k images at that step. Fewer than 2 parts: no choice."""
+    gen = torch.Generator().manual_seed(5)
+    x, classes = torch.randn(12, D, generator=gen), torch.randint(0, 10, (12,), generator=gen)
+    test_x, test_classes = torch.randn(80, D, generator=gen), torch.arange(80) % 10
+    rec = FF.Recipe(steps=20, batch_size=4, lr=5e-2, weight_decay=0.0, eval_steps=(0, 2, 5, 10), task_chunk=2,
+                    folds=3)
+    starts = {"a": initial_head(D, 5), "b": initial_head(D, 6), "c": initial_head(D, 7)}
+    steps = FF.cross_validated_steps(starts, x, classes, 279, rec, seed=3)
+    part = torch.arange(12) % 3
+    right: dict[tuple[str, int], float] = {}
+    for f in range(3):
+        fit, held = part != f, part == f
+        for r in FF.finetune_arms(starts, x[fit], classes[fit], 279, x[held], classes[held], rec, seed=3):
+            key = (r["arm"], r["step"])
+            right[key] = right.get(key, 0.0) + r["accuracy"] * int(held.sum()) / 100
+    for arm, step in zip(starts, steps):
+        assert right[(arm, step)] == pytest.approx(max(right[(arm, s)] for s in rec.save_at))
+    curve = FF.finetune_arms(starts, x, classes, 279, test_x, test_classes, rec, seed=3)
+    rows = FF.cross_validated_rows(curve, steps, list(starts), rec.steps)
+    assert [r["arm"] for r in rows] == ["a_cv", "b_cv", "c_cv"] and {r["step"] for r in rows} == {20}
+    for row, step in zip(rows, steps):
+        fixed = next(r for r in curve if r["arm"] == row["arm"].removesuffix("_cv") and r["step"] == step)
+        assert row["accuracy"] == fixed["accuracy"] and row["stop_step"] == step
+    assert FF.base_arm("rpg_cv") == FF.base_arm("rpg_early") == FF.base_arm("rpg") == "rpg"
+    assert FF.cross_validated_steps(starts, x[:1], classes[:1], 279, rec, seed=3) is None
+    assert FF.cross_validated_steps(starts, x, classes, 279, dataclasses.replace(rec, folds=1), seed=3) is None
 
 
 def test_train_heads_from_given_heads_returns_the_start_and_leaves_it_alone():

@@ -451,30 +451,42 @@ FINETUNE_ARMS = {"rpg": "RPG's sample (chosen on the k images)", "zoo_init": "th
                  "fresh": "a fresh random head"}
 
 
-def _finetune_summary(ref: Reference, within: str, table: str, recipe: str) -> pd.DataFrame:
-    """`images_needed` of a fine-tuning run; recipe `fixed` / `early` keeps that recipe's arms, `all` both."""
-    from rpg.experiments.task_zoo.finetune_few import EARLY, images_needed
+RECIPE_LABELS = {"early": ", early-stopped", "cv": ", stopped by cross-validation"}
 
-    if recipe not in ("all", "fixed", "early"):
-        raise DocsError(f"recipe {recipe!r}: all, fixed or early")
+
+def _recipe_suffixes() -> dict[str, str]:
+    """Recipe name -> the arm-name suffix of its rows in finetune_few.csv."""
+    from rpg.experiments.task_zoo.finetune_few import CV, EARLY
+
+    return {"early": EARLY, "cv": CV}
+
+
+def _recipe_of(arm: str) -> str:
+    return next((name for name, suffix in _recipe_suffixes().items() if arm.endswith(suffix)), "fixed")
+
+
+def _finetune_summary(ref: Reference, within: str, table: str, recipe: str) -> pd.DataFrame:
+    """`images_needed` of a fine-tuning run; recipe `fixed` / `early` / `cv` keeps that recipe's arms, `all` all."""
+    from rpg.experiments.task_zoo.finetune_few import images_needed
+
+    if recipe not in ("all", "fixed", *_recipe_suffixes()):
+        raise DocsError(f"recipe {recipe!r}: all, fixed, {', '.join(_recipe_suffixes())}")
     df = images_needed(ref.csv(table), float(within))
-    early = df["arm"].str.endswith(EARLY)
-    return df if recipe == "all" else df[early] if recipe == "early" else df[~early]
+    return df if recipe == "all" else df[df["arm"].map(_recipe_of) == recipe]
 
 
 def _arm_label(arm: str) -> str:
-    from rpg.experiments.task_zoo.finetune_few import EARLY
+    from rpg.experiments.task_zoo.finetune_few import base_arm
 
-    base = arm.removesuffix(EARLY)
-    label = FINETUNE_ARMS.get(base, f"`{base}`")
-    return label + (", early-stopped" if arm != base else "")
+    base = base_arm(arm)
+    return FINETUNE_ARMS.get(base, f"`{base}`") + RECIPE_LABELS.get(_recipe_of(arm), "")
 
 
 @view("finetune_few")
 def v_finetune_few(ref: Reference, within: str = "1", table: str = "finetune_few", recipe: str = "all") -> str:
     """Fine-tuning unseen heads on k images (`finetune_few.csv`, or another run's `table`): per arm the mean test
     accuracy at the last step for each k, the originals', and the smallest k within `within` points of them; only
-    the `fixed` or `early`-stopped recipe's arms when `recipe` says so."""
+    the `fixed`, `early`-stopped or `cv` (cross-validated) recipe's arms when `recipe` says so."""
     df = _finetune_summary(ref, within, table, recipe)
     shots = [c for c in df.columns if c.startswith("k=")]
     rows = [[f"`{r['arm']}`", num(r["n_tasks"], "d")] + [num(r[c]) for c in shots]

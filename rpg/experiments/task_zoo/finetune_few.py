@@ -26,6 +26,13 @@ arm is fine-tuned on the rest by the same recipe, and of the steps 0, `eval_step
 best accuracy on the held-out images (ties: lower cross-entropy on them, then the earlier step) is kept. Its row
 sits at the last step (so it lines up with the fixed recipe's) with the kept step in `stop_step`; step 0 means the
 start was not improved by training. RPG's sample is chosen on all k images, before the hold-out.
+
+With few images a held-out quarter is too few to choose a step (2 images at k = 8), and the kept head never saw
+them. So every arm is also stopped by cross-validation (`<arm>_cv`): the k images are split into `folds` parts
+(image i in part i mod parts), the arm is fine-tuned on all parts but one for each part, and every saved step is
+scored on the left-out images of all parts together; the step with the most of them right (ties: lower summed
+cross-entropy, then the earlier step) is chosen, and the fixed recipe's head on all k images is kept at that step
+(its row is the fixed recipe's test score at that step, `stop_step` says which).
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ from rpg.utils import load_safetensors, write_csv_atomic, write_text_atomic
 
 ARMS = ("rpg", *HEAD_BASELINES, "zoo_init", "fresh")
 EARLY = "_early"  # suffix of an arm's early-stopped recipe
+CV = "_cv"  # suffix of an arm's cross-validated stopping
+STOPPED = (EARLY, CV)  # the recipes that choose a stopping step, beside the fixed one
 ALL = "all"
 
 
@@ -66,6 +75,7 @@ class Recipe:
     eval_steps: tuple[int, ...]
     task_chunk: int
     holdout: float = 0.0
+    folds: int = 0
 
     @property
     def save_at(self) -> list[int]:
@@ -75,7 +85,15 @@ class Recipe:
 def recipe(cfg: Config) -> Recipe:
     ff, z = cfg.study.finetune_few, cfg.zoo
     return Recipe(ff.steps or z.steps, z.batch_size, z.lr, z.weight_decay, tuple(ff.eval_steps), z.task_chunk,
-                  ff.holdout)
+                  ff.holdout, ff.folds)
+
+
+def base_arm(arm: str) -> str:
+    """The start an arm's row comes from, whatever its recipe: `rpg_early` and `rpg_cv` -> `rpg`."""
+    for suffix in STOPPED:
+        if arm.endswith(suffix):
+            return arm.removesuffix(suffix)
+    return arm
 
 
 def training_order(n: int, seed: int) -> torch.Tensor:
@@ -164,6 +182,36 @@ def early_stopped_arms(starts: dict[str, dict[str, torch.Tensor]], x: torch.Tens
             for i, name in enumerate(starts)]
 
 
+@torch.no_grad()
+def cross_validated_steps(starts: dict[str, dict[str, torch.Tensor]], x: torch.Tensor, class_labels: torch.Tensor,
+                          task_id: int, rec: Recipe, seed: int) -> list[int] | None:
+    """Per arm, the saved step chosen by cross-validation over the k images (see the module docstring); None when
+    fewer than 2 parts can be made (rec.folds < 2 or k < 2). Shapes: x (k, d), class_labels (k,)."""
+    parts = min(rec.folds, len(x))
+    if parts < 2:
+        return None
+    y = binary_labels(class_labels, [task_id])[0]
+    part = torch.arange(len(x)) % parts
+    right = torch.zeros(len(starts), len(rec.save_at))
+    loss = torch.zeros(len(starts), len(rec.save_at))
+    for f in range(parts):
+        fit, held = part != f, part == f
+        out = _train_arms(starts, x[fit], class_labels[fit], task_id, rec, seed)
+        for j in range(len(rec.save_at)):
+            logits = head_logits({key: v[:, j] for key, v in out.items()}, x[held].float())  # (arms, h, 2)
+            right[:, j] += (logits.argmax(-1) == y[held]).sum(1)
+            loss[:, j] += F.cross_entropy(logits.transpose(1, 2), y[held][None].expand(len(starts), -1),
+                                          reduction="none").sum(1)
+    return [rec.save_at[min(range(len(rec.save_at)), key=lambda j: (-float(right[i, j]), float(loss[i, j]), j))]
+            for i in range(len(starts))]
+
+
+def cross_validated_rows(curve: Sequence[dict], steps: Sequence[int], names: Sequence[str], last: int) -> list[dict]:
+    """The `<arm>_cv` rows: each arm's fixed-recipe row (in `curve`) at its chosen step, placed at the last step."""
+    at = {(r["arm"], r["step"]): r for r in curve}
+    return [{**at[(name, step)], "arm": name + CV, "step": last, "stop_step": step} for name, step in zip(names, steps)]
+
+
 def rpg_samples(generated_dir: str | Path, task_ids: Sequence[int]) -> dict[int, list[dict[str, torch.Tensor]]]:
     """The generated heads of each task, in sample order."""
     files = generated_files(generated_dir)
@@ -181,7 +229,7 @@ def finetune_few(cfg: Config, features_path: str | Path, zoo_dir: str | Path, sp
     """Rows per unseen task, arm, k and step (see the module docstring), then `mean` rows over tasks.
 
     `cfg` is the regime's config. Columns: task_id, embedding, domain, arm, k, n_images, step, accuracy,
-    balanced_accuracy, stop_step (early-stopped arms: the step kept), sample and select_accuracy (RPG's chosen
+    balanced_accuracy, stop_step (early-stopped and cross-validated arms: the step kept), sample and select_accuracy (RPG's chosen
     sample, its accuracy on the k images),
     original_accuracy, original_balanced_accuracy (the task's originals, mean over its checkpoints), minus_original
     (points); mean rows add n_tasks. Test images are read for scoring only, after every head is chosen.
@@ -218,10 +266,13 @@ def finetune_few(cfg: Config, features_path: str | Path, zoo_dir: str | Path, sp
             starts.update(zoo_init=zoo_init, fresh=fresh)
             seed = cfg.seed + ff.seed_offset + t
             curve = finetune_arms(starts, x, classes, t, test_x, feats["test_y"], rec, seed)
+            cv_steps = cross_validated_steps(starts, x, classes, t, rec, seed)
+            if cv_steps is not None:
+                curve += cross_validated_rows(curve, cv_steps, list(starts), rec.steps)
             curve += early_stopped_arms(starts, x, classes, t, test_x, feats["test_y"], rec, seed)
             rows += [{"task_id": t, "k": str(k), "n_images": len(rows_k), **r,
-                      "sample": pick if r["arm"].removesuffix(EARLY) == "rpg" else None,
-                      "select_accuracy": 100 * pick_acc if r["arm"].removesuffix(EARLY) == "rpg" else None}
+                      "sample": pick if base_arm(r["arm"]) == "rpg" else None,
+                      "select_accuracy": 100 * pick_acc if base_arm(r["arm"]) == "rpg" else None}
                      for r in curve]
             if progress:
                 last = {r["arm"]: r["accuracy"] for r in curve if r["step"] == rec.steps}
@@ -254,7 +305,7 @@ def _with_means(frame: pd.DataFrame) -> pd.DataFrame:
     keys = ["arm", "k", "step"]
     values = ["n_images", "accuracy", "balanced_accuracy", "stop_step", "select_accuracy", "original_accuracy",
               "original_balanced_accuracy", "minus_original"]
-    if "stop_step" not in frame.columns:  # no early-stopped arm (holdout 0)
+    if "stop_step" not in frame.columns:  # no arm that chooses its step (holdout 0, folds < 2)
         frame = frame.assign(stop_step=float("nan"))
     mean = frame.groupby(keys, sort=False, as_index=False)[values].mean()
     mean["n_tasks"] = frame.groupby(keys, sort=False).size().to_numpy()
@@ -272,7 +323,7 @@ def images_needed(frame: pd.DataFrame, within: float) -> pd.DataFrame:
     last = mean[mean.step == mean.step.max()]
     shots = list(dict.fromkeys(last.sort_values("n_images", kind="stable").k))
     rows = []
-    for arm in [a for a in (*ARMS, *(a + EARLY for a in ARMS)) if a in set(last.arm)]:
+    for arm in [a for a in (*ARMS, *(a + suffix for suffix in STOPPED for a in ARMS)) if a in set(last.arm)]:
         part = last[last.arm == arm].set_index("k")
         reached = [k for k in shots if k in part.index and part.loc[k, "minus_original"] >= -within]
         rows.append({"arm": arm, "n_tasks": int(part.n_tasks.min()),
