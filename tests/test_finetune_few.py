@@ -148,15 +148,22 @@ def test_holdout_size():
     assert FF.holdout_size(8, 0.0) == 0 and FF.holdout_size(3, 0.5) == 2  # 1.5 rounds to 2; one image is kept
 
 
+def _stopping_case(seed: int, k: int, **recipe):
+    """k labelled images and 80 test images of random features, three starts and a 20-step recipe (`recipe`: its
+    holdout or folds) for the tests of the recipes that choose their step."""
+    gen = torch.Generator().manual_seed(seed)
+    x, classes = torch.randn(k, D, generator=gen), torch.randint(0, 10, (k,), generator=gen)
+    test_x, test_classes = torch.randn(80, D, generator=gen), torch.arange(80) % 10
+    rec = FF.Recipe(steps=20, batch_size=4, lr=5e-2, weight_decay=0.0, eval_steps=(0, 2, 5, 10), task_chunk=2,
+                    **recipe)
+    starts = {"a": initial_head(D, 5), "b": initial_head(D, 6), "c": initial_head(D, 7)}
+    return x, classes, test_x, test_classes, starts, rec
+
+
 def test_early_stopped_arm_keeps_the_step_best_on_the_held_out_images():
     """The kept step is the best saved step on the last h of the k images (scored here by `finetune_arms` on them
     as its test set, the same training), and its test accuracy is that step's; every arm gets an `_early` row."""
-    gen = torch.Generator().manual_seed(4)
-    x, classes = torch.randn(16, D, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-    test_x, test_classes = torch.randn(80, D, generator=gen), torch.arange(80) % 10
-    rec = FF.Recipe(steps=20, batch_size=4, lr=5e-2, weight_decay=0.0, eval_steps=(0, 2, 5, 10), task_chunk=2,
-                    holdout=0.25)
-    starts = {"a": initial_head(D, 5), "b": initial_head(D, 6), "c": initial_head(D, 7)}
+    x, classes, test_x, test_classes, starts, rec = _stopping_case(4, 16, holdout=0.25)
     early = pd.DataFrame(FF.early_stopped_arms(starts, x, classes, 279, test_x, test_classes, rec, seed=3))
     assert early.arm.tolist() == ["a_early", "b_early", "c_early"] and set(early.step) == {20}
     fit, held = slice(0, 12), slice(12, 16)
@@ -175,12 +182,7 @@ def test_cross_validated_step_is_the_best_over_the_left_out_parts():
     """Each arm's chosen step has the most left-out images right over the parts (image i in part i mod parts;
     scored here by `finetune_arms` on each part as its test set, the same training); its `_cv` row is the fixed
     recipe's row on all k images at that step. Fewer than 2 parts: no choice."""
-    gen = torch.Generator().manual_seed(5)
-    x, classes = torch.randn(12, D, generator=gen), torch.randint(0, 10, (12,), generator=gen)
-    test_x, test_classes = torch.randn(80, D, generator=gen), torch.arange(80) % 10
-    rec = FF.Recipe(steps=20, batch_size=4, lr=5e-2, weight_decay=0.0, eval_steps=(0, 2, 5, 10), task_chunk=2,
-                    folds=3)
-    starts = {"a": initial_head(D, 5), "b": initial_head(D, 6), "c": initial_head(D, 7)}
+    x, classes, test_x, test_classes, starts, rec = _stopping_case(5, 12, folds=3)
     steps = FF.cross_validated_steps(starts, x, classes, 279, rec, seed=3)
     part = torch.arange(12) % 3
     right: dict[tuple[str, int], float] = {}
