@@ -119,8 +119,14 @@ def select_sample(heads: Sequence[dict[str, torch.Tensor]], x: torch.Tensor, y: 
     logits = head_logits(stack_state_dicts(heads), x.float())  # (S, k, 2)
     acc = (logits.argmax(-1) == y).float().mean(1)
     loss = F.cross_entropy(logits.transpose(1, 2), y[None].expand(len(heads), -1), reduction="none").mean(1)
-    best = min(range(len(heads)), key=lambda i: (-float(acc[i]), float(loss[i]), i))
+    best = best_index(acc, loss)
     return best, float(acc[best])
+
+
+def best_index(score: torch.Tensor, loss: torch.Tensor) -> int:
+    """The one rule that picks a head among candidates: the highest score (accuracy, or images right), ties
+    broken by the lower cross-entropy, then the lower index. Shapes: score, loss (n,)."""
+    return min(range(len(score)), key=lambda i: (-float(score[i]), float(loss[i]), i))
 
 
 def _train_arms(starts: dict[str, dict[str, torch.Tensor]], x: torch.Tensor, class_labels: torch.Tensor,
@@ -202,8 +208,7 @@ def cross_validated_steps(starts: dict[str, dict[str, torch.Tensor]], x: torch.T
             right[:, j] += (logits.argmax(-1) == y[held]).sum(1)
             loss[:, j] += F.cross_entropy(logits.transpose(1, 2), y[held][None].expand(len(starts), -1),
                                           reduction="none").sum(1)
-    return [rec.save_at[min(range(len(rec.save_at)), key=lambda j: (-float(right[i, j]), float(loss[i, j]), j))]
-            for i in range(len(starts))]
+    return [rec.save_at[best_index(right[i], loss[i])] for i in range(len(starts))]
 
 
 def cross_validated_rows(curve: Sequence[dict], steps: Sequence[int], names: Sequence[str], last: int) -> list[dict]:
@@ -229,8 +234,8 @@ def finetune_few(cfg: Config, features_path: str | Path, zoo_dir: str | Path, sp
     """Rows per unseen task, arm, k and step (see the module docstring), then `mean` rows over tasks.
 
     `cfg` is the regime's config. Columns: task_id, embedding, domain, arm, k, n_images, step, accuracy,
-    balanced_accuracy, stop_step (early-stopped and cross-validated arms: the step kept), sample and select_accuracy (RPG's chosen
-    sample, its accuracy on the k images),
+    balanced_accuracy, stop_step (early-stopped and cross-validated arms: the step kept), sample and
+    select_accuracy (RPG's chosen sample, its accuracy on the k images),
     original_accuracy, original_balanced_accuracy (the task's originals, mean over its checkpoints), minus_original
     (points); mean rows add n_tasks. Test images are read for scoring only, after every head is chosen.
     """
