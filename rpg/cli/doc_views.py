@@ -248,14 +248,21 @@ def v_table13(ref: Reference) -> str:
     return md_table(["epoch"] + [str(e) for e in epochs], rows)
 
 
-@view("rule_times")
-def v_rule_times(ref: Reference, folder: str, group: str = "", prefix: str = "") -> str:
-    """Per-job wall / CPU seconds and peak memory of a run (`rule_times.csv`), with the total."""
+def _rule_jobs(ref: Reference, folder: str, group: str = "", prefix: str = "") -> pd.DataFrame:
+    """The rows of a run's `rule_times.csv`, only `group`'s when given and only jobs starting with one of the
+    comma-separated `prefix`es when given."""
     df = ref.csv(f"{folder}/rule_times")
     if group:
         df = df[df["group"] == group]
     if prefix:
         df = df[df["job"].str.startswith(tuple(prefix.split(",")))]
+    return df
+
+
+@view("rule_times")
+def v_rule_times(ref: Reference, folder: str, group: str = "", prefix: str = "") -> str:
+    """Per-job wall / CPU seconds and peak memory of a run (`rule_times.csv`), with the total."""
+    df = _rule_jobs(ref, folder, group, prefix)
     rows = [[f"`{r['job']}`", num(r["wall_s"], ",.0f"), num(r["cpu_s"], ",.0f"), num(r["max_rss_mb"], ",.0f")]
             for _, r in df.iterrows()]
     rows.append(["**all jobs**", num(df["wall_s"].sum(), ",.0f"), num(df["cpu_s"].sum(), ",.0f"),
@@ -267,15 +274,7 @@ def v_rule_times(ref: Reference, folder: str, group: str = "", prefix: str = "")
 def v_rule_times_vs(ref: Reference, folder: str, other: str, group: str = "", prefix: str = "") -> str:
     """The jobs two runs share (`rule_times.csv` of `folder` and of `other`): wall seconds of each and their
     ratio (other / folder), with the total; `group` and `prefix` select jobs as in `rule_times`."""
-    def jobs(name: str) -> pd.DataFrame:
-        df = ref.csv(f"{name}/rule_times")
-        if group:
-            df = df[df["group"] == group]
-        if prefix:
-            df = df[df["job"].str.startswith(tuple(prefix.split(",")))]
-        return df.set_index("job")["wall_s"]
-
-    a, b = jobs(folder), jobs(other)
+    a, b = (_rule_jobs(ref, name, group, prefix).set_index("job")["wall_s"] for name in (folder, other))
     both = a.index.intersection(b.index)
     if not len(both):
         raise DocsError(f"{folder} and {other} share no job")
@@ -300,11 +299,7 @@ def v_rule_groups(ref: Reference, folder: str) -> str:
 @view("rule_total")
 def v_rule_total(ref: Reference, folder: str, column: str, group: str = "", prefix: str = "") -> str:
     """A sum over jobs, for prose: `rule_total table11 cpu_s cifar10_binary`; `minutes` gives wall min."""
-    df = ref.csv(f"{folder}/rule_times")
-    if group:
-        df = df[df["group"] == group]
-    if prefix:
-        df = df[df["job"].str.startswith(tuple(prefix.split(",")))]
+    df = _rule_jobs(ref, folder, group, prefix)
     if column == "minutes":
         return num(df["wall_s"].sum() / 60, ".0f")
     return num(df[column].sum(), ",.0f")
