@@ -36,13 +36,17 @@ def peak_rss_mb() -> float:
 
 
 def make_score_validator(tokenizer: Tokenizer, diffusion_cfg: DiffusionConfig, score_fn: ScoreFn, n_samples: int,
-                         seed: int) -> Callable[[RPG], dict[str, float]]:
-    """Validation hook for `train_rpg`: generate `n_samples` models, score each, report mean / best / min."""
+                         seed: int, amp: str = "none") -> Callable[[RPG], dict[str, float]]:
+    """Validation hook for `train_rpg`: generate `n_samples` models, score each, report mean / best / min.
+
+    `amp` (train.amp's modes) is the precision of the validation samples: the generator's own, so the step kept is
+    chosen on models drawn the way its final samples are.
+    """
 
     def validate(model: RPG) -> dict[str, float]:
         start = time.time()
         scores = torch.tensor([float(score_fn(sd)) for sd in
-                               sample_models(model, tokenizer, diffusion_cfg, n_samples, seed=seed)])
+                               sample_models(model, tokenizer, diffusion_cfg, n_samples, seed=seed, amp=amp)])
         return {"score": float(scores.mean()), "best": float(scores.max()), "min": float(scores.min()),
                 "seconds": time.time() - start}
 
@@ -79,7 +83,8 @@ def train_on_collection(state_dicts: Sequence[Mapping[str, torch.Tensor]], out_d
     out_dir = Path(out_dir)
     tokenizer = Tokenizer.fit(state_dicts, model_cfg.token_size)
     tokens = torch.stack([tokenizer.tokenize(sd) for sd in state_dicts])  # (K, N, L)
-    validate = (make_score_validator(tokenizer, diffusion_cfg, score_fn, train_cfg.val_samples, seed=seed + 17)
+    validate = (make_score_validator(tokenizer, diffusion_cfg, score_fn, train_cfg.val_samples, seed=seed + 17,
+                                     amp=train_cfg.amp)
                 if score_fn is not None else None)
     with run_lock(out_dir, callees_share=True):  # nothing is written into a folder another run holds
         summary = train_rpg(model_cfg, diffusion_cfg, train_cfg, tokenizer, tokens, out_dir, seed=seed,

@@ -20,6 +20,7 @@ from rpg.config import resolve_model_config
 from rpg.model import RPG
 from rpg.nn.recurrent import RECURRENT_KINDS
 from rpg.tokenize import Tokenizer
+from rpg.unconditional import make_score_validator
 from rpg.utils import CheckpointError, save_safetensors_atomic
 
 # 3 "layers" of 4, 1 and 3 tokens (N = 8)
@@ -156,6 +157,25 @@ def test_amp_mode_decides_the_sampling_precision_on_cpu(amp):
     else:
         assert torch.equal(tokens, reference)
 
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_score_validator_samples_in_the_generators_precision(amp):
+    """The training validator (rpg.unconditional.make_score_validator) draws its models in `amp`, the precision the
+    final samples use: the denoiser's convolutions run in bfloat16 exactly under bf16, and the scores differ."""
+    torch.manual_seed(2)
+    tok = _fitted_tokenizer()
+    model = _randomise(RPG(tiny_model_config(), tok.layer_index, tok.token_index), scale=0.05)
+    seen: list[torch.dtype] = []
+    for m in model.denoiser.modules():
+        if isinstance(m, nn.Conv1d):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    dcfg = DiffusionConfig(sampler="ddim", sample_steps=4, eta=0.0)
+    score = lambda sd: float(sum(v.double().sum() for v in sd.values()))  # noqa: E731 (any function of the weights)
+    scores = {mode: make_score_validator(tok, dcfg, score, 2, seed=3, amp=mode)(model)["score"]
+              for mode in ("none", amp)}
+    assert set(seen[len(seen) // 2:]) == {torch.bfloat16 if amp == "bf16" else torch.float32}
+    assert (scores["none"] == scores[amp]) == (amp == "none")
 
 def test_checkpoint_round_trip_gives_identical_generation(tmp_path):
     """save_rpg -> load_rpg restores weights, BatchNorm statistics, layout and config; generation is identical."""
