@@ -15,7 +15,7 @@ resolved config `config.yaml`, `lscpu.txt`, `rule_times.csv`):
     rpg docs update table16 results/     # copy a new run's table16.csv, config, lscpu and rule times, then render
     rpg docs update table13 results/ --groups cifar10_binary   # only those rule-time groups of a shared folder
     rpg docs update unseen_study results/ --groups study/new_regime --merge   # add / replace those groups only
-    rpg docs update table1 results/table1_amp --into table1_amp   # an experiment's table beside the default's
+    rpg docs update table1 results/table1_fp32 --into table1_fp32  # an experiment's table beside the default's
 
 The views (what each marker renders) are `rpg.cli.doc_views`.
 """
@@ -99,7 +99,7 @@ def update(table: str, results: Path, root: Path = ROOT, groups: Sequence[str] |
     this machine's lscpu and the run's rule times into docs/reference/<into or table>/, then render every page.
 
     `into` names another reference folder: an experiment's run of a default table (e.g. Table 1 under
-    config/experiments/table1_amp.yaml into `table1_amp`) beside the default's reference.
+    config/experiments/table1_fp32.yaml into `table1_fp32`) beside the default's reference.
 
     `groups` keeps only those rule-time groups (experiment folders, e.g. `cifar10_binary`): a results folder shared
     by several targets (the study and Table 13) holds every target's jobs, and a table's reference should time its
