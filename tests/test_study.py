@@ -556,3 +556,21 @@ def test_study_method_from_outside_the_package_joins_the_study_table(tmp_path, s
     assert mine.loc["seen", "accuracy_mean"] == nearest.accuracy_mean
     assert mine.loc["seen", "balanced_accuracy_mean"] == nearest.balanced_accuracy_mean
     assert (results / "methods" / "tiny" / "toy_methods.NearestTrainingHead" / "samples.csv").is_file()
+
+
+def test_variants_are_grouped_by_task_setting_and_chosen_on_seen_validation():
+    """Regimes that agree on the zoo, the split and the domains are one setting; the variant reported is the one
+    with the best seen-task validation score, not the best unseen test accuracy (the first listed on a tie)."""
+    setting = {"zoo_init": "shared", "n_train_tasks": 279, "holdout_neighbours": False,
+               "shifted_domain_tasks": 8.0, "domains": "identity,blur", "label_free_domains": float("nan")}
+    rows = [("few", 70.0, 75.0), ("few_big", 74.0, 71.0), ("few_tie", 74.0, 90.0),  # one setting, three variants
+            ("plain", 93.0, 93.0)]                                                    # another (no domains)
+    frame = pd.DataFrame([{**setting, "regime": name, "val_score": val, "accuracy_best": test,
+                           **({"domains": "", "shifted_domain_tasks": float("nan"), "n_train_tasks": 992}
+                              if name == "plain" else {})} for name, val, test in rows])
+    frame = pd.concat([frame, frame.assign(group="seen")], ignore_index=True)  # several rows per regime
+    chosen = S.variants_chosen_on_validation(frame)
+    assert chosen.to_dict("records") == [{"setting": "few", "regime": "few_big", "variants": 3},
+                                         {"setting": "plain", "regime": "plain", "variants": 1}]
+    with pytest.raises(ValueError, match="val_score"):
+        S.variants_chosen_on_validation(frame.drop(columns="val_score"))

@@ -507,18 +507,25 @@ def _span(values: pd.Series, spec: str) -> str:
 
 @view("unseen_study_summary")
 def v_unseen_study_summary(ref: Reference) -> str:
-    """The README's summary of the study: in how many regimes RPG's best of n beats, ties or loses to the best
-    baseline (tie: within TIE points), which it beats and by how much, and how far it stays from the originals."""
+    """The README's summary of the study: over its task settings (regimes that differ only in the generator are one
+    setting's variants; the variant shown is the one best on seen-task validation), in how many RPG's best of n
+    beats, ties or loses to the best baseline (tie: within TIE points), by how much, and how far from the originals."""
+    from rpg.experiments.task_zoo.study import variants_chosen_on_validation
+
     df = _study_unseen(ref)
-    rpg = df[df["method"] == "rpg"].set_index("regime")
+    chosen = variants_chosen_on_validation(df)
+    rpg = df[df["method"] == "rpg"].set_index("regime").loc[chosen["regime"]]
     gap = rpg["rpg_best_minus_baseline_acc"]
+    label = {r: (f"`{s}`" if s == r else f"`{s}`, variant `{r}`") for s, r in zip(chosen["setting"], chosen["regime"])}
     wins = gap[gap > TIE]
     named = ""
     if len(wins):
         below = -rpg.loc[wins.index, "minus_original_best"]
-        named = (f" ({', '.join(f'`{r}`' for r in wins.index)}: {_span(wins, '+.2f')} points, yet "
+        named = (f" ({', '.join(label[r] for r in wins.index)}: {_span(wins, '+.2f')} points, yet "
                  f"{_span(below, '.2f')} points below the originals)")
-    return (f"over {len(gap)} regimes RPG's best of {_rpg_samples(df)} beats the best baseline in {len(wins)}{named}"
+    return (f"over {len(chosen)} task settings ({len(df['regime'].unique())} regimes: each setting with its generator "
+            f"variants, the one best on seen-task validation counted) RPG's best of {_rpg_samples(df)} beats the best "
+            f"baseline in {len(wins)}{named}"
             + f", ties in {int((gap.abs() <= TIE).sum())} and loses in {int((gap < -TIE).sum())}"
             + f" (by up to {num(-gap.min())} points)")
 

@@ -278,6 +278,33 @@ def gather_study(regimes: Mapping[str, Mapping], configs: Mapping[str, Mapping] 
     return pd.concat(frames, ignore_index=True).round(3)
 
 
+# What makes two regimes the same task setting: the zoo (init), the training split and the tasks' domains. Regimes
+# that agree on these differ only in the generator (its size, steps, prediction, canonicalisation, ...): variants.
+SETTING_COLUMNS = ("zoo_init", "n_train_tasks", "holdout_neighbours", "shifted_domain_tasks", "domains",
+                   "label_free_domains")
+
+
+def variants_chosen_on_validation(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per task setting (regimes that agree on SETTING_COLUMNS): the regime whose RPG scores best on
+    seen-task validation (`val_score`; first listed on a tie), never chosen on the unseen tasks' test accuracy.
+
+    Args:
+        frame: the study table (`gather_study`).
+    Returns:
+        columns setting (the setting's first regime, in the table's order), regime (the one chosen), variants
+        (how many regimes the setting has), in the order of the settings' first rows.
+    """
+    missing = [c for c in ("regime", "val_score", *SETTING_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"the study table has no column {missing} (written by an older gather_study?)")
+    regimes = frame.drop_duplicates("regime").reset_index(drop=True)
+    key = regimes[list(SETTING_COLUMNS)].map(str).agg("|".join, axis=1)  # NaN -> "nan": no setting lost
+    rows = []
+    for _, group in regimes.groupby(key, sort=False):
+        chosen = group.loc[group["val_score"].fillna(float("-inf")).idxmax()]  # idxmax: the first of equal scores
+        rows.append({"setting": group["regime"].iloc[0], "regime": chosen["regime"], "variants": len(group)})
+    return pd.DataFrame(rows, columns=["setting", "regime", "variants"])
+
 def write_study(regimes: Mapping[str, Mapping], configs: Mapping[str, Mapping] | None,
                 out_csv: str | Path) -> pd.DataFrame:
     frame = gather_study(regimes, configs)
