@@ -128,10 +128,8 @@ def test_generation_modes_agree_with_deterministic_ddim(recurrent):
         generate_tokens(model, diffusion, 1, mode="parallel")
 
 
-@pytest.mark.parametrize("amp", ["none", "cuda", "bf16"])
-def test_amp_mode_decides_the_sampling_precision_on_cpu(amp):
-    """generate_tokens(amp=...): on a CPU the denoiser runs in bfloat16 under `bf16` only (as train.amp); the
-    tokens come back float32 either way, and bf16 sampling stays near float32 sampling (same noise, relative L2)."""
+def _model_recording_conv_dtypes() -> tuple[Tokenizer, RPG, list[torch.dtype]]:
+    """A small random unconditional RPG whose denoiser convolutions append their output dtype to the returned list."""
     torch.manual_seed(2)
     tok = _fitted_tokenizer()
     model = _randomise(RPG(tiny_model_config(), tok.layer_index, tok.token_index), scale=0.05)
@@ -139,6 +137,14 @@ def test_amp_mode_decides_the_sampling_precision_on_cpu(amp):
     for m in model.denoiser.modules():
         if isinstance(m, nn.Conv1d):
             m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return tok, model, seen
+
+
+@pytest.mark.parametrize("amp", ["none", "cuda", "bf16"])
+def test_amp_mode_decides_the_sampling_precision_on_cpu(amp):
+    """generate_tokens(amp=...): on a CPU the denoiser runs in bfloat16 under `bf16` only (as train.amp); the
+    tokens come back float32 either way, and bf16 sampling stays near float32 sampling (same noise, relative L2)."""
+    tok, model, seen = _model_recording_conv_dtypes()
     diffusion = create_diffusion(DiffusionConfig())
 
     def sample(mode: str) -> torch.Tensor:
@@ -163,13 +169,7 @@ def test_amp_mode_decides_the_sampling_precision_on_cpu(amp):
 def test_score_validator_samples_in_the_generators_precision(amp):
     """The training validator (rpg.unconditional.make_score_validator) draws its models in `amp`, the precision the
     final samples use: the denoiser's convolutions run in bfloat16 exactly under bf16, and the scores differ."""
-    torch.manual_seed(2)
-    tok = _fitted_tokenizer()
-    model = _randomise(RPG(tiny_model_config(), tok.layer_index, tok.token_index), scale=0.05)
-    seen: list[torch.dtype] = []
-    for m in model.denoiser.modules():
-        if isinstance(m, nn.Conv1d):
-            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    tok, model, seen = _model_recording_conv_dtypes()
     dcfg = DiffusionConfig(sampler="ddim", sample_steps=4, eta=0.0)
     score = lambda sd: float(sum(v.double().sum() for v in sd.values()))  # noqa: E731 (any function of the weights)
     scores = {mode: make_score_validator(tok, dcfg, score, 2, seed=3, amp=mode)(model)["score"]
