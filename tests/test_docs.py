@@ -179,6 +179,13 @@ def test_rule_times_vs_view_compares_the_shared_jobs(tmp_path):
                     "| **these jobs** | 150 | 65 | 0.43 |"]
     with pytest.raises(DocsError, match="share no job"):
         VIEWS["rule_times_vs"](Reference(tmp_path), "a", "b", "t", "collect")
+    (tmp_path / "c").mkdir()  # the same jobs under another group name (a run laid out differently): group "*"
+    (tmp_path / "c" / "rule_times.csv").write_text(header + (tmp_path / "b" / "rule_times.csv").read_text()
+                                                   .split("\n", 1)[1].replace("t,", "u,"))
+    across = VIEWS["rule_times_vs"](Reference(tmp_path), "a", "c", "*", "train_")
+    assert [line for line in across.splitlines() if line.startswith("| `") or line.startswith("| **")] == rows
+    with pytest.raises(DocsError, match="share no job"):
+        VIEWS["rule_times_vs"](Reference(tmp_path), "a", "c", "t", "train_")
 
 
 def test_finetune_views_read_the_named_run(tmp_path):

@@ -249,10 +249,10 @@ def v_table13(ref: Reference) -> str:
 
 
 def _rule_jobs(ref: Reference, folder: str, group: str = "", prefix: str = "") -> pd.DataFrame:
-    """The rows of a run's `rule_times.csv`, only `group`'s when given and only jobs starting with one of the
-    comma-separated `prefix`es when given."""
+    """The rows of a run's `rule_times.csv`, only `group`'s when given (`*`: every group, for a marker that
+    needs the next argument) and only jobs starting with one of the comma-separated `prefix`es when given."""
     df = ref.csv(f"{folder}/rule_times")
-    if group:
+    if group and group != "*":
         df = df[df["group"] == group]
     if prefix:
         df = df[df["job"].str.startswith(tuple(prefix.split(",")))]
