@@ -305,6 +305,7 @@ def variants_chosen_on_validation(frame: pd.DataFrame) -> pd.DataFrame:
         rows.append({"setting": group["regime"].iloc[0], "regime": chosen["regime"], "variants": len(group)})
     return pd.DataFrame(rows, columns=["setting", "regime", "variants"])
 
+
 def write_study(regimes: Mapping[str, Mapping], configs: Mapping[str, Mapping] | None,
                 out_csv: str | Path) -> pd.DataFrame:
     frame = gather_study(regimes, configs)
