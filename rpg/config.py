@@ -471,6 +471,7 @@ class Config:
     seed: int
     device: str
     threads: int
+    keep_freed_memory: bool
     results_dir: str
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -615,6 +616,7 @@ def config_from_dict(raw: Mapping, *, validated: bool = False) -> Config:
         seed=full["seed"],
         device=full["device"],
         threads=full["threads"],
+        keep_freed_memory=full["keep_freed_memory"],
         results_dir=full["results_dir"],
         data=_section(DataConfig, full["data"]),
         backbone=_section(BackboneConfig, full["backbone"]),

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from rpg.allocator import keep_freed_memory
 from rpg.config import Config, config_from_dict, neutral_values
 from rpg.utils import CorruptFileError
 
@@ -19,12 +20,15 @@ from rpg.utils import CorruptFileError
 def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] | None = None) -> Any:
     """Run `job(cfg)` with stdout/stderr appended to `smk.log[0]`; re-raise failures after logging them.
 
-    The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them); and the
-    one place a file of results_dir that cannot be read (truncated, corrupt) gets the rule that writes it named.
+    The one place a workflow job sets its torch threads: the rule's `threads` (as Snakemake granted them) and its
+    allocator (`rpg.allocator.keep_freed_memory`, unless the config's `keep_freed_memory` is false); and the one
+    place a file of results_dir that cannot be read (truncated, corrupt) gets the rule that writes it named.
     config: a validated config dict other than the workflow's (a regime of the study); default `smk.config`.
     """
     torch.set_num_threads(max(1, int(smk.threads)))
     cfg = config_from_dict(smk.config if config is None else config, validated=True)  # validated by common.smk
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     log_path = smk.log[0] if len(smk.log) else os.devnull
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:

@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m rpg.experiments.task_zoo.pipeline train ...`: the train_rpg rule outside Snakemake, e.g. under torchrun (DDP)."""
     import argparse
 
+    from rpg.allocator import keep_freed_memory
     from rpg.config import load_config
 
     p = argparse.ArgumentParser(prog="python -m rpg.experiments.task_zoo.pipeline", description=main.__doc__)
@@ -493,7 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--out", required=True, help="output folder for best/last checkpoints")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
-    torch.set_num_threads(cfg.threads)  # this process's entry point: the one place its threads are set
+    torch.set_num_threads(cfg.threads)  # this entry point: the one place its threads and allocator are set
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     train_conditional_rpg(cfg, args.zoo, args.split, args.features, args.out)
 
 
