@@ -223,9 +223,12 @@ def stages(cfg, args: argparse.Namespace, device: torch.device, work: Path) -> l
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     set_threads(args.threads)
+    from rpg.allocator import keep_freed_memory
     from rpg.config import load_config
 
     cfg = load_config(args.config)
+    if cfg.keep_freed_memory:  # as every workflow job (rpg.experiments.rules.run_rule); bench_allocator.py compares
+        keep_freed_memory()
     device = torch.device("cpu")
     flags = cpu_flags()
     has_bf16 = bool({"amx_bf16", "avx512_bf16"} & flags)
