@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import set_threads, write_results  # noqa: E402
 
 import rpg.vision.cifar_cnn  # noqa: E402,F401  (registers rpg_* with timm)
-from rpg.config import BackboneConfig  # noqa: E402
+from rpg.allocator import keep_freed_memory  # noqa: E402
+from rpg.config import BackboneConfig, Config  # noqa: E402
 from rpg.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10  # noqa: E402
 from rpg.vision.preprocess import Preprocess, augment, resolve_amp  # noqa: E402
 from rpg.vision.training import make_optimizer  # noqa: E402
@@ -188,6 +189,8 @@ def time_inference(images: torch.Tensor, arch: str, precisions: list[str], compi
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     set_threads(args.threads)
+    if Config().keep_freed_memory:  # as every workflow job under the default config (rpg.experiments.rules.run_rule)
+        keep_freed_memory()
     data = load_cifar10(args.data)
     n = (args.steps + 1) * args.batch_size
     images, labels = data.train_images[:max(n, args.data_batches * args.batch_size)], data.train_labels

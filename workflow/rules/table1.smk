@@ -70,7 +70,9 @@ rule generate_arch:
         "../envs/rpg.yaml"
     threads: arch_threads
     resources:
-        mem_mb=4000,
+        # keep_freed_memory raised the task zoo's generate peak 1,870 -> 5,085 MB (AMD EPYC); cnn_1m's peaked at
+        # 2,654 MB without it (Xeon)
+        mem_mb=8000,
         gpu=GPU,
     params:
         setting=generation_setting,
