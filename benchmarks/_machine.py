@@ -91,6 +91,15 @@ def write_results(out: str | Path, rows: Sequence[Mapping[str, Any]], config: Ma
     print(f"wrote {out} and {Path(out).with_suffix('.json')}")
 
 
+def write_lscpu(beside: str | Path) -> None:
+    """`lscpu.txt` in the folder of a benchmark's CSV `beside` (nothing where lscpu is missing)."""
+    try:
+        Path(beside).with_name("lscpu.txt").write_text(subprocess.run(["lscpu"], capture_output=True,
+                                                                      text=True).stdout)
+    except OSError:
+        pass
+
+
 def set_threads(threads: int) -> None:
     """0 keeps torch's default; benchmarks on a shared machine use 1 (plus `taskset -c <core>`)."""
     if threads > 0:

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import ROOT, peak_rss_mb, set_threads, write_results  # noqa: E402
+from _machine import ROOT, peak_rss_mb, set_threads, write_lscpu, write_results  # noqa: E402
 
 SETTINGS = ("system", "keep_freed")
 
@@ -113,10 +113,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
               f"  ratio {row['ratio']:.2f}")
     config = {**{k: v for k, v in vars(args).items() if k != "child"}, "config": [str(p) for p in args.config]}
     write_results(args.out, rows, config, "cpu")
-    try:
-        args.out.with_name("lscpu.txt").write_text(subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
-    except OSError:
-        pass
+    write_lscpu(args.out)
     return rows
 
 

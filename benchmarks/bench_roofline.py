@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import ROOT, cpu_flags, median_seconds, set_threads, write_results  # noqa: E402
+from _machine import ROOT, cpu_flags, median_seconds, set_threads, write_lscpu, write_results  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -262,10 +261,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         shutil.rmtree(work, ignore_errors=True)
     config = {**vars(args), "config": [str(p) for p in args.config]}
     write_results(args.out, rows, config, device)
-    try:
-        args.out.with_name("lscpu.txt").write_text(subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
-    except OSError:
-        pass
+    write_lscpu(args.out)
     return rows
 
 
