@@ -522,9 +522,11 @@ def _wandb_files(run: Path) -> list[str]:
 @pytest.mark.parametrize("name", ["two", "nodes"])
 def test_pipeline_train_under_torchrun_writes_what_one_process_writes(pipeline_ddp_runs, name):
     """Two processes (one machine, or two "nodes" on 127.0.0.1) write the same files as one process, with the same
-    layout, the same summary up to timings and round-off, a generator equal within tests/test_ddp.py's tolerance and
-    one W&B offline run; rank 1 writes nothing (audit hook)."""
-    from test_ddp import TOL, _weights, _worst_relative
+    layout, the same summary up to timings and round-off, a generator equal within 1e-4 relative (tests/test_ddp.py's
+    measure; this run trains longer than its problem, and the two sums' round-off grows with the steps: 1.05e-5 on
+    an AMD EPYC; a wrong reduction differs by ~10 %) and one W&B offline run; rank 1 writes nothing (audit hook)."""
+    from test_ddp import _weights, _worst_relative
+    tol = 1e-4
 
     one, ddp = pipeline_ddp_runs["one"] / "results" / "rpg", pipeline_ddp_runs[name] / "results" / "rpg"
     files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
@@ -537,6 +539,6 @@ def test_pipeline_train_under_torchrun_writes_what_one_process_writes(pipeline_d
             assert s_ddp[key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value), key
     for ckpt in ("best.safetensors", "last.safetensors"):
         worst, tensor = _worst_relative(_weights(ddp / ckpt), _weights(one / ckpt))
-        assert worst <= TOL, f"{name}: {ckpt} {tensor} differs by {worst:.2e} of its largest weight"
+        assert worst <= tol, f"{name}: {ckpt} {tensor} differs by {worst:.2e} of its largest weight"
     assert _wandb_files(pipeline_ddp_runs[name]) == _wandb_files(pipeline_ddp_runs["one"])
     assert json.loads((pipeline_ddp_runs[name] / "audit" / "rank1.json").read_text()) == []
