@@ -5,13 +5,14 @@ Why: on CPU, PyTorch allocates every tensor with the C library's malloc. glibc s
 of the backbone (activations of 512 images, over 100 MB each) maps new pages and faults every 4 KiB page of them
 in again, hundreds of thousands of page faults per step, each a trip into the kernel (costly in a virtual
 machine). With mmap off and the heap's top kept, freed blocks are reused and the pages stay mapped; the numbers
-computed do not change (the same operations on the same values), the peak resident memory grows somewhat (the
-heap keeps what it had at its largest, and a freed block can be a little too small for the next request).
-`benchmarks/bench_allocator.py` measures both, per stage of the default profile (docs/benchmarks.md).
+computed do not change (the same operations on the same values), but the peak resident memory grows, for some
+jobs severalfold (the heap keeps what it had at its largest, and a freed block can be a little too small for the
+next request, so the heap grows past it). `benchmarks/bench_allocator.py` measures time and memory per stage of the
+default profile (docs/benchmarks.md); where memory is tight, the config's `keep_freed_memory: false`.
 
 `keep_freed_memory()` is called once per process by the workflow's jobs (`rpg.experiments.rules.run_rule`, set by
-the config's `keep_freed_memory`) and by the other entry points that train; elsewhere (not glibc: macOS, musl) it
-does nothing and says so.
+the config's `keep_freed_memory`) and by the torchrun entry point (`rpg.experiments.task_zoo.pipeline`); elsewhere
+(not glibc: macOS, musl) it does nothing and says so.
 """
 
 from __future__ import annotations
