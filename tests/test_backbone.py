@@ -76,12 +76,12 @@ def test_train_backbone_deterministic(tiny_data: Cifar10) -> None:
     assert {"test_accuracy", "train_seconds", "epoch_losses", "n_params", "amp", "steps"} <= set(metrics)
     assert metrics["steps"] == 4 and len(metrics["epoch_losses"]) == 1
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
-    feats_a = extract_features(model_a, tiny_data.test_images, batch_size=32)
-    feats_b = extract_features(model_b, tiny_data.test_images, batch_size=32)
+    feats_a = extract_features(model_a, tiny_data.test_images, batch_size=32, compile=False)
+    feats_b = extract_features(model_b, tiny_data.test_images, batch_size=32, compile=False)
     assert feats_a.shape == (64, 32) and feats_a.dtype == torch.float32
     assert torch.isfinite(feats_a).all()
     assert torch.equal(feats_a, feats_b)
-    plain = extract_features(model_a, tiny_data.test_images, flip_average=False)
+    plain = extract_features(model_a, tiny_data.test_images, flip_average=False, compile=False)
     assert plain.shape == (64, 32) and not torch.equal(plain, feats_a)
 
 
@@ -91,7 +91,7 @@ def test_accuracy_from_features_equals_a_second_pass(tiny_data: Cifar10) -> None
         tiny_data, arch="rpg_cifar_cnn_s", feature_dim=32, epochs=1, batch_size=64, lr=0.1, weight_decay=5e-4,
         label_smoothing=0.1, seed=0, progress=False, evaluate=False)
     assert "test_accuracy" not in metrics
-    feats = extract_features(model, tiny_data.test_images, batch_size=32)
+    feats = extract_features(model, tiny_data.test_images, batch_size=32, compile=False)
     from_features = accuracy_from_features(model, feats, tiny_data.test_labels)
     assert from_features == pytest.approx(evaluate_backbone(model, tiny_data.test_images, tiny_data.test_labels))
     own = model.forward_head(feats).argmax(1)  # labels the head agrees with: the number follows the labels

@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     data = load_cifar10(tmp / "data")
     _, val_idx = split_train_val(data, 60, cfg.seed)
     feats = {k: torch.zeros(1) for k in FEATURE_KEYS}
-    feats["val_x"] = extract_features(backbone, data.train_images[val_idx])
+    feats["val_x"] = extract_features(backbone, data.train_images[val_idx], compile=False)
     feats["val_y"] = data.train_labels[val_idx]
     save_safetensors_atomic(feats, tmp / "features.safetensors", {})
     g = torch.Generator().manual_seed(3)
@@ -79,7 +79,7 @@ def test_table13_arms_epochs_and_rpg_epoch0_is_the_generated_head(setup):
     assert len(mean) == 9 and mean.accuracy.tolist() == pytest.approx(per_task.accuracy.tolist())
     # epoch 0 of the RPG arm: the chosen generated head on flip-averaged features of the pretrained backbone
     test_y = binary_labels(data.test_labels, [TASK])[0]
-    feats = extract_features(setup["backbone"], data.test_images)
+    feats = extract_features(setup["backbone"], data.test_images, compile=False)
     head = {k: v[None] for k, v in _constant_head(0).items()}
     acc = binary_metrics(head_logits(head, feats).argmax(-1), test_y[None])["accuracy"]
     rpg0 = per_task[(per_task.arm == "rpg") & (per_task.epoch == 0)].accuracy.item()

@@ -81,15 +81,17 @@ def _flat(sd: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([sd[k].flatten().double() for k in sorted(sd)])
 
 
-@pytest.fixture(scope="module", params=[None, 0.99], ids=["weights", "ema"])
-def trained_rpg(mlp_checkpoints, tmp_path_factory, request):
-    """The generator as trained, and (ema) its exponential moving average, which is what best.safetensors holds."""
+@pytest.fixture(scope="module")
+def trained_rpg(mlp_checkpoints, tmp_path_factory):
+    """One training run with an exponential moving average of the generator's weights (decay 0.99): last.safetensors
+    holds the weights as trained, best.safetensors their average (what a run with `ema` keeps as best). The average
+    is a copy beside the training, so the weights as trained are those of a run without it."""
     out = tmp_path_factory.mktemp("rpg_mlp")
     mcfg = tiny_model_config(permutation_state=True, condition="none", recurrent="mamba", token_size=16)
     tok = Tokenizer.fit(mlp_checkpoints, mcfg.token_size)
     tokens = torch.stack([tok.tokenize(sd) for sd in mlp_checkpoints])  # (4, 4, 16)
     tcfg = TrainConfig(steps=1000, batch_size=16, diffusion_batch=64, lr=1e-2, warmup_steps=20, weight_decay=0.0,
-                       grad_clip=1.0, amp="none", save_every=500, eval_every=1000, ema=request.param)
+                       grad_clip=1.0, amp="none", save_every=500, eval_every=1000, ema=0.99)
     dcfg = DiffusionConfig(sampler="ddim", sample_steps=50, eta=0.0, clip_x0=4.0)
     summary = train_rpg(mcfg, dcfg, tcfg, tok, tokens, out, seed=0, progress=False)
     return {"out": out, "summary": summary, "tokenizer": tok}
@@ -111,9 +113,9 @@ def test_training_loss_falls(trained_rpg):
         assert (trained_rpg["out"] / name).is_file(), name
 
 
-@pytest.fixture(scope="module")
-def generated(trained_rpg):
-    model, tok, dcfg, meta = load_rpg(trained_rpg["out"] / "best.safetensors")
+@pytest.fixture(scope="module", params=["last.safetensors", "best.safetensors"], ids=["weights", "ema"])
+def generated(trained_rpg, request):
+    model, tok, dcfg, meta = load_rpg(trained_rpg["out"] / request.param)
     assert meta["step"] == 1000
     perm = torch.arange(N_CKPT).repeat(2)  # each permutation state twice
     sds = generate_state_dicts(model, tok, create_diffusion(dcfg), len(perm), perm=perm, sampler="ddim", steps=50,
