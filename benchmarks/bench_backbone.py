@@ -189,8 +189,7 @@ def time_inference(images: torch.Tensor, arch: str, precisions: list[str], compi
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     set_threads(args.threads)
-    if Config().keep_freed_memory:  # as every workflow job under the default config (rpg.experiments.rules.run_rule)
-        keep_freed_memory()
+    keep_freed_memory(Config().keep_freed_memory)  # as every workflow job under the default config (run_rule)
     data = load_cifar10(args.data)
     n = (args.steps + 1) * args.batch_size
     images, labels = data.train_images[:max(n, args.data_batches * args.batch_size)], data.train_labels

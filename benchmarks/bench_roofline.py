@@ -226,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from rpg.config import load_config
 
     cfg = load_config(args.config)
-    if cfg.keep_freed_memory:  # as every workflow job (rpg.experiments.rules.run_rule); bench_allocator.py compares
-        keep_freed_memory()
+    keep_freed_memory(cfg.keep_freed_memory)  # as every workflow job (rpg.experiments.rules.run_rule);
+    # bench_allocator.py compares the two settings
     device = torch.device("cpu")
     flags = cpu_flags()
     has_bf16 = bool({"amx_bf16", "avx512_bf16"} & flags)

@@ -10,8 +10,8 @@ jobs severalfold (the heap keeps what it had at its largest, and a freed block c
 next request, so the heap grows past it). `benchmarks/bench_allocator.py` measures time and memory per stage of the
 default profile (docs/benchmarks.md); where memory is tight, the config's `keep_freed_memory: false`.
 
-`keep_freed_memory()` is called once per process by the workflow's jobs (`rpg.experiments.rules.run_rule`, set by
-the config's `keep_freed_memory`) and by the torchrun entry point (`rpg.experiments.task_zoo.pipeline`); elsewhere
+`keep_freed_memory(cfg.keep_freed_memory)` is called once per process by the workflow's jobs
+(`rpg.experiments.rules.run_rule`) and by the torchrun entry point (`rpg.experiments.task_zoo.pipeline`); elsewhere
 (not glibc: macOS, musl) it does nothing and says so.
 """
 
@@ -27,10 +27,11 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 2**31 - 1
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(enabled: bool = True) -> bool:
     """Tune glibc malloc for this process: no mmap-served blocks, the heap's free top kept up to 2 GiB. Returns
-    whether it applied (False where the C library is not glibc). Affects allocations made after the call."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    whether it applied (False when not `enabled`, the config's `keep_freed_memory`, or where the C library is not
+    glibc). Affects allocations made after the call."""
+    if not enabled or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -12,12 +12,13 @@ import pytest
 from conftest import REPO_ROOT
 
 import rpg.experiments.rules as rules
+from rpg.allocator import keep_freed_memory
 from rpg.config import load_config
 
 CONFIGS = [REPO_ROOT / "config" / "config.yaml", REPO_ROOT / "config" / "test.yaml"]
 # A fresh process (malloc's settings are per process): training steps of a one-conv net whose activations
 # (256 x 16 x 64 x 64 float32: 64 MiB each) are larger than glibc's largest mmap threshold (32 MiB), as the
-# backbone's are; print the minor page faults of the steps after the first.
+# backbone's are; print the minor page faults of two steps after two.
 _TRAIN_STEPS = """
 import resource, sys, torch
 from rpg.allocator import keep_freed_memory
@@ -31,6 +32,7 @@ def step():
     net.zero_grad(set_to_none=True)
     net(x).square().mean().backward()
 step()
+step()  # the heap has grown to what a step needs (mmap off: it may still grow in the second)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(2):
     step()
@@ -55,8 +57,12 @@ def test_keep_freed_memory_reuses_freed_activations():
 @pytest.mark.parametrize("enabled", [True, False])
 def test_run_rule_applies_the_configs_allocator_setting(tmp_path, monkeypatch, enabled):
     calls = []
-    monkeypatch.setattr(rules, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(rules, "keep_freed_memory", lambda enabled=True: calls.append(enabled) or enabled)
     cfg = load_config(CONFIGS, overrides={"results_dir": str(tmp_path), "keep_freed_memory": enabled})
     smk = types.SimpleNamespace(threads=1, log=[str(tmp_path / "job.log")], config=cfg.raw)
     assert rules.run_rule(smk, lambda c: c.keep_freed_memory) is enabled
-    assert len(calls) == int(enabled)
+    assert calls == [enabled]
+
+
+def test_keep_freed_memory_disabled_changes_nothing():
+    assert keep_freed_memory(False) is False  # `keep_freed_memory: false` in the config: glibc's defaults stay

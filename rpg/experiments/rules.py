@@ -27,8 +27,7 @@ def run_rule(smk: Any, job: Callable[[Config], Any], config: Mapping[str, Any] |
     """
     torch.set_num_threads(max(1, int(smk.threads)))
     cfg = config_from_dict(smk.config if config is None else config, validated=True)  # validated by common.smk
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
+    keep_freed_memory(cfg.keep_freed_memory)
     log_path = smk.log[0] if len(smk.log) else os.devnull
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:

@@ -495,8 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     torch.set_num_threads(cfg.threads)  # this entry point: the one place its threads and allocator are set
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
+    keep_freed_memory(cfg.keep_freed_memory)
     train_conditional_rpg(cfg, args.zoo, args.split, args.features, args.out)
 
 
