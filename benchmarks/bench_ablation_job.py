@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import ROOT, set_threads, timed, write_results  # noqa: E402
 from bench_generator_amp import training_step  # noqa: E402
-from bench_roofline import matmul_peak  # noqa: E402
+from bench_roofline import add_peak_sizes_argument, matmul_peak  # noqa: E402
 from bench_scoring import random_state_dicts  # noqa: E402
 
 
@@ -49,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the family's jobs get 1)")
     p.add_argument("--images", type=int, default=10000, help="test images (CIFAR-10's test set: 10,000)")
     p.add_argument("--seed", type=int, default=0)
+    add_peak_sizes_argument(p)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "ablation_job.csv")
     return p.parse_args(argv)
 
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         model.prototypes(tc.batch_size, perm if model.permutation is not None else None).square().mean().backward()
 
     validate = make_score_validator(tokenizer, spec.diffusion, val.state_dict_scorer(template), tc.val_samples, 0)
-    peak = matmul_peak(torch.float32)
+    peak = matmul_peak(torch.float32, args.peak_sizes)
     rows: list[dict] = []
 
     def add(part: str, job: str, seconds: float, cpu: float, per_job: float, flops: float = float("nan"),

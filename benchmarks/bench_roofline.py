@@ -58,6 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table1", nargs="+", default=["cnn_s", "cnn_m", "cnn_1m"],
                    help="Table 1 rows whose test-set scoring is measured")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per stage (median), after one warm-up")
+    add_peak_sizes_argument(p)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "roofline.csv")
     return p.parse_args(argv)
 
@@ -89,7 +90,16 @@ def count(fn: Callable[[], Any]) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------------------------- peaks
-def matmul_peak(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048, 3072), repeats: int = 3) -> float:
+PEAK_SIZES = (1024, 2048, 3072)
+
+
+def add_peak_sizes_argument(p: argparse.ArgumentParser) -> None:
+    """`--peak-sizes`: the matrices of `matmul_peak` (the tests' smoke runs pass small ones)."""
+    p.add_argument("--peak-sizes", type=int, nargs="+", default=list(PEAK_SIZES),
+                   help="sizes n of the square n x n matrices whose best torch.mm FLOP/s is the measured peak")
+
+
+def matmul_peak(dtype: torch.dtype, sizes: Sequence[int] = PEAK_SIZES, repeats: int = 3) -> float:
     """Best FLOP/s of `torch.mm` on square matrices of `dtype`."""
     best = 0.0
     for n in sizes:
@@ -169,7 +179,8 @@ def stages(cfg, args: argparse.Namespace, device: torch.device, work: Path) -> l
     images = data.test_images
 
     def feature_extraction():
-        return extract_features(backbone, images, device=str(device), flip_average=bb.flip_average, amp=bb.amp)
+        return extract_features(backbone, images, device=str(device), flip_average=bb.flip_average, amp=bb.amp,
+                                compile=bb.compile_features)  # as the features rule
 
     out.append(("feature extraction", "bf16" if bf16_backbone else "fp32", feature_extraction))
     features = feature_extraction()
@@ -231,9 +242,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     device = torch.device("cpu")
     flags = cpu_flags()
     has_bf16 = bool({"amx_bf16", "avx512_bf16"} & flags)
-    peaks = {"fp32": matmul_peak(torch.float32)}
+    peaks = {"fp32": matmul_peak(torch.float32, args.peak_sizes)}
     if has_bf16:
-        peaks["bf16"] = matmul_peak(torch.bfloat16)
+        peaks["bf16"] = matmul_peak(torch.bfloat16, args.peak_sizes)
     bandwidth = memory_bandwidth()
     tiny_op = seconds_per_tiny_op()
     print(f"matmul peak: {', '.join(f'{k} {v / 1e9:.1f} GFLOP/s' for k, v in peaks.items())}; "

@@ -151,6 +151,19 @@ def slurm_partition() -> str:
     return next((p.rstrip("*") for p in out if p.endswith("*")), out[0])
 
 
+def dag_upstream_copy(dag: WorkflowRun, tmp: Path) -> list[str]:
+    """The finished test DAG's backbone, features and zoo (with its split) copied to `tmp/results` with their times,
+    and the config arguments of a run there on the DAG's data: Snakemake finds the copies up to date (it has no
+    record of them, so only their times count) and starts after them. For tests of later rules that need a results
+    folder of their own (they kill, rerun or add jobs) without training the first stages again."""
+    proc = dag.result()
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    for stage in ("backbone", "features", "zoo"):
+        shutil.copytree(dag.tmp / "results" / stage, tmp / "results" / stage)  # copy2: times kept
+    return ["--configfile", "config/test.yaml", "--config", f"results_dir={tmp / 'results'}",
+            f"data={{root: {dag.tmp / 'data'}}}"]
+
+
 class SlurmRun(WorkflowRun):
     """The test DAG's chain to the paper tables (backbone ... tables) through config/profiles/slurm on a SLURM
     cluster, under `tmp`, in the background from the session's start (tests/test_slurm.py): its 10 jobs spend most of

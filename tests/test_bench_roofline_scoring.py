@@ -27,7 +27,7 @@ def test_roofline_smoke_and_view(tmp_path):
     out = tmp_path / "roofline" / "roofline.csv"
     _load("bench_roofline").main([*TEST_PROFILE, "--threads", "1", "--backbone-steps", "1", "--images", "64",
                                   "--zoo-tasks", "4", "--zoo-steps", "2", "--rpg-steps", "1", "--samples", "1",
-                                  "--table1", "cnn_s", "--out", str(out)])
+                                  "--table1", "cnn_s", "--peak-sizes", "256", "--out", str(out)])
     df = pd.read_csv(out)
     stages = df[df.flops.notna()]
     assert list(stages.stage) == ["backbone training", "feature extraction", "zoo (head training)", "RPG training",
@@ -78,7 +78,7 @@ def test_ablation_job_smoke(tmp_path):
     """bench_ablation_job.py times every part of an ablation job and its scoring candidates keep the predictions."""
     out = tmp_path / "ablation_job.csv"
     _load("bench_ablation_job").main([*TEST_PROFILE, "--variant", "mamba-2d-perm-runs1-tok64", "--steps", "2",
-                                      "--repeats", "1", "--images", "120", "--out", str(out)])
+                                      "--repeats", "1", "--images", "120", "--peak-sizes", "256", "--out", str(out)])
     df = pd.read_csv(out)
     assert {"train", "generate", "both"} == set(df.job)
     assert (df.seconds > 0).all() and (df.job_seconds == df.seconds * df.per_job).all()

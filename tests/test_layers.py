@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def imported_modules(path: Path) -> set[str]:
     return {m for m in found if m == "rpg" or m.startswith("rpg.")}
 
 
+@functools.cache  # parsed once per session, not once per parametrized test
 def all_modules() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 import torch
+from conftest import dag_upstream_copy
 
 from rpg.config import load_config
 from rpg.experiments.rules import config_setting
@@ -524,23 +525,21 @@ class NearestTrainingHead(TaskGenerator):
 '''
 
 
-def test_study_method_from_outside_the_package_joins_the_study_table(tmp_path, snakemake_cli, monkeypatch):
+def test_study_method_from_outside_the_package_joins_the_study_table(tmp_path, snakemake_cli, workflow_dag,
+                                                                   monkeypatch):
     """`study.methods: ["toy_methods:NearestTrainingHead"]` (a module written here) runs through rule study_method
     on a tiny regime, and its rows are in unseen_study.csv: on seen tasks it is the task's own mean head, so it
     scores exactly as the built-in `nearest` (scored by generate), which it can only do through the same split,
-    evaluator and tasks."""
-    from rpg.data import write_synthetic_cifar10
-
+    evaluator and tasks. The backbone, features and zoo are the session DAG's (copied)."""
     (tmp_path / "toy_methods.py").write_text(TOY_METHOD)
     (tmp_path / "regimes").mkdir()
     (tmp_path / "regimes" / "tiny.yaml").write_text("{}\n")  # the test profile as it is
     (tmp_path / "regimes" / "common.yaml").write_text("{}\n")  # no study budget over it
-    write_synthetic_cifar10(tmp_path / "data", n_train=600, n_test=200)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     results = tmp_path / "results"
+    config = dag_upstream_copy(workflow_dag, tmp_path)
     proc = snakemake_cli(
-        "--cores", "2", str(results / "unseen_study.csv"), "--configfile", "config/test.yaml", "--config",
-        f"results_dir={results}", f"data={{root: {tmp_path / 'data'}}}",
+        "--cores", "2", str(results / "unseen_study.csv"), *config,
         f"study={{regimes: [tiny], regime_dir: {tmp_path / 'regimes'}, common: {tmp_path / 'regimes' / 'common.yaml'}, "
         "methods: ['toy_methods:NearestTrainingHead']}", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -556,6 +555,7 @@ def test_study_method_from_outside_the_package_joins_the_study_table(tmp_path, s
     assert mine.loc["seen", "accuracy_mean"] == nearest.accuracy_mean
     assert mine.loc["seen", "balanced_accuracy_mean"] == nearest.balanced_accuracy_mean
     assert (results / "methods" / "tiny" / "toy_methods.NearestTrainingHead" / "samples.csv").is_file()
+    assert not [r for r in ("backbone", "features", "zoo") if (results / "logs" / "test" / f"{r}.log").exists()]
 
 
 def test_variants_are_grouped_by_task_setting_and_chosen_on_seen_validation():

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, snakemake_env, workflow_config_args
+from conftest import REPO_ROOT, dag_upstream_copy, snakemake_env, workflow_config_args
 from rpg.config import load_config
 from rpg.data import write_synthetic_cifar10
 from rpg.experiments.task_zoo.tasks import embedding_to_id
@@ -82,60 +82,6 @@ def test_paper_profile_dry_run(tmp_path, snakemake_cli):
 def _weights_and_step(path: Path) -> tuple[dict[str, torch.Tensor], int]:
     tensors, meta = load_safetensors(path)
     return tensors, meta["step"]
-
-
-def test_killed_train_rpg_job_resumes_on_rerun(tmp_path, snakemake_cli):
-    """A `train_rpg` job killed mid-training (SIGKILL to snakemake's process group, as a crashed machine) resumes on
-    `snakemake --unlock` + `--rerun-incomplete`, although Snakemake deletes the job's best.safetensors first: the
-    log names the step it resumed from, and the final best and last weights equal those of an uninterrupted run (the
-    same job rerun by `--forcerun train_rpg`: a finished run whose best.safetensors is gone trains from scratch)."""
-    write_synthetic_cifar10(tmp_path / "data", n_train=600, n_test=200)
-    rpg_dir = tmp_path / "results" / "rpg" / "test"
-    state, log = rpg_dir / "last.opt.pt", tmp_path / "results" / "logs" / "test" / "train_rpg.log"
-    steps = 150  # ~5 s of training here: the kill lands after the first save (step 10), long before the last
-    target = str(rpg_dir / "best.safetensors")
-    config = [*workflow_config_args(tmp_path), f"train={{steps: {steps}}}"]
-    args = [target, *config]
-
-    def logged_by(*snakemake_args: str) -> str:
-        """Run snakemake; what the train_rpg job logged meanwhile."""
-        before = log.read_text() if log.exists() else ""
-        proc = snakemake_cli(*snakemake_args, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        after = log.read_text()
-        return after[len(before):] if after.startswith(before) else after
-
-    with (tmp_path / "killed.out").open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-P", "-m", "snakemake", "--cores", "1", *args], cwd=REPO_ROOT,
-                                env=snakemake_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 240
-            while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert state.exists(), (tmp_path / "killed.out").read_text()[-3000:]
-    saved = torch.load(state, weights_only=True)
-    killed_at, best_at = int(saved["step"]), int(saved["best_step"])
-    assert 0 < best_at <= killed_at < steps and (rpg_dir / "best.safetensors").exists()
-
-    assert snakemake_cli("--unlock", *args, timeout=300).returncode == 0
-    resumed = logged_by("--cores", "1", "--rerun-incomplete", *args)
-    assert f"restored {rpg_dir / 'best.safetensors'} (step {best_at})" in resumed, resumed  # Snakemake had deleted it
-    assert f"resumed from {state} at step {killed_at}" in resumed, resumed
-    assert "training from scratch" not in resumed, resumed
-    result = {name: _weights_and_step(rpg_dir / name) for name in ("best.safetensors", "last.safetensors")}
-    resumed_log = pd.read_csv(rpg_dir / "train_log.csv")
-
-    uninterrupted = logged_by("--cores", "1", target, "--forcerun", "train_rpg", *config)  # it takes many names
-    assert "training from scratch" in uninterrupted and "resumed from" not in uninterrupted, uninterrupted
-    for name, (tensors, step) in result.items():
-        reference, reference_step = _weights_and_step(rpg_dir / name)
-        assert step == reference_step and reference.keys() == tensors.keys(), name
-        assert all(torch.equal(tensors[k], reference[k]) for k in tensors), f"{name} differs after resuming"
-    full_log = pd.read_csv(rpg_dir / "train_log.csv")
-    assert resumed_log[["step", "loss", "val/score"]].equals(full_log[["step", "loss", "val/score"]])
 
 
 def test_tables_exist_with_expected_columns(workflow_run):
@@ -324,6 +270,61 @@ def test_rerun_gives_identical_zoo_and_tables(workflow_run, snakemake_cli):
         assert all(torch.equal(tensors[k], after[name][k]) for k in tensors), name
     for name, data in tables.items():
         assert (res / f"{name}.csv").read_bytes() == data, f"{name}.csv changed on a rerun"
+
+
+def test_killed_train_rpg_job_resumes_on_rerun(tmp_path, snakemake_cli, workflow_dag):
+    """A `train_rpg` job killed mid-training (SIGKILL to snakemake's process group, as a crashed machine) resumes on
+    `snakemake --unlock` + `--rerun-incomplete`, although Snakemake deletes the job's best.safetensors first: the
+    log names the step it resumed from, and the final best and last weights equal those of an uninterrupted run (the
+    same job rerun by `--forcerun train_rpg`: a finished run whose best.safetensors is gone trains from scratch).
+    The stages before it are the session DAG's (copied)."""
+    rpg_dir = tmp_path / "results" / "rpg" / "test"
+    state, log = rpg_dir / "last.opt.pt", tmp_path / "results" / "logs" / "test" / "train_rpg.log"
+    steps = 150  # ~5 s of training here: the kill lands after the first save (step 10), long before the last
+    target = str(rpg_dir / "best.safetensors")
+    config = [*dag_upstream_copy(workflow_dag, tmp_path), f"train={{steps: {steps}}}"]
+    args = [target, *config]
+
+    def logged_by(*snakemake_args: str) -> str:
+        """Run snakemake; what the train_rpg job logged meanwhile."""
+        before = log.read_text() if log.exists() else ""
+        proc = snakemake_cli(*snakemake_args, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        after = log.read_text()
+        return after[len(before):] if after.startswith(before) else after
+
+    with (tmp_path / "killed.out").open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "snakemake", "--cores", "1", *args], cwd=REPO_ROOT,
+                                env=snakemake_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert state.exists(), (tmp_path / "killed.out").read_text()[-3000:]
+    saved = torch.load(state, weights_only=True)
+    killed_at, best_at = int(saved["step"]), int(saved["best_step"])
+    assert 0 < best_at <= killed_at < steps and (rpg_dir / "best.safetensors").exists()
+
+    assert snakemake_cli("--unlock", *args, timeout=300).returncode == 0
+    resumed = logged_by("--cores", "1", "--rerun-incomplete", *args)
+    assert f"restored {rpg_dir / 'best.safetensors'} (step {best_at})" in resumed, resumed  # Snakemake had deleted it
+    assert f"resumed from {state} at step {killed_at}" in resumed, resumed
+    assert "training from scratch" not in resumed, resumed
+    result = {name: _weights_and_step(rpg_dir / name) for name in ("best.safetensors", "last.safetensors")}
+    resumed_log = pd.read_csv(rpg_dir / "train_log.csv")
+
+    uninterrupted = logged_by("--cores", "1", target, "--forcerun", "train_rpg", *config)  # it takes many names
+    assert "training from scratch" in uninterrupted and "resumed from" not in uninterrupted, uninterrupted
+    for name, (tensors, step) in result.items():
+        reference, reference_step = _weights_and_step(rpg_dir / name)
+        assert step == reference_step and reference.keys() == tensors.keys(), name
+        assert all(torch.equal(tensors[k], reference[k]) for k in tensors), f"{name} differs after resuming"
+    full_log = pd.read_csv(rpg_dir / "train_log.csv")
+    assert resumed_log[["step", "loss", "val/score"]].equals(full_log[["step", "loss", "val/score"]])
+    assert not [r for r in ("backbone", "features", "zoo", "split") if (log.parent / f"{r}.log").exists()]  # copies
 
 
 def test_zoo_training_deterministic_on_workflow_features(workflow_run):
