@@ -324,7 +324,7 @@ def test_killed_train_rpg_job_resumes_on_rerun(tmp_path, snakemake_cli, workflow
         assert all(torch.equal(tensors[k], reference[k]) for k in tensors), f"{name} differs after resuming"
     full_log = pd.read_csv(rpg_dir / "train_log.csv")
     assert resumed_log[["step", "loss", "val/score"]].equals(full_log[["step", "loss", "val/score"]])
-    assert not [r for r in ("backbone", "features", "zoo", "split") if (log.parent / f"{r}.log").exists()]  # copies
+    assert not [r for r in ("backbone", "features", "zoo", "split") if (log.parent / f"{r}.log").exists()]  # copied
 
 
 def test_zoo_training_deterministic_on_workflow_features(workflow_run):
