@@ -52,11 +52,12 @@ def snakemake_env() -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
-def workflow_config_args(tmp: Path) -> list[str]:
-    """The test DAG's config: config/test.yaml, with results and the synthetic CIFAR-10 under `tmp`."""
+def workflow_config_args(tmp: Path, data: Path | None = None) -> list[str]:
+    """The test DAG's config: config/test.yaml, with results under `tmp` and the synthetic CIFAR-10 in `data`
+    (default: under `tmp`)."""
     # Snakemake merges --config into the config files recursively, so data: {root: ...} keeps the other data keys.
     return ["--configfile", "config/test.yaml", "--config", f"results_dir={tmp / 'results'}",
-            f"data={{root: {tmp / 'data'}}}"]
+            f"data={{root: {data or tmp / 'data'}}}"]
 
 
 class SnakemakeRunner:
@@ -163,8 +164,7 @@ def dag_upstream_copy(dag: WorkflowRun, tmp: Path) -> list[str]:
     assert proc.returncode == 0, proc.stdout[-5000:]
     for stage in ("backbone", "features", "zoo"):
         shutil.copytree(dag.tmp / "results" / stage, tmp / "results" / stage)  # copy2: times kept
-    return ["--configfile", "config/test.yaml", "--config", f"results_dir={tmp / 'results'}",
-            f"data={{root: {dag.tmp / 'data'}}}"]
+    return workflow_config_args(tmp, data=dag.tmp / "data")
 
 
 class SlurmRun(WorkflowRun):
