@@ -155,6 +155,9 @@ def slurm_partition() -> str:
     return next((p.rstrip("*") for p in out if p.endswith("*")), out[0])
 
 
+COPIED_STAGES = ("backbone", "features", "zoo")  # what dag_upstream_copy copies
+
+
 def dag_upstream_copy(dag: WorkflowRun, tmp: Path) -> list[str]:
     """The finished test DAG's backbone, features and zoo (with its split) copied to `tmp/results` with their times,
     and the config arguments of a run there on the DAG's data: Snakemake finds the copies up to date (it has no
@@ -162,9 +165,16 @@ def dag_upstream_copy(dag: WorkflowRun, tmp: Path) -> list[str]:
     folder of their own (they kill, rerun or add jobs) without training the first stages again."""
     proc = dag.result()
     assert proc.returncode == 0, proc.stdout[-5000:]
-    for stage in ("backbone", "features", "zoo"):
+    for stage in COPIED_STAGES:
         shutil.copytree(dag.tmp / "results" / stage, tmp / "results" / stage)  # copy2: times kept
     return workflow_config_args(tmp, data=dag.tmp / "data")
+
+
+def copied_stages_that_ran(tmp: Path, *rules: str) -> list[str]:
+    """The rules of the copied stages (and `rules`) that ran in `tmp/results` all the same: those with a log there.
+    Empty where Snakemake found `dag_upstream_copy`'s copies up to date."""
+    logs = tmp / "results" / "logs" / "test"
+    return [rule for rule in (*COPIED_STAGES, *rules) if (logs / f"{rule}.log").exists()]
 
 
 class SlurmRun(WorkflowRun):
